@@ -1,0 +1,87 @@
+"""Which decoder families winaconv understands, and where their projections live.
+
+A projection is one of the seven matrices WINA sparsifies. Some families fuse several
+projections into one nn.Linear (Phi-3: qkv_proj, gate_up_proj); each fused linear is
+described as an ordered list of output segments, one per projection.
+"""
+
+from dataclasses import dataclass
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+# Projections that read the residual stream (through a norm) and those that write it.
+RESIDUAL_READERS = ("q", "k", "v", "gate", "up")
+RESIDUAL_WRITERS = ("o", "down")
+ATTENTION_PROJECTIONS = ("q", "k", "v", "o")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    class_prefix: str  # transformers' class name prefix, e.g. "Llama" -> LlamaForCausalLM
+    model_types: tuple[str, ...]
+    linears: tuple[tuple[str, tuple[str, ...]], ...]  # (module path inside a decoder layer, projections)
+
+
+_SEPARATE = (
+    ("self_attn.q_proj", ("q",)),
+    ("self_attn.k_proj", ("k",)),
+    ("self_attn.v_proj", ("v",)),
+    ("self_attn.o_proj", ("o",)),
+    ("mlp.gate_proj", ("gate",)),
+    ("mlp.up_proj", ("up",)),
+    ("mlp.down_proj", ("down",)),
+)
+_FUSED = (
+    ("self_attn.qkv_proj", ("q", "k", "v")),
+    ("self_attn.o_proj", ("o",)),
+    ("mlp.gate_up_proj", ("gate", "up")),
+    ("mlp.down_proj", ("down",)),
+)
+
+FAMILIES = {
+    f.name: f
+    for f in (
+        Family("llama", "Llama", ("llama",), _SEPARATE),
+        Family("mistral", "Mistral", ("mistral",), _SEPARATE),
+        Family("qwen2", "Qwen2", ("qwen2",), _SEPARATE),
+        Family("qwen3", "Qwen3", ("qwen3",), _SEPARATE),
+        Family("phi3", "Phi3", ("phi3",), _FUSED),
+    )
+}
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+def family_for_model_type(model_type: str) -> Family:
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    supported = ", ".join(sorted(t for f in FAMILIES.values() for t in f.model_types))
+    raise UnsupportedArchitecture(f"unsupported architecture '{model_type}'; supported: {supported}")
+
+
+def projection_sizes(config) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every projection, derived from a config."""
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q_out = config.num_attention_heads * head_dim
+    kv_out = config.num_key_value_heads * head_dim
+    inter = config.intermediate_size
+    return {
+        "q": (hidden, q_out),
+        "k": (hidden, kv_out),
+        "v": (hidden, kv_out),
+        "o": (q_out, hidden),
+        "gate": (hidden, inter),
+        "up": (hidden, inter),
+        "down": (inter, hidden),
+    }
+
+
+def parameter_shares(config) -> dict[str, float]:
+    """Each projection's fraction of a decoder layer's projection weights."""
+    sizes = {p: i * o for p, (i, o) in projection_sizes(config).items()}
+    total = sum(sizes.values())
+    return {p: n / total for p, n in sizes.items()}

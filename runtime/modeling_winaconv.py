@@ -1,0 +1,191 @@
+"""transformers model classes for winaconv checkpoints.
+
+Each supported family gets thin subclasses of transformers' own classes (LlamaForCausalLM,
+LlamaModel, ...) in which the seven projections of every decoder layer are SparseLinear
+modules. Checkpoints of the exact transform also carry two hidden x hidden shortcut matrices
+per layer (the residual stream changes basis between blocks), so their decoder layers add
+those and the checkpoint gets a model_type of its own: it is not a plain model of the family.
+"""
+
+import importlib
+
+import torch
+import transformers
+from torch import nn
+
+from .architectures import FAMILIES, PROJECTIONS, Family, projection_sizes
+from .checkpoint_format import CheckpointFormatError, SparsitySettings
+from .sparse_linear import SparseLinear
+
+
+def exact_model_type(family: Family) -> str:
+    return f"winaconv_exact_{family.name}"
+
+
+def attention_residual(layer: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Residual stream after the attention block: x @ S_attn + attn(norm(x)) (S = I unless exact)."""
+    attn_out = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)[0]
+    return _through_shortcut(hidden_states, getattr(layer, "attn_shortcut", None)) + attn_out
+
+
+def mlp_residual(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Residual stream after the MLP block (token-wise, so it may run on any subset of tokens)."""
+    mlp_out = layer.mlp(layer.post_attention_layernorm(hidden_states))
+    return _through_shortcut(hidden_states, getattr(layer, "mlp_shortcut", None)) + mlp_out
+
+
+def _through_shortcut(hidden_states, shortcut):
+    return hidden_states if shortcut is None else hidden_states @ shortcut
+
+
+def sparse_linears(layer: nn.Module, family: Family):
+    """(projections, SparseLinear) of one decoder layer, in the family's order."""
+    for path, projections in family.linears:
+        yield projections, layer.get_submodule(path)
+
+
+def _sparsify_layer(layer: nn.Module, family: Family, config) -> None:
+    sizes = projection_sizes(config)
+    for path, projections in family.linears:
+        parent_path, _, name = path.rpartition(".")
+        parent = layer.get_submodule(parent_path)
+        linear = getattr(parent, name)
+        if not isinstance(linear, SparseLinear):
+            segments = tuple(sizes[p][1] for p in projections)
+            setattr(parent, name, SparseLinear.from_linear(linear, segments))
+
+
+class WinaconvMixin:
+    """Sparsity control shared by the causal-LM and the base-model classes."""
+
+    winaconv_family: Family
+
+    def _winaconv_setup(self, decoder) -> None:
+        self.sparsity_settings = SparsitySettings.from_config(self.config)
+        for layer in decoder.layers:
+            _sparsify_layer(layer, self.winaconv_family, self.config)
+        self.sparsity = 0.0
+
+    def _decoder_layers(self):
+        return self.model.layers if hasattr(self, "model") else self.layers
+
+    def set_sparsity(self, sparsity: float) -> None:
+        """Switch to a stored sparsity level (0 is the dense model)."""
+        table = self.sparsity_settings.thresholds(float(sparsity))
+        norm_scored = self.sparsity_settings.norm_scored
+        for layer_idx, layer in enumerate(self._decoder_layers()):
+            for projections, linear in sparse_linears(layer, self.winaconv_family):
+                if table is None:
+                    linear.set_thresholds(None, None)
+                else:
+                    row = table[layer_idx]
+                    linear.set_thresholds(
+                        [row[PROJECTIONS.index(p)] for p in projections], [p in norm_scored for p in projections]
+                    )
+        self.sparsity = float(sparsity)
+
+    def available_sparsities(self) -> list[float]:
+        return self.sparsity_settings.available()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        for name in ("attn_shortcut", "mlp_shortcut"):
+            shortcut = getattr(module, name, None)
+            if isinstance(shortcut, nn.Parameter) and not getattr(shortcut, "_is_hf_initialized", False):
+                with torch.no_grad():
+                    nn.init.eye_(shortcut)
+
+    @classmethod
+    def from_pretrained(cls, *args, sparsity: float | None = None, **kwargs):
+        """transformers' from_pretrained, strict about tensors, then a stored sparsity level is selected."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+        if problems:
+            kind, keys = next(iter(problems.items()))
+            raise CheckpointFormatError(f"checkpoint tensors do not match the model ({kind}: {', '.join(keys[:5])})")
+        model.set_sparsity(model.sparsity_settings.default_sparsity if sparsity is None else sparsity)
+        return (model, info) if want_info else model
+
+
+def _build_family_classes(family: Family) -> dict[str, type]:
+    prefix = family.class_prefix
+    modeling = importlib.import_module(f"transformers.models.{family.name}.modeling_{family.name}")
+    base_config = getattr(transformers, f"{prefix}Config")
+    base_causal_lm = getattr(transformers, f"{prefix}ForCausalLM")
+    base_model = getattr(transformers, f"{prefix}Model")
+    base_layer = getattr(modeling, f"{prefix}DecoderLayer")
+
+    class ShortcutDecoderLayer(base_layer):
+        """Decoder layer of the exact transform: x @ S + block(norm(x)) for both blocks."""
+
+        def __init__(self, config, layer_idx):
+            super().__init__(config, layer_idx)
+            self.attn_shortcut = nn.Parameter(torch.eye(config.hidden_size))
+            self.mlp_shortcut = nn.Parameter(torch.eye(config.hidden_size))
+
+        def forward(self, hidden_states, **kwargs):
+            return mlp_residual(self, attention_residual(self, hidden_states, **kwargs))
+
+    class ExactConfig(base_config):
+        model_type = exact_model_type(family)
+
+    def make(config_class, exact: bool):
+        def upgrade(config, decoder):
+            if exact:
+                decoder.layers = nn.ModuleList(
+                    ShortcutDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+                )
+
+        class Model(WinaconvMixin, base_model):
+            def __init__(self, config):
+                super().__init__(config)
+                upgrade(config, self)
+                self._winaconv_setup(self)
+                self.post_init()
+
+        class ForCausalLM(WinaconvMixin, base_causal_lm):
+            def __init__(self, config):
+                super().__init__(config)
+                upgrade(config, self.model)
+                self._winaconv_setup(self.model)
+                self.post_init()
+
+        for cls in (Model, ForCausalLM):
+            cls.config_class = config_class
+            cls.winaconv_family = family
+        return Model, ForCausalLM
+
+    plain_model, plain_causal = make(base_config, exact=False)
+    exact_model, exact_causal = make(ExactConfig, exact=True)
+    classes = {
+        f"Wina{prefix}Model": plain_model,
+        f"Wina{prefix}ForCausalLM": plain_causal,
+        f"WinaExact{prefix}Config": ExactConfig,
+        f"WinaExact{prefix}Model": exact_model,
+        f"WinaExact{prefix}ForCausalLM": exact_causal,
+        f"WinaExact{prefix}DecoderLayer": ShortcutDecoderLayer,
+    }
+    for name, cls in classes.items():
+        cls.__name__ = cls.__qualname__ = name
+        cls.__module__ = __name__
+    return classes
+
+
+# One set of classes per family, as module attributes so config.json's auto_map can name them.
+for _family in FAMILIES.values():
+    globals().update(_build_family_classes(_family))
+
+
+def classes_for(family: Family, transform: str) -> dict[str, str]:
+    """auto_map entries (class names in this module) for a checkpoint of this family and transform."""
+    prefix = ("WinaExact" if transform == "exact" else "Wina") + family.class_prefix
+    names = {"AutoModel": f"{prefix}Model", "AutoModelForCausalLM": f"{prefix}ForCausalLM"}
+    if transform == "exact":
+        names["AutoConfig"] = f"{prefix}Config"
+    return {auto: f"modeling_winaconv.{name}" for auto, name in names.items()}
+
+
+def model_class(family: Family, transform: str, causal_lm: bool = True) -> type:
+    name = classes_for(family, transform)["AutoModelForCausalLM" if causal_lm else "AutoModel"]
+    return globals()[name.split(".", 1)[1]]

@@ -1,0 +1,202 @@
+"""Layer-by-layer calibration: score statistics and TEAL's greedy per-projection allocation.
+
+Only one decoder layer is on the compute device at a time; the calibration activations
+(one hidden-state tensor for all sequences) are the only other large state. Layer l sees the
+dense outputs of layer l-1 on the same sequences.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from winaconv_runtime.architectures import ATTENTION_PROJECTIONS, PROJECTIONS
+from winaconv_runtime.modeling_winaconv import attention_residual, mlp_residual, sparse_linears
+
+from .statistics import ScoreSampler, gating_scores, threshold_at
+
+MAX_PROJECTION_SPARSITY = 0.995
+
+
+@dataclass
+class CalibrationSettings:
+    norm_scored: tuple[str, ...]
+    max_sparsity: float  # the greedy path runs up to this parameter-weighted layer sparsity
+    greedy_sequences: int  # how many calibration sequences the greedy search evaluates on
+    greedy_step: float = 0.025
+    tail_fraction: float = 0.25  # the error is measured on the last positions of each sequence
+    micro_batch: int = 8
+    max_scores: int = 1 << 22  # score samples kept per projection
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class LayerCalibration:
+    grids: dict[str, torch.Tensor]  # score quantiles per projection
+    path: list[dict[str, float]]  # greedy path: per-projection sparsities after each step
+    seconds: float = 0.0
+    levels: dict[float, dict[str, float]] = field(default_factory=dict)
+
+    def sparsities_at(self, target: float, shares: dict[str, float]) -> dict[str, float]:
+        """Per-projection sparsities reaching `target` weighted sparsity, interpolated on the path."""
+        weighted = [sum(shares[p] * s[p] for p in PROJECTIONS) for s in self.path]
+        for step in range(1, len(self.path)):
+            if weighted[step] >= target - 1e-9:
+                span = weighted[step] - weighted[step - 1]
+                alpha = 1.0 if span <= 0 else (target - weighted[step - 1]) / span
+                before, after = self.path[step - 1], self.path[step]
+                return {p: before[p] + alpha * (after[p] - before[p]) for p in PROJECTIONS}
+        return dict(self.path[-1])
+
+    def thresholds_for(self, sparsities: dict[str, float]) -> dict[str, float]:
+        return {p: threshold_at(self.grids[p], sparsities[p]) for p in PROJECTIONS}
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_layer_inputs(model, input_ids: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering the first decoder layer for every sequence, and the keyword
+    arguments (position embeddings, mask) the decoder passes to its layers, for one sequence."""
+    decoder = model.model
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+        raise _StopForward
+
+    others = [m for name, m in decoder.named_children() if name != "layers"]
+    for module in others:
+        module.to(device)
+    handle = decoder.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    hidden, layer_kwargs = [], None
+    try:
+        for sequence in input_ids:
+            try:
+                decoder(input_ids=sequence[None].to(device), use_cache=False)
+            except _StopForward:
+                pass
+            hidden.append(captured["hidden"])
+            layer_kwargs = layer_kwargs or captured["kwargs"]
+    finally:
+        handle.remove()
+        for module in others:
+            module.to("cpu")
+    return torch.cat(hidden), layer_kwargs
+
+
+def _apply_thresholds(layer, family, thresholds: dict[str, float], norm_scored) -> None:
+    for projections, linear in sparse_linears(layer, family):
+        linear.set_thresholds([thresholds[p] for p in projections], [p in norm_scored for p in projections])
+
+
+def _output(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+@torch.no_grad()
+def collect_statistics(layer, family, hidden, layer_kwargs, settings, generator) -> tuple[dict, torch.Tensor]:
+    """Dense pass over all sequences: score quantiles per projection and the layer's outputs."""
+    total_per_input = hidden.shape[0] * hidden.shape[1]
+    samplers, handles = {}, []
+    for projections, linear in sparse_linears(layer, family):
+        linear.set_thresholds(None, None)
+        segments = linear.weight.split(linear.segment_sizes, dim=0)
+        norms = {p: (w.float().norm(dim=0) if p in settings.norm_scored else None) for p, w in zip(projections, segments)}
+        for p in projections:
+            samplers[p] = ScoreSampler(settings.max_scores, total_per_input * linear.in_features, generator)
+
+        def record(module, args, projections=projections, norms=norms):
+            for p in projections:
+                samplers[p].add(gating_scores(args[0], norms[p]))
+
+        handles.append(linear.register_forward_pre_hook(record))
+    outputs = []
+    try:
+        for chunk in hidden.split(settings.micro_batch):
+            outputs.append(_output(layer(chunk.to(settings.device), **layer_kwargs)).to(hidden.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {p: samplers[p].quantile_grid() for p in PROJECTIONS}, torch.cat(outputs)
+
+
+@torch.no_grad()
+def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, settings, on_step=None) -> list[dict]:
+    """TEAL's greedy allocation for one layer.
+
+    From all-dense, repeatedly raise by one step (base step / parameter share) the projection
+    whose step adds the least block-output error, until the weighted sparsity reaches the
+    highest level wanted. Attention projections need the whole block; MLP projections only the
+    MLP part, on the measured tail positions, reusing this step's attention output.
+    """
+    tail = int(inputs.shape[1] * (1 - settings.tail_fraction))
+    reference = reference[:, tail:].to(settings.device).float()
+    inputs = inputs.to(settings.device)
+    sparsity = {p: 0.0 for p in PROJECTIONS}
+    path = [dict(sparsity)]
+
+    def thresholds(s):
+        return {p: threshold_at(grids[p], s[p]) for p in PROJECTIONS}
+
+    def error(output):
+        return (output.float() - reference).square().sum(dim=(0, 1)).sqrt().mean().item()
+
+    def after_attention():
+        return attention_residual(layer, inputs, **layer_kwargs)[:, tail:]
+
+    while sum(shares[p] * sparsity[p] for p in PROJECTIONS) < settings.max_sparsity - 1e-9:
+        _apply_thresholds(layer, family, thresholds(sparsity), settings.norm_scored)
+        attention_now = after_attention()
+        best = None
+        for p in PROJECTIONS:
+            if sparsity[p] >= MAX_PROJECTION_SPARSITY:
+                continue
+            trial = dict(sparsity)
+            trial[p] = min(sparsity[p] + settings.greedy_step / shares[p], MAX_PROJECTION_SPARSITY)
+            _apply_thresholds(layer, family, thresholds(trial), settings.norm_scored)
+            attended = after_attention() if p in ATTENTION_PROJECTIONS else attention_now
+            trial_error = error(mlp_residual(layer, attended))
+            if best is None or trial_error < best[0]:
+                best = (trial_error, trial)
+        if best is None:
+            break
+        sparsity = best[1]
+        path.append(dict(sparsity))
+        if on_step:
+            on_step(sum(shares[p] * sparsity[p] for p in PROJECTIONS))
+    for _, linear in sparse_linears(layer, family):
+        linear.set_thresholds(None, None)
+    return path
+
+
+def calibrate_layers(model, family, input_ids, shares, settings, progress=None) -> list[LayerCalibration]:
+    """Calibrate every decoder layer in turn; returns one LayerCalibration per layer."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    hidden, layer_kwargs = capture_layer_inputs(model, input_ids, settings.device)
+    hidden = hidden.cpu() if settings.device != "cpu" and hidden.numel() * 4 > (1 << 30) else hidden
+    layers = list(model.model.layers)
+    layer_task = progress.add_task("calibrating layers", total=len(layers)) if progress else None
+    step_task = progress.add_task("greedy allocation", total=settings.max_sparsity) if progress else None
+    results = []
+    for idx, layer in enumerate(layers):
+        started = time.perf_counter()
+        layer.to(settings.device)
+        grids, outputs = collect_statistics(layer, family, hidden, layer_kwargs, settings, generator)
+        if progress:
+            progress.reset(step_task, total=settings.max_sparsity, description=f"greedy allocation, layer {idx}")
+        greedy = slice(0, settings.greedy_sequences)
+        path = greedy_path(
+            layer, family, grids, hidden[greedy], outputs[greedy], layer_kwargs, shares, settings,
+            on_step=(lambda w: progress.update(step_task, completed=w)) if progress else None,
+        )
+        layer.to("cpu")
+        hidden = outputs
+        results.append(LayerCalibration(grids=grids, path=path, seconds=time.perf_counter() - started))
+        if progress:
+            progress.advance(layer_task)
+    return results

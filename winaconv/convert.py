@@ -1,0 +1,165 @@
+"""The conversion pipeline: load, transform, calibrate, allocate, write."""
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from winaconv_runtime.architectures import PROJECTIONS, parameter_shares
+from winaconv_runtime.checkpoint_format import level_key
+
+from . import sources
+from .calibrate import CalibrationSettings, calibrate_layers
+from .calibration_data import load_calibration_text, token_sequences
+from .checkpoint import atomic_folder, check_output_dir, write_checkpoint
+from .errors import WinaconvError
+from .runtime_model import to_runtime_model, winaconv_section
+from .transform import apply_transform
+
+# The reference code scores only these two with column norms; the paper scores all seven.
+REFERENCE_NORM_SCORED = ("k", "gate")
+
+
+@dataclass
+class ConvertOptions:
+    model: str
+    out: Path
+    method: str = "wina"
+    scoring: str = "paper"
+    transform: str = "global"
+    sparsity_levels: tuple[float, ...] = (0.25, 0.4, 0.5, 0.65)
+    default_sparsity: float = 0.5
+    calib_file: str | None = None
+    calib_dataset: str | None = None
+    calib_tokens: int = 16384
+    seq_len: int = 512
+    greedy_tokens: int = 4096
+    greedy_step: float = 0.025
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    revision: str | None = None
+    overwrite: bool = False
+    max_shard_size: str = "5GB"
+
+
+@dataclass
+class ConvertReport:
+    out: Path
+    levels: dict[float, list[dict[str, float]]]  # level -> per-layer projection sparsities
+    layer_seconds: list[float]
+    seconds: float = 0.0
+    peak_host_bytes: int = 0
+    peak_gpu_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def norm_scored_projections(method: str, scoring: str) -> tuple[str, ...]:
+    if method == "teal":
+        return ()
+    return REFERENCE_NORM_SCORED if scoring == "reference" else PROJECTIONS
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise WinaconvError(f"--device {requested} asked for, but no CUDA GPU is available")
+    return requested
+
+
+def validate(options: ConvertOptions) -> list[float]:
+    levels = sorted({float(s) for s in options.sparsity_levels} - {0.0})
+    bad = [s for s in levels if not 0.0 < s < 1.0]
+    if bad or not levels:
+        raise WinaconvError(f"sparsity levels must lie in [0, 1); got {', '.join(f'{s:g}' for s in bad) or 'none'}")
+    if options.default_sparsity not in [0.0, *levels]:
+        raise WinaconvError(f"--default-sparsity {options.default_sparsity:g} is not one of the levels {levels}")
+    if options.seq_len < 8 or options.calib_tokens < options.seq_len:
+        raise WinaconvError("--calib-tokens must be at least --seq-len, and --seq-len at least 8")
+    check_output_dir(Path(options.out), options.overwrite)
+    return levels
+
+
+def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
+    started = time.perf_counter()
+    levels = validate(options)
+    device = resolve_device(options.device)
+    source = sources.resolve_source(options.model, options.revision)
+    config = sources.load_config(source)
+    calibration = load_calibration_text(options.calib_file, options.calib_dataset)
+    if calibration.note:
+        say(calibration.note)
+    save_dtype = sources.source_dtype(config, options.dtype)
+    work_dtype = torch.float32 if device == "cpu" else save_dtype
+
+    say(f"loading {source.model_id}")
+    base = sources.load_model(source, torch.float32)
+    tokenizer = sources.load_tokenizer(source)
+    norm_scored = norm_scored_projections(options.method, options.scoring)
+    section = winaconv_section(options.method, options.transform, norm_scored)
+    model, family = to_runtime_model(base, section)
+    del base
+
+    say(f"transform: {options.transform}")
+    apply_transform(model, family, options.transform, device=device)
+    model.to(work_dtype)
+
+    input_ids = token_sequences(tokenizer, calibration.texts, options.seq_len, options.calib_tokens, options.seed)
+    settings = CalibrationSettings(
+        norm_scored=norm_scored,
+        max_sparsity=max(levels),
+        greedy_sequences=max(1, options.greedy_tokens // options.seq_len),
+        greedy_step=options.greedy_step,
+        seed=options.seed,
+        device=device,
+    )
+    shares = parameter_shares(model.config)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    layers = calibrate_layers(model, family, input_ids, shares, settings, progress)
+
+    table, sparsities = {}, {}
+    for level in levels:
+        per_layer = [layer.sparsities_at(level, shares) for layer in layers]
+        thresholds = [layer.thresholds_for(s) for layer, s in zip(layers, per_layer)]
+        table[level_key(level)] = {
+            "thresholds": [[t[p] for p in PROJECTIONS] for t in thresholds],
+            "sparsities": [[round(s[p], 6) for p in PROJECTIONS] for s in per_layer],
+        }
+        sparsities[level] = per_layer
+    model.config.winaconv.update(
+        levels=table,
+        default_sparsity=float(options.default_sparsity),
+        calibration={
+            "source": calibration.source,
+            "tokens": int(input_ids.numel()),
+            "seq_len": options.seq_len,
+            "greedy_tokens": settings.greedy_sequences * options.seq_len,
+            "greedy_step": options.greedy_step,
+            "seed": options.seed,
+        },
+        base_model={"id": source.model_id, "revision": source.revision},
+    )
+    model.to(save_dtype)
+    model.config.dtype = save_dtype
+
+    say(f"writing {options.out}")
+    with atomic_folder(Path(options.out), options.overwrite) as staging:
+        write_checkpoint(model, family, tokenizer, staging, options.max_shard_size)
+
+    report = ConvertReport(
+        out=Path(options.out),
+        levels=sparsities,
+        layer_seconds=[layer.seconds for layer in layers],
+        seconds=time.perf_counter() - started,
+        peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_gpu_bytes=torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
+        notes=[calibration.note] if calibration.note else [],
+    )
+    return report
+
+
+

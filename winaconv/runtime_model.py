@@ -1,0 +1,70 @@
+"""Move a loaded transformers model into winaconv's runtime classes without copying its weights."""
+
+import copy
+
+import torch
+
+from winaconv_runtime.architectures import PROJECTIONS, family_for_model_type
+from winaconv_runtime.checkpoint_format import FORMAT_VERSION
+from winaconv_runtime.modeling_winaconv import exact_model_type, model_class
+
+from . import __version__
+
+
+def winaconv_section(method: str, transform: str, norm_scored) -> dict:
+    """The config section of a model with no sparsity levels yet (filled in after calibration)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "transform": transform,
+        "norm_scored": list(norm_scored),
+        "projections": list(PROJECTIONS),
+        "levels": {},
+        "default_sparsity": 0.0,
+        "winaconv_version": __version__,
+    }
+
+
+def to_runtime_model(base_model, section: dict):
+    """A runtime model sharing `base_model`'s tensors, with `section` as its config's winaconv section."""
+    family = family_for_model_type(base_model.config.model_type)
+    cls = model_class(family, section["transform"])
+    values = base_model.config.to_dict()
+    for key in ("model_type", "quantization_config", "auto_map", "architectures", "transformers_version"):
+        values.pop(key, None)
+    values["winaconv"] = copy.deepcopy(section)
+    config = cls.config_class.from_dict(values)
+    config._attn_implementation = base_model.config._attn_implementation
+    if section["transform"] == "exact":
+        config.model_type = exact_model_type(family)
+
+    with torch.device("meta"):
+        model = cls(config)
+    state = base_model.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith(("attn_shortcut", "mlp_shortcut"))]
+    if config.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+        model.tie_weights()
+    if missing or unexpected:
+        raise RuntimeError(f"base model and runtime model disagree: missing {missing}, unexpected {unexpected}")
+    _materialize_leftovers(model, base_model)
+    return model.eval(), family
+
+
+def _materialize_leftovers(model, base_model) -> None:
+    """Shortcut matrices start as identity; buffers that are not saved (rotary inv_freq) come from the base."""
+    base_buffers = dict(base_model.named_buffers())
+    device = next(base_model.parameters()).device
+    for name, param in list(model.named_parameters()):
+        if param.is_meta:  # only shortcut matrices can be left here
+            module_name, _, attr = name.rpartition(".")
+            eye = torch.eye(param.shape[0], dtype=param.dtype, device=device)
+            setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(eye))
+    for name, buffer in list(model.named_buffers()):
+        if buffer is not None and buffer.is_meta:
+            module_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, base_buffers[name])
+    for module in model.modules():  # plain attributes some rotary modules keep besides the buffer
+        if hasattr(module, "original_inv_freq") and getattr(module.original_inv_freq, "is_meta", False):
+            module.original_inv_freq = module.inv_freq.clone()

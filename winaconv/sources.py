@@ -1,0 +1,84 @@
+"""Where a model comes from: a Hub id, a local transformers folder, or a local .gguf file."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from winaconv_runtime.architectures import UnsupportedArchitecture, family_for_model_type
+
+from .errors import WinaconvError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    location: str  # folder or Hub id transformers loads from
+    gguf_file: str | None
+    model_id: str  # what the checkpoint records as its base model
+    revision: str | None
+
+    def load_kwargs(self) -> dict:
+        kwargs = {"revision": self.revision} if self.revision else {}
+        if self.gguf_file:
+            kwargs["gguf_file"] = self.gguf_file
+        return kwargs
+
+
+def resolve_source(model: str, revision: str | None = None) -> ModelSource:
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise WinaconvError(f"model file not found: {model}")
+        return ModelSource(str(path.parent), path.name, path.name, None)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise WinaconvError(f"{model} is a folder but has no config.json: not a transformers model")
+        return ModelSource(str(path), None, path.name, None)
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise WinaconvError(f"model not found: {model} (expected a Hub id like org/name, a model folder or a .gguf file)")
+    return ModelSource(model, None, model, revision)
+
+
+def load_config(source: ModelSource):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.location, **source.load_kwargs())
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+        raise WinaconvError(f"cannot load the config of {source.model_id}{hint}: {str(exc).splitlines()[0]}") from exc
+    except ValueError as exc:  # transformers' message for a model_type it does not know
+        raise WinaconvError(f"unsupported architecture in {source.model_id}: {str(exc).splitlines()[0]}") from exc
+    try:
+        family_for_model_type(config.model_type)
+    except UnsupportedArchitecture as exc:
+        raise WinaconvError(str(exc)) from exc
+    return config
+
+
+def load_model(source: ModelSource, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.load_kwargs())
+    model.eval()
+    return model
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.location, **source.load_kwargs())
+
+
+def source_dtype(config, requested: str) -> torch.dtype:
+    """The dtype to load and save in: --dtype, else the model's own, else float32."""
+    if requested != "auto":
+        return DTYPES[requested]
+    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(own, str):
+        own = DTYPES.get(own)
+    return own if own in DTYPES.values() else torch.float32

@@ -1,0 +1,44 @@
+"""Gating-score distributions: map a sparsity level of one projection to its threshold."""
+
+import torch
+
+GRID_POINTS = 2049  # quantiles stored per projection: thresholds resolved to 1/2048 in sparsity
+
+
+def gating_scores(x: torch.Tensor, column_norms: torch.Tensor | None) -> torch.Tensor:
+    """|x_i| * ||W[:, i]|| (WINA) or |x_i| (TEAL) for every token and channel."""
+    scores = x.detach().float().abs()
+    return scores if column_norms is None else scores * column_norms
+
+
+class ScoreSampler:
+    """Keeps a uniform random subsample of the scores seen, at most `capacity` values."""
+
+    def __init__(self, capacity: int, total: int, generator: torch.Generator):
+        self.keep_fraction = min(1.0, capacity / max(total, 1))
+        self.generator = generator
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, scores: torch.Tensor) -> None:
+        flat = scores.reshape(-1)
+        if self.keep_fraction < 1.0:
+            count = max(1, int(flat.numel() * self.keep_fraction))
+            index = torch.randint(flat.numel(), (count,), generator=self.generator).to(flat.device)
+            flat = flat[index]
+        self.parts.append(flat.cpu())
+
+    def quantile_grid(self) -> torch.Tensor:
+        values = torch.cat(self.parts).sort().values
+        positions = torch.linspace(0, values.numel() - 1, GRID_POINTS).round().long()
+        return values[positions]
+
+
+def threshold_at(grid: torch.Tensor, sparsity: float) -> float:
+    """The score under which a fraction `sparsity` of the calibration scores fall."""
+    if sparsity <= 0:
+        return 0.0
+    position = min(sparsity, 1.0) * (grid.numel() - 1)
+    low = int(position)
+    high = min(low + 1, grid.numel() - 1)
+    weight = position - low
+    return float(grid[low] * (1 - weight) + grid[high] * weight)
