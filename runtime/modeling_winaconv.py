@@ -100,6 +100,8 @@ class WinaconvMixin:
         """transformers' from_pretrained, strict about tensors, then a stored sparsity level is selected."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        ignored = tuple(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ())
+        info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ()) if not k.startswith(ignored)]
         problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
         if problems:
             kind, keys = next(iter(problems.items()))
@@ -138,6 +140,8 @@ def _build_family_classes(family: Family) -> dict[str, type]:
                 )
 
         class Model(WinaconvMixin, base_model):
+            _keys_to_ignore_on_load_unexpected = ["lm_head."]  # a causal-LM checkpoint loaded as a base model
+
             def __init__(self, config):
                 super().__init__(config)
                 upgrade(config, self)

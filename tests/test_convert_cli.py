@@ -1,0 +1,138 @@
+"""`winaconv convert` end to end on small random models, and its handling of bad input."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from winaconv.cli import main
+from winaconv_runtime.checkpoint_format import FORMAT_VERSION
+
+from random_models import random_model
+
+TINY = ["--calib-tokens", "256", "--seq-len", "32", "--greedy-tokens", "64", "--sparsity-levels", "0.25,0.5"]
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    from winaconv.calibration_data import builtin_texts
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n\n".join(builtin_texts()[:20]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """Small random model folders, with the SmolLM2 tokenizer (its vocabulary is large enough)."""
+    from transformers import AutoTokenizer
+
+    from conftest import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    made = {}
+
+    def make(family):
+        if family not in made:
+            model = random_model(family)
+            model.resize_token_embeddings(len(tokenizer))
+            folder = tmp_path_factory.mktemp(family) / "model"
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            made[family] = folder
+        return made[family]
+
+    return make
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def convert(model, out, calib_file, *extra):
+    result = run("convert", model, "--out", out, "--calib-file", calib_file, "--device", "cpu", *TINY, *extra)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("transform", ["exact", "global", "none"])
+def test_convert_loads_dense_with_original_logits(tiny_folder, calib_file, tmp_path, family, transform):
+    source = tiny_folder(family)
+    out = convert(source, tmp_path / "ckpt", calib_file, "--transform", transform)
+    config = json.loads((out / "config.json").read_text())
+    assert config["winaconv"]["format_version"] == FORMAT_VERSION
+    assert config["winaconv"]["transform"] == transform
+    assert sorted(config["winaconv"]["levels"]) == ["0.25", "0.5"]
+    assert (out / "modeling_winaconv.py").is_file() and (out / "kernels.py").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder left behind"
+
+    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    ids = torch.randint(0, 1000, (2, 24))
+    with torch.no_grad():
+        expected = original(ids).logits
+        sparse, info = AutoModelForCausalLM.from_pretrained(
+            out, trust_remote_code=True, sparsity=0, output_loading_info=True
+        )
+        assert not any(v for k, v in info.items() if k != "error_msgs")
+        assert type(sparse).__name__.startswith("WinaExact" if transform == "exact" else "Wina")
+        assert torch.allclose(sparse(ids).logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+        if transform == "exact":
+            # its weights are not a plain model: without the runtime it must refuse, not load wrong
+            with pytest.raises(ValueError):
+                AutoModelForCausalLM.from_pretrained(out)
+        else:
+            plain, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+            assert type(plain) is type(original)
+            assert not any(v for k, v in info.items() if k != "error_msgs")
+            assert torch.allclose(plain(ids).logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def assert_one_line_error(result, *words):
+    assert result.exit_code != 0
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_bad_input_gives_one_line_and_no_output(tiny_folder, calib_file, tmp_path):
+    out = tmp_path / "out"
+    source = tiny_folder("llama")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(gpt2)
+
+    cases = [
+        (["convert", tmp_path / "missing-model", "--out", out], ["not found"]),
+        (["convert", tmp_path / "missing.gguf", "--out", out], ["not found"]),
+        (["convert", gpt2, "--out", out, "--calib-file", calib_file], ["unsupported architecture", "gpt2", "llama"]),
+        (["convert", source, "--out", out, "--sparsity-levels", "0.5,1.0"], ["[0, 1)"]),
+        (["convert", source, "--out", out, "--sparsity-levels", "-0.1"], ["[0, 1)"]),
+        (["convert", source, "--out", out, "--calib-file", empty], ["empty"]),
+        (["convert", source, "--out", out, "--calib-file", tmp_path / "nope.txt"], ["not found"]),
+    ]
+    for args, words in cases:
+        assert_one_line_error(run(*args[:4], *TINY, *args[4:]), *words)
+        assert not out.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert_one_line_error(run("convert", source, "--out", out, "--calib-file", calib_file, *TINY), "--overwrite")
+    assert (out / "keep.txt").read_text() == "user data"
+
+    convert(source, out, calib_file, "--overwrite")
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_help_lists_every_option():
+    result = run("convert", "--help")
+    assert result.exit_code == 0
+    for option in ("--method", "--transform", "--sparsity-levels", "--calib-file", "--calib-dataset",
+                   "--calib-tokens", "--seq-len", "--device", "--dtype", "--seed"):
+        assert option in result.output

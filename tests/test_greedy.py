@@ -1,0 +1,62 @@
+"""TEAL's greedy allocation on cases whose right answer is known."""
+
+import copy
+
+import torch
+
+from winaconv.calibrate import MAX_PROJECTION_SPARSITY, CalibrationSettings, LayerCalibration, calibrate_layers
+from winaconv.runtime_model import to_runtime_model, winaconv_section
+from winaconv_runtime.architectures import ATTENTION_PROJECTIONS, PROJECTIONS, parameter_shares
+
+from random_models import random_model
+
+
+def runtime_llama(silence_attention: bool):
+    base = random_model("llama")
+    if silence_attention:
+        with torch.no_grad():
+            for layer in base.model.layers:
+                layer.self_attn.o_proj.weight.zero_()  # attention adds nothing to the residual stream
+    model, family = to_runtime_model(copy.deepcopy(base), winaconv_section("teal", "none", ()))
+    return model, family
+
+
+def calibrate(model, family, max_sparsity):
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    settings = CalibrationSettings(norm_scored=(), max_sparsity=max_sparsity, greedy_sequences=4, micro_batch=2)
+    return calibrate_layers(model, family, ids, parameter_shares(model.config), settings)
+
+
+def test_greedy_spends_sparsity_where_it_costs_nothing():
+    """With o_proj zeroed, sparsifying q/k/v/o changes no output: the greedy path must max out
+    all four attention projections before it touches any MLP projection."""
+    model, family = runtime_llama(silence_attention=True)
+    shares = parameter_shares(model.config)
+    attention_share = sum(shares[p] for p in ATTENTION_PROJECTIONS)
+    results = calibrate(model, family, max_sparsity=attention_share * MAX_PROJECTION_SPARSITY + 0.05)
+    for layer in results:
+        first_mlp_step = next(i for i, s in enumerate(layer.path) if any(s[p] > 0 for p in ("gate", "up", "down")))
+        before = layer.path[first_mlp_step - 1]
+        assert all(before[p] == MAX_PROJECTION_SPARSITY for p in ATTENTION_PROJECTIONS), before
+
+
+def test_greedy_reaches_each_level_exactly():
+    model, family = runtime_llama(silence_attention=False)
+    shares = parameter_shares(model.config)
+    results = calibrate(model, family, max_sparsity=0.5)
+    for layer in results:
+        weighted = [sum(shares[p] * s[p] for p in PROJECTIONS) for s in layer.path]
+        assert all(b > a for a, b in zip(weighted, weighted[1:])), "every step raises the layer's sparsity"
+        for target in (0.1, 0.25, 0.4, 0.5):
+            reached = layer.sparsities_at(target, shares)
+            assert abs(sum(shares[p] * reached[p] for p in PROJECTIONS) - target) < 1e-9
+            assert all(0.0 <= reached[p] <= MAX_PROJECTION_SPARSITY for p in PROJECTIONS)
+
+
+def test_thresholds_realize_the_allocated_sparsity():
+    """The threshold of a projection at sparsity s drops a fraction s of its calibration scores."""
+    grid = torch.linspace(0, 1, 2049) ** 2  # quantiles of some score distribution
+    layer = LayerCalibration(grids={p: grid for p in PROJECTIONS}, path=[{p: 0.0 for p in PROJECTIONS}])
+    for s in (0.0, 0.25, 0.5, 0.9):
+        t = layer.thresholds_for({p: s for p in PROJECTIONS})["q"]
+        assert abs(t - s**2) < 1e-6
