@@ -1,0 +1,162 @@
+"""The runtime loaded through trust_remote_code from a converted folder: the exact rule, caches,
+batches, dtypes, and loud failures on broken checkpoints."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from winaconv_runtime.architectures import PROJECTIONS
+from winaconv_runtime.checkpoint_format import CheckpointFormatError
+
+PROMPTS = ["The capital of France is", "Water boils at a temperature of"]
+
+
+def load(folder, **kwargs):
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32, **kwargs).eval()
+
+
+def reference_rule_logits(folder, ids, sparsity):
+    """Independent float64 reference: a plain transformers model from the same folder whose
+    linears mask inputs by the paper's rule |x_i| * ||W[:, i]|| > t (or |x_i| > t) before the product."""
+    config = json.loads((folder / "config.json").read_text())["winaconv"]
+    table = config["levels"][f"{sparsity:g}"]["thresholds"]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+    def masker(threshold, norms):
+        def hook(module, args):
+            x = args[0]
+            score = x.abs() * norms if norms is not None else x.abs()
+            return (x * (score > threshold),)
+        return hook
+
+    for idx, layer in enumerate(model.model.layers):
+        for p, path in names.items():
+            linear = layer.get_submodule(path)
+            norms = linear.weight.norm(dim=0) if p in config["norm_scored"] else None
+            linear.register_forward_pre_hook(masker(table[idx][PROJECTIONS.index(p)], norms))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def wina_folder(converted_smollm2):
+    return converted_smollm2("wina", "global")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(wina_folder):
+    return AutoTokenizer.from_pretrained(wina_folder)
+
+
+def test_loads_runtime_from_the_folder(wina_folder):
+    model = load(wina_folder)
+    assert type(model).__module__.startswith("transformers_modules"), "must come from the folder's own code"
+    assert model.sparsity == 0.5 and model.available_sparsities() == [0.0, 0.25, 0.5]
+    base = AutoModel.from_pretrained(wina_folder, trust_remote_code=True, sparsity=0.25)
+    assert type(base).__name__ == "WinaLlamaModel" and base.sparsity == 0.25
+
+
+def test_sparse_logits_follow_the_reference_rule(wina_folder, tokenizer):
+    ids = tokenizer(" ".join(PROMPTS) * 3, return_tensors="pt").input_ids
+    model = load(wina_folder, sparsity=0.5)
+    with torch.no_grad():
+        sparse = model(ids).logits.double()
+        model.set_sparsity(0)
+        dense = model(ids).logits.double()
+    reference = reference_rule_logits(wina_folder, ids, 0.5)
+    scale = reference.abs().max()
+    assert (sparse - reference).abs().max() / scale < 2e-3
+    assert (dense - reference).abs().max() / scale > 2e-2, "sparsity 0.5 must really change the logits"
+
+
+def test_dense_generation_equals_the_original_model(wina_folder, smollm2_folder, tokenizer):
+    original = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32).eval()
+    model = load(wina_folder, sparsity=0)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")
+    expected = original.generate(**ids, max_new_tokens=16, do_sample=False)
+    assert torch.equal(model.generate(**ids, max_new_tokens=16, do_sample=False), expected)
+    assert "Paris" in tokenizer.decode(expected[0])
+
+
+def test_batched_padded_generation_matches_single_prompts(wina_folder, tokenizer):
+    model = load(wina_folder, sparsity=0.5)
+    tokenizer.padding_side = "left"
+    singles = [model.generate(**tokenizer(p, return_tensors="pt"), max_new_tokens=8, do_sample=False)[0, -8:]
+               for p in PROMPTS]
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    assert batch.attention_mask.min() == 0, "the prompts must need padding"
+    batched = model.generate(**batch, max_new_tokens=8, do_sample=False)[:, -8:]
+    for row, single in enumerate(singles):
+        assert torch.equal(batched[row], single)
+
+
+def test_static_cache_generation_matches_dynamic(wina_folder, tokenizer):
+    # Equal-length prompts: with left padding transformers' static-cache path shifts the
+    # positions of padded rows, which RoPE ignores in a dense model but which moves the
+    # first token's activations across thresholds in a sparse one.
+    model = load(wina_folder, sparsity=0.5)
+    ids = torch.stack([tokenizer(p, return_tensors="pt").input_ids[0, :5] for p in PROMPTS])
+    dynamic = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    static = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                            cache_implementation="static")
+    assert torch.equal(static, dynamic)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_close_to_float32(wina_folder, tokenizer, dtype):
+    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    full = load(wina_folder, sparsity=0.25)
+    half = AutoModelForCausalLM.from_pretrained(wina_folder, trust_remote_code=True, dtype=dtype, sparsity=0.25)
+    with torch.no_grad():
+        a, b = full(ids).logits[0, -1], half(ids).logits[0, -1].float()
+    assert torch.isfinite(b).all()
+    # masks flip for channels near a threshold, so compare what matters: the top predictions
+    assert a.topk(3).indices.tolist() == b.topk(3).indices.tolist()
+
+
+@pytest.fixture
+def broken_copy(wina_folder, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(wina_folder, folder)
+    return folder
+
+
+def one_line(exc_info) -> str:
+    message = str(exc_info.value)
+    assert "\n" not in message.strip(), message
+    return message
+
+
+def test_missing_tensor_is_named(broken_copy):
+    weights = load_file(broken_copy / "model.safetensors")
+    del weights["model.layers.3.mlp.up_proj.weight"]
+    save_file(weights, broken_copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointFormatError) as exc:
+        load(broken_copy)
+    assert "model.layers.3.mlp.up_proj.weight" in one_line(exc)
+
+
+def test_corrupt_weights_file_is_named(broken_copy):
+    path = broken_copy / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(Exception) as exc:
+        load(broken_copy)
+    assert "model.safetensors" in one_line(exc) or "header" in one_line(exc).lower()
+
+
+def test_unknown_format_version_and_unstored_level(broken_copy, wina_folder):
+    with pytest.raises(CheckpointFormatError) as exc:
+        load(wina_folder, sparsity=0.3)
+    assert "0.3" in one_line(exc) and "0.25" in one_line(exc)
+    config = json.loads((broken_copy / "config.json").read_text())
+    config["winaconv"]["format_version"] = 99
+    (broken_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointFormatError) as exc:
+        load(broken_copy)
+    assert "format version 99" in one_line(exc)
