@@ -15,7 +15,7 @@ from torch import nn
 
 from .architectures import FAMILIES, PROJECTIONS, Family, projection_sizes
 from .checkpoint_format import CheckpointFormatError, SparsitySettings
-from .sparse_linear import SparseLinear
+from .sparse_linear import SparseLinear, announce_path
 
 
 def exact_model_type(family: Family) -> str:
@@ -83,6 +83,8 @@ class WinaconvMixin:
                         [row[PROJECTIONS.index(p)] for p in projections], [p in norm_scored for p in projections]
                     )
         self.sparsity = float(sparsity)
+        if table is not None:
+            announce_path(self.device.type == "cuda")
 
     def available_sparsities(self) -> list[float]:
         return self.sparsity_settings.available()

@@ -21,7 +21,14 @@ logger = logging.getLogger(__name__)
 _announced_paths: set[str] = set()
 
 
-def _announce_path(path: str) -> None:
+def announce_path(on_gpu: bool) -> None:
+    """Say once per process which path the sparse linears take (never from forward: it would break graphs)."""
+    if on_gpu and HAS_TRITON:
+        path = "Triton kernels for decode (GPU), masked dense product for prefill"
+    elif on_gpu:
+        path = "torch masked dense product (GPU; Triton is not installed)"
+    else:
+        path = "torch masked dense product (CPU)"
     if path not in _announced_paths:
         _announced_paths.add(path)
         logger.warning("winaconv: sparse linears run on the %s path", path)
@@ -82,13 +89,24 @@ class SparseLinear(nn.Linear):
             self.tau = None
             return
         segments = self.weight.split(self.segment_sizes, dim=0)
-        self.tau = torch.stack(
-            [channel_thresholds(w, t, n) for w, t, n in zip(segments, thresholds, scored_with_norm)]
-        )
+        tau = torch.stack([channel_thresholds(w, t, n) for w, t, n in zip(segments, thresholds, scored_with_norm)])
+        if self.tau is not None and self.tau.shape == tau.shape:
+            self.tau.copy_(tau)  # in place: compiled graphs and CUDA graphs keep reading this buffer
+        else:
+            self.tau = tau
+        self._lay_out_for_kernel()
+
+    def _lay_out_for_kernel(self) -> None:
         if self.weight.is_cuda and HAS_TRITON and not self.weight.t().is_contiguous():
             # The decode kernel reads one contiguous row of W^T per kept channel; F.linear
             # takes the transposed layout just as well, so one copy serves both paths.
             self.weight.data = self.weight.data.t().contiguous().t()
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        if self.tau is not None:  # moved after thresholds were set (model.to("cuda"))
+            self._lay_out_for_kernel()
+        return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tau is None:
@@ -101,11 +119,8 @@ class SparseLinear(nn.Linear):
             and self.weight.t().is_contiguous()
             and use_sparse_kernel(tokens, self.in_features, self.out_features)
         ):
-            _announce_path("Triton kernel (GPU)")
             y = sparse_linear_triton(flat.contiguous(), self.weight.t(), self.tau, self.segment_ends, self.bias)
         else:
-            if not flat.is_cuda:
-                _announce_path("torch masked-dense (CPU)")
             y = masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
         return y.reshape(*x.shape[:-1], self.out_features)
 

@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from winaconv_runtime.architectures import PROJECTIONS
-from winaconv_runtime.checkpoint_format import CheckpointFormatError
 
 PROMPTS = ["The capital of France is", "Water boils at a temperature of"]
 
@@ -128,6 +127,8 @@ def broken_copy(wina_folder, tmp_path):
 
 
 def one_line(exc_info) -> str:
+    # the folder's own copy of the runtime raises its own CheckpointFormatError class
+    assert type(exc_info.value).__name__ in ("CheckpointFormatError", "SafetensorError"), repr(exc_info.value)
     message = str(exc_info.value)
     assert "\n" not in message.strip(), message
     return message
@@ -137,7 +138,7 @@ def test_missing_tensor_is_named(broken_copy):
     weights = load_file(broken_copy / "model.safetensors")
     del weights["model.layers.3.mlp.up_proj.weight"]
     save_file(weights, broken_copy / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointFormatError) as exc:
+    with pytest.raises(ValueError) as exc:
         load(broken_copy)
     assert "model.layers.3.mlp.up_proj.weight" in one_line(exc)
 
@@ -151,12 +152,12 @@ def test_corrupt_weights_file_is_named(broken_copy):
 
 
 def test_unknown_format_version_and_unstored_level(broken_copy, wina_folder):
-    with pytest.raises(CheckpointFormatError) as exc:
+    with pytest.raises(ValueError) as exc:
         load(wina_folder, sparsity=0.3)
     assert "0.3" in one_line(exc) and "0.25" in one_line(exc)
     config = json.loads((broken_copy / "config.json").read_text())
     config["winaconv"]["format_version"] = 99
     (broken_copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointFormatError) as exc:
+    with pytest.raises(ValueError) as exc:
         load(broken_copy)
     assert "format version 99" in one_line(exc)

@@ -149,9 +149,9 @@ def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, s
     def after_attention():
         return attention_residual(layer, inputs, **layer_kwargs)[:, tail:]
 
+    _apply_thresholds(layer, family, thresholds(sparsity), settings.norm_scored)
+    attention_now = after_attention()
     while sum(shares[p] * sparsity[p] for p in PROJECTIONS) < settings.max_sparsity - 1e-9:
-        _apply_thresholds(layer, family, thresholds(sparsity), settings.norm_scored)
-        attention_now = after_attention()
         best = None
         for p in PROJECTIONS:
             if sparsity[p] >= MAX_PROJECTION_SPARSITY:
@@ -162,10 +162,10 @@ def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, s
             attended = after_attention() if p in ATTENTION_PROJECTIONS else attention_now
             trial_error = error(mlp_residual(layer, attended))
             if best is None or trial_error < best[0]:
-                best = (trial_error, trial)
+                best = (trial_error, trial, attended)
         if best is None:
             break
-        sparsity = best[1]
+        _, sparsity, attention_now = best  # the winner's attention output is the next step's baseline
         path.append(dict(sparsity))
         if on_step:
             on_step(sum(shares[p] * sparsity[p] for p in PROJECTIONS))

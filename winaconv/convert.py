@@ -35,7 +35,7 @@ class ConvertOptions:
     calib_dataset: str | None = None
     calib_tokens: int = 16384
     seq_len: int = 512
-    greedy_tokens: int = 4096
+    greedy_tokens: int = 2048
     greedy_step: float = 0.025
     device: str = "auto"
     dtype: str = "auto"

@@ -1,0 +1,272 @@
+"""Model card, `winaconv push` and `convert --push-to`, against a local fake Hub (tests/fake_hub.py)
+that receives the real HTTP requests huggingface_hub sends.
+
+Two upload paths are exercised:
+- huggingface_hub as installed (hf_xet present): the fake Hub answers preupload with uploadMode
+  "regular" for every file, so all bytes travel base64-encoded in the commit body. The Xet storage
+  protocol itself (how real large files reach the Hub when hf_xet is installed) is NOT exercised.
+- HF_HUB_DISABLE_XET=1 and an LFS threshold: large files go through the git-LFS batch API, a PUT of the
+  bytes and the verify call, then an lfsFile entry in the commit.
+The first push runs `winaconv push` in a subprocess with HF_ENDPOINT / HF_TOKEN / HF_HUB_OFFLINE in its
+environment (huggingface_hub reads the first and last at import); the others run in-process with
+huggingface_hub.constants patched, to keep the suite fast.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from huggingface_hub import ModelCard
+
+from fake_hub import FakeHub
+from test_inspect import CALIB_TEXT, TINY, checkpoints, tiny_source  # noqa: F401 (checkpoints: a fixture)
+from winaconv.cli import main
+from winaconv.model_card import RESULTS_FILE, build_model_card, write_model_card
+from winaconv_runtime.architectures import PROJECTIONS
+
+TOKEN = "hf_fake_token_for_tests"
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(output: str) -> str:
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), output
+    return lines[0]
+
+
+@pytest.fixture
+def ckpt(checkpoints, tmp_path):
+    """A private copy of the converted tiny checkpoint (push writes README.md into it)."""
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoints("global"), copy)
+    return copy
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A running fake Hub, with huggingface_hub in this process pointed at it."""
+    from huggingface_hub import constants
+
+    with FakeHub(token=TOKEN) as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        # derived from HF_ENDPOINT at import too (download URLs); a fresh process gets both from the environment
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        yield server
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+# ---------------------------------------------------------------- model card
+
+
+def test_model_card_metadata_and_content(ckpt):
+    (ckpt / RESULTS_FILE).write_text(json.dumps({
+        "perplexity": {"0": 30.5, "0.25": 31.0, "0.5": 33.25},
+        "perplexity_note": "held-out text, window 512",
+        "speed": {"0": 10.0, "0.5": 5.0},
+        "speed_note": "H100, bf16, batch 1",
+    }))
+    path, written = write_model_card(ckpt, "someone/tiny-wina")
+    assert written and path == ckpt / "README.md"
+
+    for card in (ModelCard.load(path), ModelCard(path.read_text())):
+        data = card.data
+        assert data.base_model == "example-org/tiny-llama"
+        assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
+        assert {"winaconv", "wina", "activation-sparsity", "transform-global", "llama"} <= set(data.tags)
+    text = path.read_text()
+    config = json.loads((ckpt / "config.json").read_text())
+    rows = config["winaconv"]["levels"]["0.5"]["sparsities"]
+    means = [sum(r[i] for r in rows) / len(rows) for i in range(len(PROJECTIONS))]
+    assert "| 0.5 (default) | " + " | ".join(f"{m:.3f}" for m in means) in text
+    assert "| 0.25 | " in text and "`global`" in text and "WINA" in text
+    assert config["winaconv"]["calibration"]["source"] in text
+    assert "| 0.5 | 33.250 | 5.00 | 2.00x |" in text and "| 0.25 | 31.000 |  |  |" in text
+    assert "held-out text, window 512" in text and "H100, bf16, batch 1" in text
+    assert 'from_pretrained("someone/tiny-wina", trust_remote_code=True, sparsity=0.5)' in text
+    assert "model.set_sparsity(0.25)" in text
+
+
+def test_model_card_variants(ckpt):
+    """No results file: no results section; a base model recorded as a local path is not put in the metadata;
+    `winaconv eval --json` output is accepted as a results file; a user's own README.md is kept."""
+    card = build_model_card(ckpt, "a/b")
+    assert "Measured results" not in str(card)
+
+    config = json.loads((ckpt / "config.json").read_text())
+    config["winaconv"]["base_model"]["id"] = "/home/me/models/tiny"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    card = build_model_card(ckpt, "a/b")
+    assert card.data.base_model is None and "`/home/me/models/tiny`" in str(card)
+    assert build_model_card(ckpt, "a/b", base_model="org/base").data.base_model == "org/base"
+
+    (ckpt / RESULTS_FILE).write_text(json.dumps({"text": "news", "window": 256, "stride": 256, "results": [
+        {"sparsity": 0.0, "perplexity": 12.5}, {"sparsity": 0.5, "perplexity": 13.75}]}))
+    text = str(build_model_card(ckpt, "a/b"))
+    assert "| 0.5 | 13.750 |" in text and "news, window 256" in text
+
+    (ckpt / RESULTS_FILE).write_text(json.dumps({"perplexity": {"0.5": "high"}}))
+    with pytest.raises(Exception, match="not a finite number"):
+        build_model_card(ckpt, "a/b")
+    (ckpt / RESULTS_FILE).unlink()
+
+    (ckpt / "README.md").write_text("# my own notes\n")
+    assert write_model_card(ckpt, "a/b") == (ckpt / "README.md", False)
+    assert (ckpt / "README.md").read_text() == "# my own notes\n"
+
+
+# ---------------------------------------------------------------- push
+
+
+def test_push_subprocess_sends_every_file(ckpt, tmp_path):
+    """The real CLI in a fresh interpreter, configured only through the environment."""
+    with FakeHub(token=TOKEN) as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
+               "HF_HOME": str(tmp_path / "hf-home"), "NO_PROXY": "127.0.0.1,localhost", "PYTHONWARNINGS": "ignore"}
+        env.pop("HF_HUB_DISABLE_XET", None)
+        offline = subprocess.Popen([sys.executable, "-m", "winaconv.cli", "push", ckpt, "someone/offline"],
+                                   env={**env, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        result = subprocess.run([sys.executable, "-m", "winaconv.cli", "push", ckpt, "someone/tiny-wina"],
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert f"pushed {ckpt} to someone/tiny-wina: {hub.url}/someone/tiny-wina/commit/" in result.stderr
+
+        received = hub.files("someone/tiny-wina")
+        local = folder_files(ckpt)
+        assert "README.md" in local and "model.safetensors" in local and "modeling_winaconv.py" in local
+        assert sorted(received) == sorted(local)
+        assert all(received[name] == content for name, content in local.items())
+        assert ModelCard(received["README.md"].decode()).data.base_model == "example-org/tiny-llama"
+        assert hub.repos["someone/tiny-wina"]["private"] is False
+        methods = [f"{m} {p}" for m, p in hub.requests]
+        assert "POST /api/repos/create" in methods and "POST /api/models/someone/tiny-wina/preupload/main" in methods
+
+        out, err = offline.communicate(timeout=300)
+        assert offline.returncode != 0
+        assert "HF_HUB_OFFLINE" in one_error_line(err)
+        assert "someone/offline" not in hub.repos
+
+
+def test_push_large_files_through_lfs_to_a_private_branch(ckpt, hub, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    hub.lfs_threshold = 100_000  # model.safetensors (about 400 kB) goes through LFS, the rest in the commit
+    result = run("push", ckpt, "someone/tiny-lfs", "--private", "--revision", "dev")
+    assert result.exit_code == 0, result.output
+    assert hub.repos["someone/tiny-lfs"]["private"] is True
+    assert hub.files("someone/tiny-lfs", "main") == {}
+    received, local = hub.files("someone/tiny-lfs", "dev"), folder_files(ckpt)
+    assert received == local
+    assert hub.commits[-1]["lfs"] == ["model.safetensors"]
+    assert set(hub.commits[-1]["regular"]) == set(local) - {"model.safetensors"}
+    assert any(m == "PUT" and p.startswith("/lfs-upload/") for m, p in hub.requests)
+    assert ("POST", "/lfs-verify") in hub.requests
+
+    # pushing again is idempotent: same files, the LFS object is not sent twice
+    puts = sum(m == "PUT" for m, _ in hub.requests)
+    assert run("push", ckpt, "someone/tiny-lfs", "--revision", "dev").exit_code == 0
+    assert hub.files("someone/tiny-lfs", "dev") == local
+    assert sum(m == "PUT" for m, _ in hub.requests) == puts
+
+
+def test_push_with_a_wrong_token_is_one_line_and_not_done(ckpt, hub):
+    result = run("push", ckpt, "someone/tiny", "--token", "hf_wrong")
+    line = one_error_line(result.output)
+    assert "401" in line and "someone/tiny" in line
+    assert "pushed" not in result.output and "someone/tiny" not in hub.repos
+
+
+def test_push_failing_mid_upload_is_not_reported_as_done(ckpt, hub):
+    hub.fail["/commit/"] = 422  # a rejected commit (5xx would be retried with backoff for ~25 s)
+    result = run("push", ckpt, "someone/tiny")
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output  # after the "winaconv: uploading ..." progress lines
+    assert "failed (upload): HTTP 422" in errors[0] and "run the push again" in errors[0]
+    assert "pushed" not in result.output and hub.files("someone/tiny") == {}
+
+
+def test_push_without_any_token_is_one_line(ckpt, hub, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    result = run("push", ckpt, "someone/tiny")
+    assert "no Hugging Face token" in one_error_line(result.output)
+    assert hub.requests == []
+
+
+def test_push_refuses_a_broken_checkpoint(ckpt, hub):
+    (ckpt / "kernels.py").unlink()
+    result = run("push", ckpt, "someone/tiny")
+    assert "refusing to push a broken checkpoint: kernels.py" in one_error_line(result.output)
+    assert hub.requests == []
+    assert "invalid Hub repo id" in one_error_line(run("push", ckpt, "not a repo").output)
+
+
+def test_convert_push_to(hub, tmp_path, checkpoints):
+    source = tiny_source(checkpoints().parent)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB_TEXT)
+    out = tmp_path / "converted"
+    args = ["convert", source, "--out", out, "--calib-file", calib, "--device", "cpu", "--calib-tokens",
+            TINY["calib_tokens"], "--seq-len", TINY["seq_len"], "--greedy-tokens", TINY["greedy_tokens"],
+            "--greedy-step", TINY["greedy_step"], "--sparsity-levels", "0.25,0.5"]
+    result = run(*args, "--push-to", "someone/converted", "--push-private")
+    assert result.exit_code == 0, result.output
+    assert hub.files("someone/converted") == folder_files(out)
+    assert hub.repos["someone/converted"]["private"] is True
+    assert ModelCard((out / "README.md").read_text()).data.tags[:2] == ["winaconv", "wina"]
+
+
+def test_convert_push_to_fails_before_converting_when_offline(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "never"
+    result = run("convert", tmp_path / "whatever", "--out", out, "--push-to", "someone/x")
+    assert "HF_HUB_OFFLINE" in one_error_line(result.output)
+    assert not out.exists() and hub.requests == []
+
+
+# ---------------------------------------------------------------- inspect of a Hub repo
+
+
+def test_inspect_a_hub_repo_reads_headers_only(ckpt, hub):
+    assert run("push", ckpt, "someone/tiny").exit_code == 0
+    before = len(hub.requests)
+    result = run("inspect", "someone/tiny")
+    assert result.exit_code == 0, result.output
+    assert "someone/tiny @ main (commit " in result.stdout and "sparsities at level 0.5" in result.stdout
+    fetched = [p for m, p in hub.requests[before:] if m == "GET" and "/resolve/" in p]
+    assert not any(p.endswith(".py") or p.endswith("tokenizer.json") for p in fetched), fetched
+
+    # damage the stored weights: the header read over HTTP must show it
+    from safetensors.torch import load, save
+
+    files = hub.repos["someone/tiny"]["branches"]["main"]
+    tensors = load(files["model.safetensors"])
+    del tensors["model.layers.1.self_attn.o_proj.weight"]
+    files["model.safetensors"] = save(tensors, metadata={"format": "pt", "winaconv_format_version": "1"})
+    result = run("inspect", "someone/tiny")
+    assert result.exit_code == 1
+    assert [line for line in result.stderr.splitlines() if line.startswith("problem:")] == [
+        "problem: model.layers.1.self_attn.o_proj.weight: missing (the config expects a tensor of shape [64, 64])"
+    ]
+    assert "404" in one_error_line(run("inspect", "someone/absent").output)

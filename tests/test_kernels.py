@@ -1,0 +1,245 @@
+"""CPU tests of runtime/kernels.py: the torch reference and the Triton kernels under TRITON_INTERPRET=1.
+
+Run: python -m pytest tests/test_kernels.py -q
+
+TRITON_INTERPRET must be set before runtime/kernels.py is imported (triton.jit decides between the
+compiled and the interpreted kernel at decoration time).  It is set at the top of this module; if
+another test module imported runtime.kernels before (without it), the in-process kernel tests are
+skipped and one test re-runs this file in a fresh subprocess with the variable set instead.
+"""
+import math
+import os
+import subprocess
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from runtime import kernels as K  # noqa: E402
+
+_INTERPRETED = K.HAS_TRITON and type(getattr(K, "_wina_tile_kernel", None)).__name__ == "InterpretedFunction"
+_IN_SUBPROCESS = os.environ.get("WINACONV_KERNEL_TEST_SUBPROCESS") == "1"
+needs_interp = pytest.mark.skipif(
+    not _INTERPRETED,
+    reason="triton missing, or runtime.kernels was imported before TRITON_INTERPRET=1 was set "
+           "(covered by test_kernels_in_fresh_subprocess)")
+
+# (in_features, segment_ends): odd shapes, fused segments, > 4 segments (two launches)
+SHAPES = [
+    (576, (1536,)),
+    (1000, (3000,)),
+    (576, (576, 768, 960)),
+    (1536, (1536, 3072)),
+    (300, (100, 200, 300, 400, 500, 650)),
+]
+# (sparsity, bias): every check draws fresh random inputs
+SP_BIAS = [(0.0, True), (0.5, False), (0.9, True)]
+# (tokens, sparsity, bias) for the (slow) interpreter runs
+T_SP_BIAS = [(1, 0.0, True), (2, 0.5, False), (5, 0.9, True), (8, 0.5, True), (1, 0.9, False)]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _make(in_f, ends, T, sparsity, dtype, bias, seed, inf_every=7):
+    g = _gen(seed)
+    n_out = ends[-1]
+    x = torch.randn(T, in_f, generator=g).to(dtype)
+    w = (torch.randn(in_f, n_out, generator=g) / math.sqrt(in_f)).to(dtype)
+    ax = x.float().abs().flatten()
+    if sparsity > 0:
+        q = torch.quantile(ax, sparsity)
+        # per segment, per channel thresholds around the quantile, so segments really differ
+        tau = q * 2 * torch.rand(len(ends), in_f, generator=g)
+    else:
+        tau = torch.zeros(len(ends), in_f)
+    if inf_every:
+        tau[:, ::inf_every] = float("inf")
+    b = torch.randn(n_out, generator=g).to(dtype) if bias else None
+    return x, w, tau.float(), b
+
+
+def _ref64(x, w, tau, ends, bias):
+    """float64 masked product: channel i kept for token t in segment s iff |x[t,i]| > tau[s,i]."""
+    ax = x.float().abs()
+    cols, start = [], 0
+    for s, end in enumerate(ends):
+        xm = torch.where(ax > tau[s], x.double(), torch.zeros((), dtype=torch.float64))
+        cols.append(xm @ w[:, start:end].double())
+        start = end
+    y = torch.cat(cols, dim=1)
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+def _rel(y, r):
+    assert torch.isfinite(y).all(), "non-finite output (unwritten or poisoned element)"
+    return float((y.double() - r).norm() / r.norm().clamp_min(1e-30))
+
+
+def _tol(dtype):
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every torch.empty of a floating dtype is NaN-filled: an output (or partial-sum workspace)
+    element the kernel forgets to write shows up as NaN."""
+    orig = torch.empty
+
+    def empty(*a, **k):
+        t = orig(*a, **k)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    yield
+
+
+# ----------------------------------------------------------------------------------------------
+# reference (no triton needed)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_f,ends", SHAPES)
+def test_reference_matches_float64(in_f, ends, dtype):
+    seed = 100
+    for T in (1, 3, 8):
+        for sp, bias in SP_BIAS:
+            seed += 1
+            x, w, tau, b = _make(in_f, ends, T, sp, dtype, bias, seed)
+            y = K.sparse_linear_reference(x, w, tau, ends, b)
+            assert y.dtype == dtype and y.shape == (T, ends[-1])
+            assert _rel(y, _ref64(x, w, tau, ends, b)) < _tol(dtype)
+
+
+def test_reference_rule_edges():
+    x = torch.tensor([[0.0, 1.0, -2.0, 3.0]])
+    w = torch.eye(4)
+    # all-zero tau keeps every nonzero channel; +inf drops always; strict '>' at equality
+    tau = torch.tensor([[0.0, 0.0, 2.0, float("inf")]])
+    y = K.sparse_linear_reference(x, w, tau, (4,))
+    assert y.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+
+
+def test_argument_checks():
+    x = torch.randn(1, 8)
+    w = torch.randn(8, 6)
+    with pytest.raises(ValueError):
+        K.sparse_linear_reference(x, w, torch.zeros(1, 8), (5,))          # ends must reach out
+    with pytest.raises(ValueError):
+        K.sparse_linear_reference(x, w, torch.zeros(1, 8), (3, 6))        # tau rows != segments
+    with pytest.raises(ValueError):
+        K.sparse_linear_reference(x, w, torch.zeros(2, 8), (4, 4, 6)[:2])  # not increasing to out
+
+
+def test_use_sparse_kernel_policy():
+    assert K.use_sparse_kernel(1, 4096, 4096) is True
+    assert K.use_sparse_kernel(1, 14336, 4096) is True
+    for T in (2, 4, 8, 64):
+        assert K.use_sparse_kernel(T, 4096, 4096) is False
+    assert K.use_sparse_kernel(1, 64, 64) is False
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter
+# ----------------------------------------------------------------------------------------------
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_f,ends", SHAPES)
+def test_triton_matches_float64(in_f, ends, dtype, poisoned_empty):
+    seed = 1000 + 17 * len(ends) + in_f
+    for T, sp, bias in T_SP_BIAS:
+        seed += 1
+        x, w, tau, b = _make(in_f, ends, T, sp, dtype, bias, seed)
+        y = K.sparse_linear_triton(x, w, tau, ends, b)
+        assert y.dtype == dtype and y.shape == (T, ends[-1])
+        err = _rel(y, _ref64(x, w, tau, ends, b))
+        assert err < _tol(dtype), (T, sp, bias, err)
+
+
+CONFIGS = [
+    K.KernelConfig("tile", 64, 128, 4, 1, "two_pass"),   # split-K + reduce launch, T=1 FMA path
+    K.KernelConfig("tile", 64, 64, 4, 2, "sem"),         # last-program reduction with tickets, 2 sub-tiles
+    K.KernelConfig("tile", 128, 1024, 4, 1, "two_pass"),  # one K split: direct store
+    K.KernelConfig("stream", 64, 64, 4),                 # single launch, software-pipelined K loop
+] if K.HAS_TRITON else []
+
+
+@needs_interp
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_triton_configs(cfg, poisoned_empty):
+    seed = 5000
+    for in_f, ends in [(333, (64, 200, 451)), (300, (100, 200, 300, 400, 500, 650))]:
+        for T, dtype in ((1, torch.float32), (3, torch.bfloat16), (1, torch.bfloat16), (8, torch.float32)):
+            if True:
+                seed += 1
+                x, w, tau, b = _make(in_f, ends, T, 0.5, dtype, True, seed)
+                y = K._launch(x, w, tau, ends, b, cfg)
+                y2 = K._launch(x, w, tau, ends, b, cfg)
+                assert torch.equal(y, y2), "not deterministic"
+                assert _rel(y, _ref64(x, w, tau, ends, b)) < _tol(dtype)
+    if cfg.red == "sem" and K._COUNTERS:
+        assert all(int(c.abs().sum()) == 0 for c in K._COUNTERS.values()), "tickets not reset"
+
+
+@needs_interp
+def test_triton_inf_and_zero_thresholds():
+    in_f, ends = 576, (576, 768, 960)
+    x, w, _, b = _make(in_f, ends, 3, 0.0, torch.float32, True, 7)
+    x[:, ::5] = 0.0
+    # all-zero tau: every nonzero channel kept -> plain dense product
+    tau0 = torch.zeros(3, in_f)
+    y = K.sparse_linear_triton(x, w, tau0, ends, b)
+    assert _rel(y, x.double() @ w.double() + b.double()) < 1e-5
+    # segment 1 all +inf: its columns are exactly the bias, the other segments untouched
+    tau = torch.zeros(3, in_f)
+    tau[1] = float("inf")
+    y = K.sparse_linear_triton(x, w, tau, ends, b)
+    assert torch.equal(y[:, 576:768], b[576:768].expand(3, -1))
+    assert _rel(y, _ref64(x, w, tau, ends, b)) < 1e-5
+
+
+@needs_interp
+def test_triton_more_than_16_tokens():
+    in_f, ends = 300, (200, 450)
+    x, w, tau, b = _make(in_f, ends, 19, 0.5, torch.float32, True, 11)
+    y = K.sparse_linear_triton(x, w, tau, ends, b)
+    assert _rel(y, _ref64(x, w, tau, ends, b)) < 1e-5
+
+
+@needs_interp
+def test_compile_fullgraph_and_fake():
+    in_f, ends = 300, (200, 450)
+    x, w, tau, b = _make(in_f, ends, 2, 0.5, torch.float32, True, 13)
+
+    def f(x):
+        return K.sparse_linear_triton(x, w, tau, ends, b) * 2.0
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for seed in (1, 2):
+        xi = torch.randn(2, in_f, generator=_gen(seed))
+        assert _rel(cf(xi) / 2, _ref64(xi, w, tau, ends, b)) < 1e-5
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        fx = torch.empty(3, in_f, dtype=torch.bfloat16)
+        fw = torch.empty(in_f, 450, dtype=torch.bfloat16)
+        out = K.sparse_linear_triton(fx, fw, torch.empty(2, in_f), ends)
+        assert out.shape == (3, 450) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(_INTERPRETED or _IN_SUBPROCESS or not K.HAS_TRITON,
+                    reason="kernels already run in this process under the interpreter")
+def test_kernels_in_fresh_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1", WINACONV_KERNEL_TEST_SUBPROCESS="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+                       cwd=_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

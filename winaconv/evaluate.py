@@ -1,0 +1,366 @@
+"""Perplexity of a model on held-out text at its stored sparsity levels, through the runtime's real sparse path.
+
+A winaconv checkpoint is loaded as users load it (AutoModelForCausalLM with trust_remote_code,
+then model.set_sparsity(level) for each level), so the numbers are those of the thresholds the
+runtime applies: every token of every window is sparsified, prefill included. A plain model
+folder (no 'winaconv' section in config.json), a .gguf file or a Hub id is evaluated dense.
+
+Sliding windows: the token stream is cut into windows of `window` tokens starting every
+`stride` tokens, each run on its own (no cache carried over). A token is scored at most once,
+by the first window that holds it with some context before it. With stride == window (the
+default) the windows do not overlap and the first token of each window is context only; with
+stride < window every token after the first is scored, the later ones with at least
+window - stride tokens of context.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from winaconv_runtime.architectures import PROJECTIONS
+from winaconv_runtime.checkpoint_format import CheckpointFormatError, SparsitySettings, level_key
+
+from . import __version__, sources
+from .calibration_data import read_text_file
+from .errors import WinaconvError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EvalOptions:
+    model: str
+    text_file: str | None = None  # None: the built-in held-out text (winaconv.eval_text)
+    levels: tuple[float, ...] | None = None  # None: every stored level, 0 included
+    window: int = 512
+    stride: int = 512
+    max_tokens: int | None = None
+    batch_size: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    tasks: tuple[str, ...] = ()
+
+
+@dataclass
+class LevelResult:
+    sparsity: float
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token, in nats
+    tokens: int  # scored tokens
+    seconds: float
+
+
+@dataclass
+class EvalReport:
+    model: str
+    text: str
+    text_tokens: int  # tokens of the text used (after --max-tokens)
+    window: int
+    stride: int
+    method: str  # "wina", "teal" or "dense" (a plain model)
+    transform: str | None
+    scoring: str | None  # "paper" (norms on all seven), "reference" (k and gate only), "magnitude" (teal)
+    calibration: dict | None
+    device: str
+    dtype: str
+    results: list[LevelResult]
+    tasks: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+# ---------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    settings: SparsitySettings | None  # None for a plain model: dense only
+
+    def set_sparsity(self, level: float) -> None:
+        if self.settings is not None:
+            self.model.set_sparsity(level)
+        elif level != 0:
+            raise WinaconvError("a plain model has no sparsity levels")
+
+
+@dataclass
+class ModelRef:
+    """What to load, found without loading weights: levels are checked and text tokenized first."""
+
+    name: str
+    section: dict | None  # the config's winaconv section; None for a plain model
+    source: sources.ModelSource
+
+    def available(self) -> list[float]:
+        if self.section is None:
+            return [0.0]
+        return sorted([0.0] + [float(k) for k in self.section.get("levels", {})])
+
+
+def _winaconv_section(model: str) -> dict | None:
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        values = json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise WinaconvError(f"{config} is not valid JSON ({exc.msg})") from exc
+    section = values.get("winaconv")
+    return section if isinstance(section, dict) else None
+
+
+def find_model(model: str) -> ModelRef:
+    section = _winaconv_section(model)
+    source = sources.resolve_source(model)
+    if section is None:
+        sources.load_config(source)  # one-line errors for unknown architectures and unreachable models
+    return ModelRef(model, section, source)
+
+
+def load_tokenizer(ref: ModelRef):
+    try:
+        return sources.load_tokenizer(ref.source)
+    except OSError as exc:
+        raise WinaconvError(f"cannot load the tokenizer of {ref.name}: {str(exc).splitlines()[0]}") from exc
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise WinaconvError(f"--device {requested} asked for, but no CUDA GPU is available")
+    return requested
+
+
+def resolve_dtype(requested: str, device: str):
+    """float32 on CPU unless asked otherwise (bf16 matmuls there are slow and rounding blurs comparisons)."""
+    if requested != "auto":
+        return DTYPES[requested]
+    return torch.float32 if device == "cpu" else "auto"
+
+
+def load_model(ref: ModelRef, device: str = "cpu", dtype="auto") -> LoadedModel:
+    """A winaconv checkpoint through trust_remote_code (the runtime code shipped in the folder), else a plain model."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        if ref.section is not None:
+            model = AutoModelForCausalLM.from_pretrained(ref.source.location, trust_remote_code=True, dtype=dtype,
+                                                         sparsity=0.0)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(ref.source.location, dtype=dtype, **ref.source.load_kwargs())
+    except CheckpointFormatError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise WinaconvError(f"cannot load {ref.name}: {str(exc).splitlines()[0]}") from exc
+    model.to(device).eval()
+    return LoadedModel(model, model.sparsity_settings if ref.section is not None else None)
+
+
+def scoring_name(section: dict | None) -> str | None:
+    if section is None:
+        return None
+    if section.get("method") == "teal":
+        return "magnitude"
+    norm_scored = tuple(section.get("norm_scored", ()))
+    if norm_scored == PROJECTIONS:
+        return "paper"
+    if sorted(norm_scored) == sorted(("k", "gate")):
+        return "reference"
+    return "norms on " + ",".join(norm_scored)
+
+
+# ---------------------------------------------------------------- text and windows
+
+
+def load_eval_text(text_file: str | None) -> tuple[str, list[str]]:
+    """(source label, texts): a .txt/.jsonl file, or the built-in held-out text."""
+    if text_file:
+        return f"file:{Path(text_file).name}", read_text_file(text_file)
+    from .eval_text import EVAL_SOURCE, eval_texts
+
+    return EVAL_SOURCE, eval_texts()
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    """One token stream: the texts joined by EOS (as calibration joins them), no special tokens added."""
+    separator = tokenizer.eos_token or "\n\n"
+    return tokenizer(separator.join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
+
+
+def windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_scored): tokens [begin, end) go in, targets first_scored..end-1 are scored."""
+    spans, scored_to = [], 1  # token 0 has no context
+    begin = 0
+    while scored_to < num_tokens:
+        end = min(begin + window, num_tokens)
+        spans.append((begin, end, max(scored_to, begin + 1)))
+        scored_to = end
+        begin += stride
+    return spans
+
+
+def check_window(num_tokens: int, window: int, stride: int, source: str) -> None:
+    if window < 2:
+        raise WinaconvError(f"--window must be at least 2 tokens; got {window}")
+    if not 1 <= stride <= window:
+        raise WinaconvError(f"--stride must be between 1 and --window ({window}); got {stride}")
+    if num_tokens < window:
+        raise WinaconvError(f"{source} has {num_tokens} tokens, fewer than one window of {window}")
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, window: int, stride: int, batch_size: int = 1, progress=None,
+               description: str = "perplexity") -> tuple[float, int]:
+    """(mean NLL in nats, scored tokens) of `ids` under `model`, sliding windows as in the module doc."""
+    device = next(model.parameters()).device
+    spans = windows(ids.numel(), window, stride)
+    task = progress.add_task(description, total=len(spans)) if progress is not None else None
+    total, count = 0.0, 0
+    start = 0
+    while start < len(spans):
+        length = spans[start][1] - spans[start][0]
+        group = [spans[start]]
+        while (len(group) < batch_size and start + len(group) < len(spans)
+               and spans[start + len(group)][1] - spans[start + len(group)][0] == length):
+            group.append(spans[start + len(group)])
+        batch = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        for row, (begin, end, first) in enumerate(group):
+            predicted = logits[row, first - begin - 1 : end - begin - 1].float()
+            targets = batch[row, first - begin : end - begin]
+            total += torch.nn.functional.cross_entropy(predicted, targets, reduction="sum").item()
+            count += end - first
+        del logits
+        start += len(group)
+        if task is not None:
+            progress.advance(task, len(group))
+    return total / count, count
+
+
+# ---------------------------------------------------------------- the command's work
+
+
+def parse_levels(levels, ref: ModelRef) -> list[float]:
+    available = ref.available()
+    if levels is None:
+        return available
+    wanted = sorted({float(s) for s in levels})
+    for level in wanted:
+        if not any(level_key(level) == level_key(a) for a in available):
+            if ref.section is None:
+                raise WinaconvError(
+                    f"{ref.name} is a plain model (no winaconv section): only sparsity 0 (dense) can be evaluated"
+                )
+            stored = ", ".join(f"{s:g}" for s in available)
+            raise WinaconvError(f"sparsity {level:g} is not stored in {ref.name}; stored: {stored}")
+    return wanted
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"winaconv": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def evaluate(options: EvalOptions, progress=None, say=print) -> EvalReport:
+    if options.max_tokens is not None and options.max_tokens < options.window:
+        raise WinaconvError(f"--max-tokens {options.max_tokens} is smaller than one window of {options.window}")
+    if options.text_file and not Path(options.text_file).is_file():
+        raise WinaconvError(f"text file not found: {options.text_file}")
+    if options.batch_size < 1:
+        raise WinaconvError("--batch-size must be at least 1")
+    ref = find_model(options.model)
+    levels = parse_levels(options.levels, ref)
+    source, texts = load_eval_text(options.text_file)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    ids = tokenize(load_tokenizer(ref), texts)
+    if options.max_tokens is not None:
+        ids = ids[: options.max_tokens]
+    check_window(ids.numel(), options.window, options.stride, source)
+
+    say(f"loading {options.model}")
+    loaded = load_model(ref, device, dtype)
+    results = []
+    for level in levels:
+        loaded.set_sparsity(level)
+        started = time.perf_counter()
+        nll, count = perplexity(loaded.model, ids, options.window, options.stride, options.batch_size, progress,
+                                description=f"sparsity {level:g}")
+        results.append(LevelResult(level, math.exp(nll), nll, count, time.perf_counter() - started))
+        say(f"sparsity {level:g}: perplexity {math.exp(nll):.3f} over {count} tokens")
+
+    section = ref.section
+    report = EvalReport(
+        model=str(options.model),
+        text=source,
+        text_tokens=int(ids.numel()),
+        window=options.window,
+        stride=options.stride,
+        method=section.get("method", "?") if section else "dense",
+        transform=section.get("transform") if section else None,
+        scoring=scoring_name(section),
+        calibration=section.get("calibration") if section else None,
+        device=device,
+        dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        results=results,
+        versions=versions(),
+    )
+    if options.tasks:
+        report.tasks = run_tasks(loaded, load_tokenizer(ref), levels, options.tasks, options.batch_size)
+    return report
+
+
+# ---------------------------------------------------------------- zero-shot tasks (optional)
+
+
+def _offline() -> str | None:
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(name, "0").lower() not in ("0", "", "false"):
+            return name
+    return None
+
+
+def tasks_unavailable(tasks) -> str | None:
+    """Why zero-shot tasks cannot run here, in one line; None if they may."""
+    names = ",".join(tasks)
+    if importlib.util.find_spec("lm_eval") is None:
+        return f"tasks {names} cannot be run: lm-evaluation-harness is not installed (pip install lm_eval)"
+    offline = _offline()
+    if offline:
+        return f"tasks {names} cannot be run: {offline} is set and their data must be downloaded"
+    return None
+
+
+def run_tasks(loaded: LoadedModel, tokenizer, levels, tasks, batch_size: int) -> dict:
+    """lm-evaluation-harness zero-shot accuracy per level, or {'error': one line} when it cannot run."""
+    reason = tasks_unavailable(tasks)
+    if reason:
+        return {"error": reason}
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        by_level = {}
+        for level in levels:
+            loaded.set_sparsity(level)
+            lm = HFLM(pretrained=loaded.model, tokenizer=tokenizer, batch_size=batch_size)
+            output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0)
+            by_level[level_key(level)] = {
+                task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("alias")}
+                for task, metrics in output["results"].items()
+            }
+        return {"results": by_level}
+    except Exception as exc:  # data not reachable, task names unknown, harness API changes: one line, no traceback
+        detail = str(exc).splitlines()[0][:160] if str(exc) else ""
+        return {"error": f"tasks {','.join(tasks)} cannot be run: {type(exc).__name__}: {detail}"}
