@@ -114,7 +114,7 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 10 / (start.elapsed_time(end) / 1000)  # bytes read + written per second
 
 
-def decode(work: Path, out: Path, new_tokens: int, transforms: list[str], baselines: bool) -> None:
+def decode(work: Path, out: Path, new_tokens: int, transforms: list[str], baselines: bool, levels=LEVELS) -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -140,7 +140,7 @@ def decode(work: Path, out: Path, new_tokens: int, transforms: list[str], baseli
         model = AutoModelForCausalLM.from_pretrained(work / f"ckpt-{transform}", trust_remote_code=True,
                                                      dtype=torch.bfloat16, device_map="cuda", sparsity=0)
         times = {}
-        for level in LEVELS:
+        for level in levels:
             model.set_sparsity(level)
             times[f"{level:g}"] = _time_generate(model, prompt, new_tokens)
             print(transform, level, times[f"{level:g}"], flush=True)
@@ -167,6 +167,7 @@ def main():
     parser.add_argument("--fast", action="store_true", help="small calibration budget (speed runs only)")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--levels", default=",".join(f"{x:g}" for x in LEVELS))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "e2e.json")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -175,7 +176,9 @@ def main():
     elif args.stage == "convert":
         convert(args.work, args.transform, args.fast)
     else:
-        decode(args.work, args.out, args.new_tokens, [t for t in args.transforms.split(",") if t], not args.no_baselines)
+        transforms = [t for t in args.transforms.split(",") if t]
+        levels = [float(x) for x in args.levels.split(",")]
+        decode(args.work, args.out, args.new_tokens, transforms, not args.no_baselines, levels)
 
 
 if __name__ == "__main__":

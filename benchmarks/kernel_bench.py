@@ -12,6 +12,8 @@ One run does everything (the GPU lease is short):
 
 Usage (on the GPU machine, repo root):
     PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py --sweep --out $OUT/kernel_h100.txt
+    # default (tile) vs gather vs dense, batch 1/2/4/8, 0..90 %:
+    PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py --gather --out $OUT/kernel_gather_h100.txt
 """
 from __future__ import annotations
 
@@ -40,12 +42,16 @@ SHAPES = {  # name: (in, segment_ends)
 }
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
 LINES = []
+_LOG_PATH = None  # set by main(): every line is appended as it is logged (a timed-out run keeps its lines)
 
 
 def log(*a):
     s = " ".join(str(v) for v in a)
     print(s, flush=True)
     LINES.append(s)
+    if _LOG_PATH:
+        with open(_LOG_PATH, "a") as fh:
+            fh.write(s + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +120,25 @@ CANDS_MINI = {  # follow-up questions after the first sweep (more warps / taller
     "t32x512w2p": KC("tile", 32, 512, 2, 1, "two_pass"),
     "t64x512w4s": KC("tile", 64, 512, 4, 1, "sem"),
 }
-ALL_CANDS = {**CANDS_T1, **CANDS_TB, **CANDS_MINI}
+# "gather" kind (compaction kernel + persistent gather of KEPT rows + count-aware reduce).
+# KC(kind, block_n, block_k (kept rows per tile), warps, iters, red, stages, cblock, progs per SM);
+# progs = CTAs resident per SM from ptxas register counts (sm_90a, triton 3.9): 256x64 w4 166 regs -> 3,
+# 128x64 w4 113 -> 4, 512x32 w4 190 -> 2, 128x128 w4 164 -> 3; dot 128x64 (BK x BN) 128 -> 4, 64x128 167 -> 3.
+CANDS_G1 = {
+    "g64x256w4p3": KC("gather", 64, 256, 4, 1, "two_pass", 1, 4096, 3),
+    "g64x256w4p3s2": KC("gather", 64, 256, 4, 1, "two_pass", 2, 4096, 3),
+    "g64x128w4p4": KC("gather", 64, 128, 4, 1, "two_pass", 1, 4096, 4),
+    "g128x128w4p3": KC("gather", 128, 128, 4, 1, "two_pass", 1, 4096, 3),
+    "g32x512w4p2": KC("gather", 32, 512, 4, 1, "two_pass", 1, 4096, 2),
+    "g64x256w4p3c1k": KC("gather", 64, 256, 4, 1, "two_pass", 1, 1024, 3),
+    "g64x256w4p6": KC("gather", 64, 256, 4, 1, "two_pass", 1, 4096, 6),
+}
+CANDS_GB = {
+    "gd64x128w4p4": KC("gather", 64, 128, 4, 1, "two_pass", 1, 4096, 4),
+    "gd128x64w4p3": KC("gather", 128, 64, 4, 1, "two_pass", 1, 4096, 3),
+    "gd64x256w4p3": KC("gather", 64, 256, 4, 1, "two_pass", 1, 4096, 3),
+}
+ALL_CANDS = {**CANDS_T1, **CANDS_TB, **CANDS_MINI, **CANDS_G1, **CANDS_GB}
 
 
 def make_inputs(Kd, ends, T, s, dtype=torch.bfloat16, seed=0, dev="cuda"):
@@ -232,6 +256,25 @@ def correctness(full=False):
                 n += 1
                 if not (e < 1.5e-2 and torch.equal(y, y2)):
                     fails.append(("cfg", cname, Kd, ends, T, e, torch.equal(y, y2)))
+    # gather kind: every candidate, T = 1/3/8, sparsity 0/0.5/0.9 with +inf thresholds, 3 and 6 segments
+    for cname, cfg in {**CANDS_G1, **CANDS_GB}.items():
+        for Kd, ends in [(1000, (576, 768, 3000)), (4096, (4096, 5120, 6144)), (960, (100, 200, 300, 400, 500, 600))]:
+            N = ends[-1]
+            wt = (torch.randn(Kd, N, device=dev) / math.sqrt(Kd)).bfloat16()
+            b = torch.randn(N, device=dev).bfloat16()
+            for T in ((1, 3, 8) if cname in CANDS_GB else (1, 3)):
+                for s in (0.0, 0.5, 0.9):
+                    x = torch.randn(T, Kd, device=dev).bfloat16()
+                    q = float(torch.quantile(x.float().abs().flatten(), s)) if s > 0 else 0.0
+                    tau = q * 2 * torch.rand(len(ends), Kd, device=dev) if s > 0 else torch.zeros(len(ends), Kd, device=dev)
+                    tau[:, ::13] = float("inf")
+                    y = K._launch(x, wt, tau, ends, b, cfg)
+                    y2 = K._launch(x, wt, tau, ends, b, cfg)
+                    e = relerr(y, ref64(x, wt, tau, ends, b))
+                    worst["bf16"] = max(worst["bf16"], e)
+                    n += 1
+                    if not (e < 1.5e-2 and torch.equal(y, y2)):
+                        fails.append(("gather", cname, Kd, ends, T, s, e, torch.equal(y, y2)))
     log(f"checks: {n}, worst rel err: {worst}, failures: {len(fails)}")
     for f in fails[:20]:
         log("  FAIL", f)
@@ -248,7 +291,8 @@ def correctness(full=False):
 
     res = {}
     for forced, mode in ((None, "default"), (None, "reduce-overhead"), (KC("tile", 64, 512, 4, 1, "sem"), "default"),
-                         (KC("tile", 64, 512, 4, 1, "sem"), "reduce-overhead"), (KC("stream", 32, 256, 4), "default")):
+                         (KC("tile", 64, 512, 4, 1, "sem"), "reduce-overhead"), (KC("stream", 32, 256, 4), "default"),
+                         (CANDS_G1["g64x256w4p3"], "default"), (CANDS_G1["g64x256w4p3"], "reduce-overhead")):
         K._FORCE_CONFIG = forced
         mode_name = f"{mode}/{forced[0] + '-' + forced[5] if forced else 'choose_config'}"
         try:
@@ -286,6 +330,28 @@ def correctness(full=False):
         log("CUDA graph capture of the op: max rel err", max(errs))
     except Exception as ex:  # noqa: BLE001
         log("CUDA graph capture ERROR", type(ex).__name__, str(ex)[:300])
+    try:  # the gather kind under manual CUDA-graph capture (fixed grid, device-side work counts)
+        K._FORCE_CONFIG = CANDS_G1["g64x256w4p3"]
+        xs = torch.randn(1, Kd, device=dev).bfloat16()
+        st = torch.cuda.Stream()
+        st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st):
+            f(xs)
+        torch.cuda.current_stream().wait_stream(st)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            yg = f(xs)
+        errs = []
+        for sc in (0.0, 1.0, 3.0):  # the kept count changes between replays: 0 %, ~60 %, ~87 % kept
+            xs.copy_((torch.randn(1, Kd, device=dev) * sc).bfloat16())
+            g.replay()
+            torch.cuda.synchronize()
+            errs.append(relerr((yg.float() - 1) / 2, ref64(xs, wt, tau, ends, b)))
+        log("CUDA graph capture of the gather op: rel errs", errs)
+    except Exception as ex:  # noqa: BLE001
+        log("CUDA graph capture (gather) ERROR", type(ex).__name__, str(ex)[:300])
+    finally:
+        K._FORCE_CONFIG = None
     # TEAL-style baseline sanity
     x, tau1, q = make_inputs(4096, (4096,), 1, 0.5)
     wt1 = (torch.randn(4096, 4096, device=dev) / 64).bfloat16()
@@ -323,7 +389,7 @@ def pick(times):
     return sorted(gm, key=gm.get)
 
 
-def run_shape(name, Kd, ends, do_sweep, results, best, mini=False):
+def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, gather=False):
     N = ends[-1]
     wbytes = Kd * N * 2
     ncp = max(2, math.ceil(400e6 / wbytes))
@@ -370,13 +436,36 @@ def run_shape(name, Kd, ends, do_sweep, results, best, mini=False):
         c = best.get((name, T))
         return ALL_CANDS[c] if c else K.choose_config(T, Kd, N)
 
+    gbest = {}
+    if gather:  # pick the gather config per batch size by measurement (geomean over the levels)
+        for T in (1, 2, 4, 8):
+            cands = CANDS_G1 if T == 1 else CANDS_GB
+            sps = (0.0, 0.5, 0.8) if T == 1 else (0.5,)
+            times = {}
+            for cname, gcfg in cands.items():
+                try:
+                    ts = []
+                    for s in sps:
+                        x, tau, _ = make_inputs(Kd, ends, T, s, seed=T)
+                        ts.append(graph_time(ours(gcfg, x, tau), ncp, loop=16, replays=7))
+                    times[cname] = ts
+                except Exception as ex:  # noqa: BLE001
+                    log(f"  gather sweep {name} T={T} {cname}: ERROR {type(ex).__name__} {str(ex)[:200]}")
+            if times:
+                order = pick(times)
+                gbest[T] = ALL_CANDS[order[0]]
+                best[(name, "gather", T)] = order[0]
+                log(f"gather sweep {name} T={T} graph us at s={sps}: " + "; ".join(
+                    f"{c} " + "/".join(f"{v:.1f}" for v in times[c]) for c in order))
+
     cfg = cfg_for(1)
     tcfg = best.get((name, "teal"), (512, 64, 4))
     log("")
     log(f"-- {name}: in {Kd}, out {N}, segments {ends}, weights {wbytes / 1e6:.1f} MB, ours {tuple(cfg)}, "
         f"teal-style {tcfg}, {ncp} rotating weight copies")
     log(f"{'shape':8} {'sp':>4} {'union':>5} | {'g.dense':>7} {'g.teal':>6} {'g.ours':>6} {'x dense':>7} {'x teal':>6} "
-        f"{'effBW':>5} | {'e.dense':>7} {'e.mmWt':>6} {'e.teal':>6} {'e.ours':>6}")
+        f"{'effBW':>5} | {'e.dense':>7} {'e.mmWt':>6} {'e.teal':>6} {'e.ours':>6}"
+        + (f" | {'g.gath':>6} {'x dense':>7} {'x ours':>6} {'effBW':>5}  gather {tuple(gbest[1])}" if 1 in gbest else ""))
     for s in SPARSITIES:
         x, tau, q = make_inputs(Kd, ends, 1, s, seed=11)
         union = float((x.float().abs() > q).any(0).float().mean())
@@ -388,10 +477,15 @@ def run_shape(name, Kd, ends, do_sweep, results, best, mini=False):
         t_teal = bench(lambda: teal_style(x, wts[0], q, tcfg))
         t_ours = bench(lambda: K._launch(x, wts[0], tau, ends, None, cfg))
         rb = union * wbytes
+        g_gath = graph_time(ours(gbest[1], x, tau), ncp) if 1 in gbest else None
         results.append(dict(shape=name, T=1, sparsity=s, union=union, dense=t_dense, mm_wt=t_mm, teal=t_teal,
-                            ours=t_ours, g_dense=g_dense, g_teal=g_teal, g_ours=g_ours, read_bytes=rb, cfg=tuple(cfg)))
+                            ours=t_ours, g_dense=g_dense, g_teal=g_teal, g_ours=g_ours, read_bytes=rb, cfg=tuple(cfg),
+                            g_gather=g_gath, gather_cfg=tuple(gbest[1]) if 1 in gbest else None))
+        gtxt = (f" | {g_gath:6.1f} {g_dense / g_gath:7.2f} {g_ours / g_gath:6.2f} {rb / g_gath / 1e6:5.2f}"
+                if g_gath else "")
         log(f"{name:8} {s:4.2f} {union:5.2f} | {g_dense:7.1f} {g_teal:6.1f} {g_ours:6.1f} {g_dense / g_ours:7.2f} "
-            f"{g_teal / g_ours:6.2f} {rb / g_ours / 1e6:5.2f} | {t_dense:7.1f} {t_mm:6.1f} {t_teal:6.1f} {t_ours:6.1f}")
+            f"{g_teal / g_ours:6.2f} {rb / g_ours / 1e6:5.2f} | {t_dense:7.1f} {t_mm:6.1f} {t_teal:6.1f} {t_ours:6.1f}"
+            + gtxt)
     for T in (2, 4, 8):
         cfg_b = cfg_for(T)
         for s in (0.0, 0.5, 0.9):
@@ -399,10 +493,13 @@ def run_shape(name, Kd, ends, do_sweep, results, best, mini=False):
             union = float((x.float().abs() > q).any(0).float().mean())
             g_dense = graph_time(lambda i: F.linear(x, ws[i]), ncp)
             g_ours = graph_time(ours(cfg_b, x, tau), ncp)
+            g_gath = graph_time(ours(gbest[T], x, tau), ncp) if T in gbest else None
             results.append(dict(shape=name, T=T, sparsity=s, union=union, g_dense=g_dense, g_ours=g_ours,
-                                read_bytes=union * wbytes, cfg=tuple(cfg_b)))
+                                read_bytes=union * wbytes, cfg=tuple(cfg_b), g_gather=g_gath,
+                                gather_cfg=tuple(gbest[T]) if T in gbest else None))
             log(f"{name:8} T={T} sp {s:4.2f} union {union:5.2f} | graph dense {g_dense:6.1f} ours {g_ours:6.1f} "
-                f"x{g_dense / g_ours:5.2f} effBW {union * wbytes / g_ours / 1e6:.2f} TB/s  cfg {tuple(cfg_b)}")
+                f"x{g_dense / g_ours:5.2f} effBW {union * wbytes / g_ours / 1e6:.2f} TB/s  cfg {tuple(cfg_b)}"
+                + (f" | gather {g_gath:6.1f} x{g_dense / g_gath:5.2f} cfg {tuple(gbest[T])}" if g_gath else ""))
     del wts, ws
     torch.cuda.empty_cache()
 
@@ -412,21 +509,35 @@ def summary(results, bw_copy):
     log(f"== summary: speed-up over dense F.linear under CUDA graphs, batch 1; copy BW {bw_copy:.2f} TB/s ==")
     for name in SHAPES:
         rs = [r for r in results if r["shape"] == name and r["T"] == 1]
+        if not rs:
+            continue
         log(f"{name:8} ours " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_ours']:.2f}" for r in rs))
         log(f"{name:8} teal " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_teal']:.2f}" for r in rs))
+        if rs and rs[0].get("g_gather"):
+            log(f"{name:8} gath " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_gather']:.2f}"
+                                            for r in rs))
     for T in (2, 4, 8):
         rs = [r for r in results if r["T"] == T]
         log(f"T={T}: " + "  ".join(f"{r['shape']}@{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_ours']:.2f}" for r in rs))
+        if rs and rs[0].get("g_gather"):
+            log(f"T={T} gather: " + "  ".join(f"{r['shape']}@{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_gather']:.2f}"
+                                             for r in rs))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="pick configs by measurement (else the runtime's choose_config)")
     ap.add_argument("--mini", action="store_true", help="small follow-up sweep at batch 1 (table still uses choose_config)")
+    ap.add_argument("--gather", action="store_true",
+                    help="also sweep and time the 'gather' kind (compaction + persistent gather) per batch size")
     ap.add_argument("--full-check", action="store_true", help="check every candidate config on the GPU")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     ap.add_argument("--out", default="kernel_bench.txt")
     args = ap.parse_args()
+    global _LOG_PATH
+    _LOG_PATH = args.out + ".partial"
+    open(_LOG_PATH, "w").close()
     t0 = time.time()
     bw_copy, _ = env_and_bandwidth()
     ok = True
@@ -435,7 +546,9 @@ def main():
         log(f"[{time.time() - t0:.0f}s] correctness {'OK' if ok else 'FAILED'}")
     best, res = {}, []
     for name, (Kd, ends) in SHAPES.items():
-        run_shape(name, Kd, ends, args.sweep, res, best, mini=args.mini)
+        if name not in args.shapes.split(","):
+            continue
+        run_shape(name, Kd, ends, args.sweep, res, best, mini=args.mini, gather=args.gather)
         log(f"[{time.time() - t0:.0f}s] {name} done")
     log(f"best: {best}")
     summary(res, bw_copy)

@@ -19,6 +19,13 @@ Design of the Triton kernel (measurements behind it: benchmarks/kernels.md, NOTE
     self-resetting int32 tickets): deterministic, no float atomics, no memset;
   * "stream": one launch, a program walks all K with a hand-written software pipeline (kept as an
     option; slower on the H100);
+  * "gather" (opt-in via KernelConfig, not chosen by choose_config until measured): a compaction
+    launch writes, per segment and per block of `cblock` input channels, the indices of the channels
+    some token keeps (prefix-sum ranks, no atomics) and their count; a persistent launch (fixed grid
+    = progs x SMs, work count read on the device) streams tiles of block_k KEPT rows, so the rows in
+    flight per program no longer shrink with sparsity; a third launch sums only the partials that
+    exist this call, in a fixed order.  Per-segment compaction (not the union of segments): each
+    segment reads only its own kept rows;
   * all loads are bounds-checked on both dimensions (any in/out, segment ends not multiples of the
     block); up to 4 segments per launch, more segments take more launches.
 
@@ -273,18 +280,190 @@ if HAS_TRITON:
         tl.store(y_ptr + t * stride_y + n, acc.to(y_ptr.dtype.element_ty), mask=m)
 
 
+    # ------------------------------------------------------------------------------------------
+    # "gather" variant: compact the kept rows first, then stream only kept rows
+    # ------------------------------------------------------------------------------------------
+    @triton.jit
+    def _wina_compact_kernel(x_ptr, tau_ptr, idx_ptr, cnt_ptr, T, K, stride_x, stride_tau, stride_idx,
+                             stride_cnt, TB: tl.constexpr, CB: tl.constexpr):
+        """Program (s, b): input channels [b*CB, (b+1)*CB) of segment s.  A channel is kept when
+        some token of the batch keeps it (|x[t,i]| > tau[s,i], the union over the batch); its index
+        is written at its rank among the kept channels of the block (idx[s, b*CB + rank]) and the
+        block's kept count at cnt[s, b].  Entries past the count are left unwritten (never read).
+        No atomics: ranks come from a prefix sum, so the output is deterministic."""
+        s = tl.program_id(0)
+        b = tl.program_id(1)
+        r = tl.arange(0, CB)
+        ks = b * CB + r
+        km = ks < K
+        th = tl.load(tau_ptr + s * stride_tau + ks, mask=km, other=float("inf"))
+        keep = tl.zeros((CB,), dtype=tl.int32)
+        for t in tl.static_range(TB):  # all loads issued up front; tokens >= T predicated off
+            xv = tl.load(x_ptr + t * stride_x + ks, mask=km & ((r * 0 + t) < T), other=0.0).to(tl.float32)
+            keep = keep | (tl.abs(xv) > th).to(tl.int32)
+        rank = tl.cumsum(keep, axis=0) - 1
+        tl.store(idx_ptr + s * stride_idx + b * CB + rank, ks, mask=keep > 0)
+        tl.store(cnt_ptr + s * stride_cnt + b, tl.sum(keep, axis=0))
+
+    @triton.jit
+    def _seg_tiles(cnt_ptr, s, stride_cnt, NBLK, NB: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Per compaction block of segment s: kept count, tiles (of BLOCK_K kept rows) and the
+        inclusive prefix of tiles; plus the segment's total tile count."""
+        bo = tl.arange(0, NB)
+        c = tl.load(cnt_ptr + s * stride_cnt + bo, mask=bo < NBLK, other=0)
+        tiles = (c + BLOCK_K - 1) // BLOCK_K
+        cum = tl.cumsum(tiles, axis=0)
+        return c, tiles, cum, tl.sum(tiles, axis=0)
+
+    @triton.jit
+    def _wina_gather_kernel(
+        x_ptr, w_ptr, tau_ptr, ws_ptr, idx_ptr, cnt_ptr,
+        T, K, stride_x, stride_w, stride_tau, stride_idx, stride_cnt, stride_split, stride_ws,
+        e0, e1, e2, e3, NBLK, NPROG,
+        N_SEG: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Persistent grid of NPROG programs (fixed by the host; the work count lives on the device).
+        Work item = (segment, tile of BLOCK_K KEPT rows, column block); items are numbered segment
+        by segment, tile-major, so neighbouring programs share a tile's rows (x, indices) and read
+        adjacent columns of the same weight rows.  Each item writes an fp32 partial
+        ws[tile, t, cols]; _gather_reduce_kernel sums the valid ones in a fixed order."""
+        pid = tl.program_id(0)
+        bo = tl.arange(0, NB)
+        c0, tl0, cu0, nt0 = _seg_tiles(cnt_ptr, 0, stride_cnt, NBLK, NB, BLOCK_K)
+        w0 = nt0 * ((e0 + BLOCK_N - 1) // BLOCK_N)
+        c1, tl1, cu1, nt1, w1 = c0, tl0, cu0, nt0, w0 * 0
+        c2, tl2, cu2, nt2, w2 = c0, tl0, cu0, nt0, w0 * 0
+        c3, tl3, cu3, nt3, w3 = c0, tl0, cu0, nt0, w0 * 0
+        if N_SEG > 1:
+            c1, tl1, cu1, nt1 = _seg_tiles(cnt_ptr, 1, stride_cnt, NBLK, NB, BLOCK_K)
+            w1 = nt1 * ((e1 - e0 + BLOCK_N - 1) // BLOCK_N)
+        if N_SEG > 2:
+            c2, tl2, cu2, nt2 = _seg_tiles(cnt_ptr, 2, stride_cnt, NBLK, NB, BLOCK_K)
+            w2 = nt2 * ((e2 - e1 + BLOCK_N - 1) // BLOCK_N)
+        if N_SEG > 3:
+            c3, tl3, cu3, nt3 = _seg_tiles(cnt_ptr, 3, stride_cnt, NBLK, NB, BLOCK_K)
+            w3 = nt3 * ((e3 - e2 + BLOCK_N - 1) // BLOCK_N)
+        total = w0 + w1 + w2 + w3
+        t_idx = tl.arange(0, BLOCK_T)
+        tmask = t_idx < T
+        rk = tl.arange(0, BLOCK_K)
+        for wi in range(pid, total, NPROG):
+            # which segment (scalars) and which of its compaction blocks / tiles (vectors)
+            seg = wi * 0
+            start = wi * 0
+            end = wi * 0 + e0
+            wl = wi
+            cv, tv, cu = c0, tl0, cu0
+            if N_SEG > 1:
+                sel = wl >= w0
+                seg = tl.where(sel, 1, seg)
+                start = tl.where(sel, e0, start)
+                end = tl.where(sel, e1, end)
+                wl = tl.where(sel, wl - w0, wl)
+                cv = tl.where(sel, c1, cv)
+                tv = tl.where(sel, tl1, tv)
+                cu = tl.where(sel, cu1, cu)
+            if N_SEG > 2:
+                sel = (seg == 1) & (wl >= w1)
+                seg = tl.where(sel, 2, seg)
+                start = tl.where(sel, e1, start)
+                end = tl.where(sel, e2, end)
+                wl = tl.where(sel, wl - w1, wl)
+                cv = tl.where(sel, c2, cv)
+                tv = tl.where(sel, tl2, tv)
+                cu = tl.where(sel, cu2, cu)
+            if N_SEG > 3:
+                sel = (seg == 2) & (wl >= w2)
+                seg = tl.where(sel, 3, seg)
+                start = tl.where(sel, e2, start)
+                end = tl.where(sel, e3, end)
+                wl = tl.where(sel, wl - w2, wl)
+                cv = tl.where(sel, c3, cv)
+                tv = tl.where(sel, tl3, tv)
+                cu = tl.where(sel, cu3, cu)
+            ncol = (end - start + BLOCK_N - 1) // BLOCK_N
+            tile = wl // ncol
+            cb = wl - tile * ncol
+            blk = tl.sum((cu <= tile).to(tl.int32), axis=0)           # compaction block of this tile
+            first = tl.sum(tl.where(bo < blk, tv, 0), axis=0)          # tiles in earlier blocks
+            nkeep = tl.sum(tl.where(bo == blk, cv, 0), axis=0)         # kept rows in this block
+            p = (tile - first) * BLOCK_K + rk                          # ranks inside the block
+            rm = p < nkeep
+            ks = tl.load(idx_ptr + seg * stride_idx + blk * CB + p, mask=rm, other=0)
+            rm = rm & (ks >= 0) & (ks < K)                             # bounds, whatever is in idx
+            cols = start + cb * BLOCK_N + tl.arange(0, BLOCK_N)
+            cmask = cols < end
+            w = tl.load(w_ptr + ks[:, None] * stride_w + cols[None, :], mask=rm[:, None] & cmask[None, :],
+                        other=0.0)
+            if USE_DOT:
+                xt = tl.load(x_ptr + t_idx[:, None] * stride_x + ks[None, :], mask=tmask[:, None] & rm[None, :],
+                             other=0.0)
+                th = tl.load(tau_ptr + seg * stride_tau + ks, mask=rm, other=float("inf"))
+                xm = tl.where(tl.abs(xt.to(tl.float32)) > th[None, :], xt, tl.zeros_like(xt))
+                acc = _accumulate(tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32), xm, w, USE_DOT, IEEE)
+                out = acc
+            else:
+                # one token: every compacted row is kept by it (same comparison as the compaction)
+                xv = tl.load(x_ptr + ks, mask=rm, other=0.0).to(tl.float32)
+                out = tl.sum(xv[:, None] * w.to(tl.float32), axis=0)[None, :]
+            tl.store(ws_ptr + tile * stride_split + t_idx[:, None] * stride_ws + cols[None, :], out,
+                     mask=tmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _gather_reduce_kernel(ws_ptr, b_ptr, y_ptr, cnt_ptr, N, total, stride_split, stride_ws, stride_y,
+                              stride_cnt, e0, e1, e2, NBLK,
+                              N_SEG: tl.constexpr, NSPLIT: tl.constexpr, NB: tl.constexpr, BLOCK_K: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+        """y[t, n] = sum of the valid partials of n's segment (tiles 0..ntiles-1, fixed order) + bias;
+        partials of tiles that do not exist this call are neither written nor read."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < total
+        t = offs // N
+        n = offs - t * N
+        _c, _t, _u, nt = _seg_tiles(cnt_ptr, 0, stride_cnt, NBLK, NB, BLOCK_K)
+        ntc = n * 0 + nt
+        ntmax = nt
+        if N_SEG > 1:
+            _c, _t, _u, nt = _seg_tiles(cnt_ptr, 1, stride_cnt, NBLK, NB, BLOCK_K)
+            ntc = tl.where(n >= e0, nt, ntc)
+            ntmax = tl.maximum(ntmax, nt)
+        if N_SEG > 2:
+            _c, _t, _u, nt = _seg_tiles(cnt_ptr, 2, stride_cnt, NBLK, NB, BLOCK_K)
+            ntc = tl.where(n >= e1, nt, ntc)
+            ntmax = tl.maximum(ntmax, nt)
+        if N_SEG > 3:
+            _c, _t, _u, nt = _seg_tiles(cnt_ptr, 3, stride_cnt, NBLK, NB, BLOCK_K)
+            ntc = tl.where(n >= e2, nt, ntc)
+            ntmax = tl.maximum(ntmax, nt)
+        ntc = tl.minimum(ntc, NSPLIT)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        # fixed order s = 0, 1, 2, ... (deterministic); UNROLL loads in flight per step, and only as many
+        # steps as the largest tile count of this call (no reads of partials that were not written)
+        for s0 in range(0, tl.minimum(ntmax, NSPLIT), UNROLL):
+            for u in tl.static_range(UNROLL):
+                sp = s0 + u
+                acc += tl.load(ws_ptr + sp * stride_split + t * stride_ws + n, mask=m & (sp < ntc), other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=m, other=0.0).to(tl.float32)
+        tl.store(y_ptr + t * stride_y + n, acc.to(y_ptr.dtype.element_ty), mask=m)
+
 # ----------------------------------------------------------------------------------------------
 # configuration (measured on the H100, see benchmarks/kernels.md)
 # ----------------------------------------------------------------------------------------------
 class KernelConfig(tuple):
-    """kind: 'stream' (one launch, full K per program) or 'tile' (split-K tiles);
-    red (tile only): 'two_pass' (partials + reduce launch) or 'sem' (last program reduces)."""
+    """kind: 'stream' (one launch, full K per program), 'tile' (split-K tiles) or 'gather'
+    (compact the kept rows, then a persistent grid streams tiles of block_k KEPT rows);
+    red (tile only): 'two_pass' (partials + reduce launch) or 'sem' (last program reduces);
+    cblock (gather only): input channels per compaction block (power of 2; tiles never cross a block);
+    progs (gather only): persistent programs per SM (grid = progs * SMs, capped by the dense work)."""
 
     __slots__ = ()
 
-    def __new__(cls, kind="tile", block_n=64, block_k=256, num_warps=4, iters=1, red="two_pass", num_stages=1):
+    def __new__(cls, kind="tile", block_n=64, block_k=256, num_warps=4, iters=1, red="two_pass", num_stages=1,
+                cblock=4096, progs=2):
         return tuple.__new__(cls, (str(kind), int(block_n), int(block_k), int(num_warps), int(iters), str(red),
-                                   int(num_stages)))
+                                   int(num_stages), int(cblock), int(progs)))
 
     kind = property(lambda s: s[0])
     block_n = property(lambda s: s[1])
@@ -293,6 +472,8 @@ class KernelConfig(tuple):
     iters = property(lambda s: s[4])
     red = property(lambda s: s[5])
     num_stages = property(lambda s: s[6])
+    cblock = property(lambda s: s[7])
+    progs = property(lambda s: s[8])
 
 
 _FORCE_CONFIG: Optional[KernelConfig] = None  # benchmarks / tests only
@@ -356,6 +537,79 @@ def _plan(T, K, ends, cfg):
     return groups
 
 
+_SM_COUNT = {}
+
+
+def _num_sms(device) -> int:
+    """Streaming multiprocessors of `device` (cached; the CPU interpreter gets a small fixed grid)."""
+    if device.type != "cuda":
+        return 2
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNT.get(key)
+    if n is None:
+        n = int(torch.cuda.get_device_properties(key).multi_processor_count)
+        _SM_COUNT[key] = n
+    return n
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _gather_geometry(K: int, cfg: KernelConfig):
+    """(compaction block, kept rows per tile, blocks, blocks rounded to a power of 2, max tiles per segment)."""
+    if cfg.cblock & (cfg.cblock - 1) or cfg.block_k & (cfg.block_k - 1) or cfg.block_n & (cfg.block_n - 1):
+        raise ValueError(f"gather config needs powers of 2 for block_n, block_k and cblock: {tuple(cfg)}")
+    cb = min(cfg.cblock, _pow2_at_least(K))
+    bk = min(cfg.block_k, cb)
+    nblk = -(-K // cb)
+    return cb, bk, nblk, _pow2_at_least(nblk), nblk * (cb // bk)
+
+
+def _launch_gather(x, weight_t, tau, ends, bias, cfg, wrap, y, use_dot, block_t, ieee):
+    """Three launches, no host sync, grid sizes a pure function of the shape:
+    (1) compaction of the kept rows per segment and per block of cblock input channels (union over
+    the batch); (2) persistent gather kernel: fixed grid, device-side work count, each work item one
+    tile of block_k kept rows x block_n columns -> fp32 partial; (3) reduce of the partials that
+    exist (count read on the device), fixed order, + bias."""
+    T, K = x.shape
+    N = weight_t.shape[1]
+    n_seg = len(ends)
+    cb, bk, nblk, nb, nsplit = _gather_geometry(K, cfg)
+    idx = torch.empty((n_seg, nblk * cb), device=x.device, dtype=torch.int32)
+    cnt = torch.empty((n_seg, nblk), device=x.device, dtype=torch.int32)
+    compact = _wina_compact_kernel if wrap is None else wrap(_wina_compact_kernel)
+    compact[(n_seg, nblk)](x, tau, idx, cnt, T, K, x.stride(0), tau.stride(0), idx.stride(0), cnt.stride(0),
+                           TB=_pow2_at_least(T), CB=cb, num_warps=4 if cb <= 1024 else 8)
+    ws = torch.empty((nsplit, T, N), device=x.device, dtype=torch.float32)
+    gather = _wina_gather_kernel if wrap is None else wrap(_wina_gather_kernel)
+    reduce_k = _gather_reduce_kernel if wrap is None else wrap(_gather_reduce_kernel)
+    has_bias = bias is not None
+    n_sms = _num_sms(x.device)
+    for g, col0, n_cols, n_seg_g, n_prog, rel_p, offs_p in _plan(T, K, ends, cfg):
+        w_g = weight_t if col0 == 0 else weight_t[:, col0:]
+        tau_g = tau if g == 0 else tau[g:]
+        idx_g = idx if g == 0 else idx[g:]
+        cnt_g = cnt if g == 0 else cnt[g:]
+        b_g = (bias if col0 == 0 else bias[col0:]) if has_bias else x
+        y_g = y if col0 == 0 else y[:, col0:]
+        ws_g = ws if col0 == 0 else ws[:, :, col0:]
+        grid = max(1, min(cfg.progs * n_sms, n_prog * nsplit))
+        gather[(grid,)](
+            x, w_g, tau_g, ws_g, idx_g, cnt_g, T, K,
+            x.stride(0), w_g.stride(0), tau_g.stride(0), idx.stride(0), cnt.stride(0), ws.stride(0), ws.stride(1),
+            rel_p[0], rel_p[1], rel_p[2], rel_p[3], nblk, grid,
+            N_SEG=n_seg_g, USE_DOT=use_dot, IEEE=ieee, NB=nb, CB=cb, BLOCK_T=block_t, BLOCK_K=bk,
+            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        total = T * n_cols
+        rb = 256
+        reduce_k[(-(-total // rb),)](
+            ws_g, b_g, y_g, cnt_g, n_cols, total, ws.stride(0), ws.stride(1), y.stride(0), cnt.stride(0),
+            rel_p[0], rel_p[1], rel_p[2], nblk,
+            N_SEG=n_seg_g, NSPLIT=nsplit, NB=nb, BLOCK_K=bk, HAS_BIAS=has_bias, BLOCK=rb, UNROLL=8, num_warps=4)
+    return y
+
+
 def _launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = None, wrap=None, counters=None):
     """Raw launch (no torch.library wrapper). `wrap` is torch.library.wrap_triton inside the op."""
     T, K = x.shape
@@ -373,6 +627,9 @@ def _launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = 
     has_bias = bias is not None
     bn, bk = cfg.block_n, cfg.block_k
     w_def = x  # dummy pointer for unused arguments
+
+    if cfg.kind == "gather":
+        return _launch_gather(x, weight_t, tau, ends, bias, cfg, wrap, y, use_dot, block_t, ieee)
 
     if cfg.kind == "stream":
         kernel = _wina_stream_kernel if wrap is None else wrap(_wina_stream_kernel)

@@ -40,25 +40,63 @@ def test_windows_score_each_token_at_most_once_with_context(num_tokens, window, 
         assert sorted(scored) == list(range(1, num_tokens))
 
 
-@pytest.mark.slow
-def test_wina_beats_teal_at_half_sparsity_and_level_zero_is_the_base_model(smollm2_folder, converted_smollm2):
-    wina = evaluate(EvalOptions(model=str(converted_smollm2("wina", "global")), levels=(0.0, 0.5), **FAST_EVAL),
-                    say=lambda m: None)
-    teal = evaluate(EvalOptions(model=str(converted_smollm2("teal", "none")), levels=(0.0, 0.5), **FAST_EVAL),
-                    say=lambda m: None)
-    base = evaluate(EvalOptions(model=str(smollm2_folder), **FAST_EVAL), say=lambda m: None)
+def test_batched_windows_give_the_same_perplexity_as_one_at_a_time():
+    import torch
 
-    ppl = {name: {r.sparsity: r.perplexity for r in report.results} for name, report in
-           (("wina", wina), ("teal", teal), ("base", base))}
-    assert list(ppl["base"]) == [0.0] and base.method == "dense"
-    assert wina.method == "wina" and wina.transform == "global" and teal.method == "teal"
-    assert base.results[0].tokens == wina.results[0].tokens == teal.results[0].tokens == 1022
+    from random_models import random_model
+    from winaconv.evaluate import perplexity
+
+    model = random_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (100,), generator=torch.Generator().manual_seed(0))
+    logits = model(input_ids=ids[None]).logits[0, :-1]
+    whole = torch.nn.functional.cross_entropy(logits, ids[1:]).item()
+    for window, stride in ((100, 100), (32, 16), (30, 30)):
+        one = perplexity(model, ids, window, stride, batch_size=1)
+        batched = perplexity(model, ids, window, stride, batch_size=3)
+        assert one[1] == batched[1] and one[0] == pytest.approx(batched[0], rel=1e-5)
+    assert perplexity(model, ids, 100, 100)[0] == pytest.approx(whole, rel=1e-5)  # one window: plain NLL
+
+
+@pytest.fixture(scope="module")
+def half_sparsity_reports(smollm2_folder, converted_smollm2):
+    """Held-out perplexity of the base model, and of WINA (global) and TEAL checkpoints at 0 and 50%."""
+    def run_eval(model, levels=None):
+        return evaluate(EvalOptions(model=str(model), levels=levels, **FAST_EVAL), say=lambda m: None)
+
+    return {
+        "base": run_eval(smollm2_folder),
+        "wina": run_eval(converted_smollm2("wina", "global"), (0.0, 0.5)),
+        "teal": run_eval(converted_smollm2("teal", "none"), (0.0, 0.5)),
+    }
+
+
+def perplexities(reports) -> dict:
+    return {name: {r.sparsity: r.perplexity for r in report.results} for name, report in reports.items()}
+
+
+@pytest.mark.slow
+def test_level_zero_is_the_base_model_and_the_sparse_path_runs(half_sparsity_reports):
+    reports, ppl = half_sparsity_reports, perplexities(half_sparsity_reports)
+    assert list(ppl["base"]) == [0.0] and reports["base"].method == "dense"
+    assert (reports["wina"].method, reports["wina"].transform, reports["teal"].method) == ("wina", "global", "teal")
+    assert all(report.results[0].tokens == 1022 for report in reports.values())
     # sparsity 0 is the dense model: the same perplexity as the untouched base model, up to float rounding
     # (the global rotation is folded into the weights in float64, then stored in float32)
     assert ppl["teal"][0.0] == pytest.approx(ppl["base"][0.0], rel=1e-4)
     assert ppl["wina"][0.0] == pytest.approx(ppl["base"][0.0], rel=1e-3)
-    # the sparse path really runs: 50% costs perplexity, and WINA costs less of it than TEAL
-    assert ppl["wina"][0.5] > ppl["wina"][0.0] * 1.01
+    # the thresholds really apply: 50% sparsity costs perplexity
+    assert ppl["wina"][0.5] > ppl["wina"][0.0] * 1.01 and ppl["teal"][0.5] > ppl["teal"][0.0] * 1.01
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured shortfall, issue 5 open: on SmolLM2-135M WINA does not beat TEAL at 50% "
+    "(fast fixtures: TEAL 36.9, WINA global 53.8; full study in benchmarks/accuracy.md: TEAL 45.7, "
+    "WINA none 47.1, exact 57.2, global 70.0). strict: the day it passes, this marker must go.",
+)
+def test_wina_beats_teal_at_half_sparsity(half_sparsity_reports):
+    ppl = perplexities(half_sparsity_reports)
     assert ppl["wina"][0.5] < ppl["teal"][0.5], ppl
 
 

@@ -170,6 +170,10 @@ CONFIGS = [
     K.KernelConfig("tile", 64, 64, 4, 2, "sem"),         # last-program reduction with tickets, 2 sub-tiles
     K.KernelConfig("tile", 128, 1024, 4, 1, "two_pass"),  # one K split: direct store
     K.KernelConfig("stream", 64, 64, 4),                 # single launch, software-pipelined K loop
+    # gather: compaction blocks of 128 channels (several blocks, tiles never cross one), 2 programs/SM
+    K.KernelConfig("gather", 128, 64, 4, 1, "two_pass", 1, 128, 2),
+    # gather: block_k (256) > compaction block (64): clipped to the block; 1 persistent program
+    K.KernelConfig("gather", 256, 256, 4, 1, "two_pass", 1, 64, 1),
 ] if K.HAS_TRITON else []
 
 
@@ -243,3 +247,125 @@ def test_kernels_in_fresh_subprocess():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# "gather" variant: compaction kernel + persistent gather of kept rows + count-aware reduce
+# ----------------------------------------------------------------------------------------------
+GATHER_CFG = K.KernelConfig("gather", 256, 128, 4, 1, "two_pass", 1, 256, 3) if K.HAS_TRITON else None
+
+
+@pytest.fixture
+def poisoned_empty_all(monkeypatch):
+    """Like poisoned_empty, and integer tensors (kept-row indices, counts) are filled with garbage
+    (huge and negative values alternating): an index or count the kernels forget to write, or read
+    past its count, shows up as a wrong / non-finite result or an out-of-bounds access."""
+    orig = torch.empty
+
+    def empty(*a, **k):
+        t = orig(*a, **k)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64) and t.numel():
+            flat = t.view(-1)
+            flat.fill_(1 << 30)
+            flat[1::2] = -7
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    yield
+
+
+@pytest.fixture
+def force_gather():
+    old = K._FORCE_CONFIG
+    K._FORCE_CONFIG = GATHER_CFG
+    yield GATHER_CFG
+    K._FORCE_CONFIG = old
+
+
+@needs_interp
+def test_gather_compaction_kernel():
+    """idx[s, b*CB + r] = r-th kept channel of block b (ascending), cnt[s, b] = kept count, where
+    kept = some token of the batch has |x| > tau[s] (union); odd K, last block partial."""
+    in_f, n_seg, cb = 333, 3, 128
+    for T in (1, 3, 8):
+        x, _, tau, _ = _make(in_f, (10, 20, 30), T, 0.7, torch.bfloat16, False, 40 + T)
+        nblk = -(-in_f // cb)
+        idx = torch.full((n_seg, nblk * cb), -1, dtype=torch.int32)
+        cnt = torch.full((n_seg, nblk), -1, dtype=torch.int32)
+        K._wina_compact_kernel[(n_seg, nblk)](x, tau, idx, cnt, T, in_f, x.stride(0), tau.stride(0), idx.stride(0),
+                                              cnt.stride(0), TB=K._pow2_at_least(T), CB=cb)
+        keep = (x.float().abs()[None, :, :] > tau[:, None, :]).any(1)  # [n_seg, in]
+        for s in range(n_seg):
+            for b in range(nblk):
+                want = torch.nonzero(keep[s, b * cb:(b + 1) * cb]).flatten() + b * cb
+                assert int(cnt[s, b]) == want.numel()
+                assert torch.equal(idx[s, b * cb:b * cb + want.numel()].long(), want)
+
+
+@needs_interp
+@pytest.mark.parametrize("in_f,ends", [(576, (576, 768, 960)), (1000, (1000,)), (300, (100, 200, 300, 400, 500, 650))])
+def test_gather_matches_float64(in_f, ends, force_gather, poisoned_empty_all):
+    """Through the registered op (sparse_linear_triton) with the gather config forced."""
+    seed = 7000 + in_f + len(ends)
+    for T, sp, bias, dtype in ((1, 0.0, True, torch.float32), (1, 0.5, False, torch.bfloat16),
+                               (1, 0.9, True, torch.float32), (2, 0.5, True, torch.bfloat16),
+                               (5, 0.9, False, torch.float32), (8, 0.5, True, torch.float32)):
+        seed += 1
+        x, w, tau, b = _make(in_f, ends, T, sp, dtype, bias, seed)
+        y = K.sparse_linear_triton(x, w, tau, ends, b)
+        assert y.dtype == dtype and y.shape == (T, ends[-1])
+        err = _rel(y, _ref64(x, w, tau, ends, b))
+        assert err < _tol(dtype), (T, sp, bias, dtype, err)
+        assert torch.equal(y, K.sparse_linear_triton(x, w, tau, ends, b)), "not deterministic"
+
+
+@needs_interp
+def test_gather_dead_segments_and_zero_tau(force_gather, poisoned_empty_all):
+    in_f, ends = 300, (100, 250, 400)
+    x, w, _, b = _make(in_f, ends, 3, 0.0, torch.float32, True, 17)
+    x[:, ::4] = 0.0
+    # all-zero tau keeps every nonzero channel: the dense product
+    y = K.sparse_linear_triton(x, w, torch.zeros(3, in_f), ends, b)
+    assert _rel(y, x.double() @ w.double() + b.double()) < 1e-5
+    # a segment with every threshold +inf has no tile at all: its columns are exactly the bias
+    tau = torch.zeros(3, in_f)
+    tau[1] = float("inf")
+    y = K.sparse_linear_triton(x, w, tau, ends, b)
+    assert torch.equal(y[:, 100:250], b[100:250].expand(3, -1))
+    assert _rel(y, _ref64(x, w, tau, ends, b)) < 1e-5
+    # everything dropped, no bias: exact zeros (no partial is read)
+    y = K.sparse_linear_triton(x, w, torch.full((3, in_f), float("inf")), ends)
+    assert torch.equal(y, torch.zeros_like(y))
+
+
+@needs_interp
+def test_gather_more_than_16_tokens(force_gather):
+    in_f, ends = 200, (120, 300)
+    x, w, tau, b = _make(in_f, ends, 19, 0.5, torch.float32, True, 19)
+    y = K.sparse_linear_triton(x, w, tau, ends, b)
+    assert _rel(y, _ref64(x, w, tau, ends, b)) < 1e-5
+
+
+@needs_interp
+def test_gather_compile_fullgraph(force_gather):
+    in_f, ends = 300, (200, 450)
+    x, w, tau, b = _make(in_f, ends, 2, 0.5, torch.float32, True, 23)
+
+    def f(x):
+        return K.sparse_linear_triton(x, w, tau, ends, b) * 2.0
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for seed, T in ((1, 1), (2, 4)):
+        xi = torch.randn(T, in_f, generator=_gen(seed))
+        assert _rel(cf(xi) / 2, _ref64(xi, w, tau, ends, b)) < 1e-5
+
+
+def test_choose_config_default_unchanged(monkeypatch):
+    """The gather kind is opt-in until it is measured: the default stays the measured tile config."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # choose_config reads it per call
+    monkeypatch.setattr(K, "_FORCE_CONFIG", None)
+    assert K.choose_config(1, 4096, 4096)[0] == "tile"
+    assert K.choose_config(4, 4096, 4096)[0] == "tile"

@@ -58,11 +58,11 @@ def main():
 @main.command()
 @click.argument("model")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Folder to write the checkpoint to.")
-@click.option("--method", type=click.Choice(["wina", "teal"]), default="wina", show_default=True,
+@click.option("--method", type=click.Choice(["wina", "teal"]), default="teal", show_default=True,
               help="wina scores |x_i|*||W[:,i]||, teal scores |x_i|.")
 @click.option("--scoring", type=click.Choice(["paper", "reference"]), default="paper", show_default=True,
               help="wina only: column norms on all seven projections (paper) or on k and gate only (reference code).")
-@click.option("--transform", type=click.Choice(["exact", "global", "none"]), default="global", show_default=True,
+@click.option("--transform", type=click.Choice(["exact", "global", "none"]), default="none", show_default=True,
               help="Orthogonalizing transform folded into the weights.")
 @click.option("--sparsity-levels", default="0.25,0.4,0.5,0.65", show_default=True, callback=parse_levels,
               help="Model-level sparsities stored in the checkpoint, each in [0, 1).")
@@ -128,8 +128,9 @@ def parse_names(ctx, param, value):
 @click.option("--sparsity", "levels", callback=lambda ctx, param, v: parse_levels(ctx, param, v) if v else None,
               help="Comma-separated levels to evaluate (default: every stored level, 0 = dense, included).")
 @click.option("--window", type=int, default=512, show_default=True, help="Tokens per window.")
-@click.option("--stride", type=int, default=512, show_default=True,
-              help="Tokens between window starts (< --window: overlapping windows, each token scored once).")
+@click.option("--stride", type=int, default=None,
+              help="Tokens between window starts; default: --window (no overlap). Less: overlapping windows, "
+                   "each token scored once.")
 @click.option("--max-tokens", type=int, help="Use at most this many tokens of the text.")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Windows per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

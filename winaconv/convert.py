@@ -26,9 +26,9 @@ REFERENCE_NORM_SCORED = ("k", "gate")
 class ConvertOptions:
     model: str
     out: Path
-    method: str = "wina"
+    method: str = "teal"  # measured best at the default level on SmolLM2 (benchmarks/accuracy.md)
     scoring: str = "paper"
-    transform: str = "global"
+    transform: str = "none"
     sparsity_levels: tuple[float, ...] = (0.25, 0.4, 0.5, 0.65)
     default_sparsity: float = 0.5
     calib_file: str | None = None

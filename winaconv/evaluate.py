@@ -13,6 +13,7 @@ stride < window every token after the first is scored, the later ones with at le
 window - stride tokens of context.
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -39,7 +40,7 @@ class EvalOptions:
     text_file: str | None = None  # None: the built-in held-out text (winaconv.eval_text)
     levels: tuple[float, ...] | None = None  # None: every stored level, 0 included
     window: int = 512
-    stride: int = 512
+    stride: int | None = None  # None: the window (non-overlapping windows)
     max_tokens: int | None = None
     batch_size: int = 1
     device: str = "auto"
@@ -273,6 +274,8 @@ def versions() -> dict:
 
 
 def evaluate(options: EvalOptions, progress=None, say=print) -> EvalReport:
+    if options.stride is None:
+        options = dataclasses.replace(options, stride=options.window)
     if options.max_tokens is not None and options.max_tokens < options.window:
         raise WinaconvError(f"--max-tokens {options.max_tokens} is smaller than one window of {options.window}")
     if options.text_file and not Path(options.text_file).is_file():
