@@ -6,6 +6,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read once at import by huggingface_hub: set it first
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No GPU in CI: Triton kernels run in its interpreter. It must be set before the first import of the
+# kernels module anywhere in the session (triton.jit and the op registration decide at import time).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

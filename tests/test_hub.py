@@ -227,7 +227,7 @@ def test_convert_push_to(hub, tmp_path, checkpoints):
     out = tmp_path / "converted"
     args = ["convert", source, "--out", out, "--calib-file", calib, "--device", "cpu", "--calib-tokens",
             TINY["calib_tokens"], "--seq-len", TINY["seq_len"], "--greedy-tokens", TINY["greedy_tokens"],
-            "--greedy-step", TINY["greedy_step"], "--sparsity-levels", "0.25,0.5"]
+            "--greedy-step", TINY["greedy_step"], "--sparsity-levels", "0.25,0.5", "--method", "wina"]
     result = run(*args, "--push-to", "someone/converted", "--push-private")
     assert result.exit_code == 0, result.output
     assert hub.files("someone/converted") == folder_files(out)

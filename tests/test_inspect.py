@@ -58,7 +58,7 @@ def tiny_checkpoint(root: Path, transform: str = "global") -> Path:
         calib = root / "calib.txt"
         calib.write_text(CALIB_TEXT)
         out = root / f"ckpt-{transform}"
-        convert(ConvertOptions(model=str(tiny_source(root)), out=out, transform=transform, calib_file=str(calib),
+        convert(ConvertOptions(model=str(tiny_source(root)), out=out, method="wina", transform=transform, calib_file=str(calib),
                                device="cpu", **TINY), say=lambda m: None)
         config = json.loads((out / "config.json").read_text())
         config["winaconv"]["base_model"]["id"] = "example-org/tiny-llama"  # as a Hub-converted model records it

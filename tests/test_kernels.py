@@ -20,7 +20,7 @@ if _ROOT not in sys.path:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from runtime import kernels as K  # noqa: E402
+from winaconv_runtime import kernels as K  # noqa: E402
 
 _INTERPRETED = K.HAS_TRITON and type(getattr(K, "_wina_tile_kernel", None)).__name__ == "InterpretedFunction"
 _IN_SUBPROCESS = os.environ.get("WINACONV_KERNEL_TEST_SUBPROCESS") == "1"

@@ -178,7 +178,8 @@ def calibrate_layers(model, family, input_ids, shares, settings, progress=None) 
     """Calibrate every decoder layer in turn; returns one LayerCalibration per layer."""
     generator = torch.Generator().manual_seed(settings.seed)
     hidden, layer_kwargs = capture_layer_inputs(model, input_ids, settings.device)
-    hidden = hidden.cpu() if settings.device != "cpu" and hidden.numel() * 4 > (1 << 30) else hidden
+    if hidden.numel() * hidden.element_size() > (1 << 30):
+        hidden = hidden.cpu()  # large calibration sets wait in host memory; micro-batches go to the device
     layers = list(model.model.layers)
     layer_task = progress.add_task("calibrating layers", total=len(layers)) if progress else None
     step_task = progress.add_task("greedy allocation", total=settings.max_sparsity) if progress else None

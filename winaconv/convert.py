@@ -62,14 +62,6 @@ def norm_scored_projections(method: str, scoring: str) -> tuple[str, ...]:
     return REFERENCE_NORM_SCORED if scoring == "reference" else PROJECTIONS
 
 
-def resolve_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise WinaconvError(f"--device {requested} asked for, but no CUDA GPU is available")
-    return requested
-
-
 def validate(options: ConvertOptions) -> list[float]:
     levels = sorted({float(s) for s in options.sparsity_levels} - {0.0})
     bad = [s for s in levels if not 0.0 < s < 1.0]
@@ -86,7 +78,7 @@ def validate(options: ConvertOptions) -> list[float]:
 def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     started = time.perf_counter()
     levels = validate(options)
-    device = resolve_device(options.device)
+    device = sources.resolve_device(options.device)
     source = sources.resolve_source(options.model, options.revision)
     config = sources.load_config(source)
     calibration = load_calibration_text(options.calib_file, options.calib_dataset)

@@ -134,14 +134,6 @@ def load_tokenizer(ref: ModelRef):
         raise WinaconvError(f"cannot load the tokenizer of {ref.name}: {str(exc).splitlines()[0]}") from exc
 
 
-def resolve_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise WinaconvError(f"--device {requested} asked for, but no CUDA GPU is available")
-    return requested
-
-
 def resolve_dtype(requested: str, device: str):
     """float32 on CPU unless asked otherwise (bf16 matmuls there are slow and rounding blurs comparisons)."""
     if requested != "auto":
@@ -285,7 +277,7 @@ def evaluate(options: EvalOptions, progress=None, say=print) -> EvalReport:
     ref = find_model(options.model)
     levels = parse_levels(options.levels, ref)
     source, texts = load_eval_text(options.text_file)
-    device = resolve_device(options.device)
+    device = sources.resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     ids = tokenize(load_tokenizer(ref), texts)
     if options.max_tokens is not None:

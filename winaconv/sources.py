@@ -42,6 +42,15 @@ def resolve_source(model: str, revision: str | None = None) -> ModelSource:
     return ModelSource(model, None, model, revision)
 
 
+def resolve_device(requested: str) -> str:
+    """--device: auto picks the GPU when there is one; asking for one that is not there is an error."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise WinaconvError(f"--device {requested} asked for, but no CUDA GPU is available")
+    return requested
+
+
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
