@@ -116,6 +116,8 @@ def test_bad_input_gives_one_line_and_no_output(tiny_folder, calib_file, tmp_pat
         (["convert", source, "--out", out, "--calib-file", empty], ["empty"]),
         (["convert", source, "--out", out, "--calib-file", tmp_path / "nope.txt"], ["not found"]),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["convert", source, "--out", out, "--calib-file", calib_file, "--device", "cuda"], ["no CUDA GPU"]))
     for args, words in cases:
         assert_one_line_error(run(*args[:4], *TINY, *args[4:]), *words)
         assert not out.exists()
