@@ -409,24 +409,28 @@ def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, gather=False)
             times[cname] = ts
         log(f"mini-sweep {name} T=1 graph us at s=(0, 0.5, 0.8): " + "; ".join(
             f"{c} " + "/".join(f"{v:.1f}" for v in times[c]) for c in pick(times)))
+    def sweep(label, T, cands):
+        """Graph-time every candidate config at batch T; returns the names, fastest first (geomean)."""
+        sps = (0.0, 0.5, 0.8) if T == 1 else (0.5,)
+        times = {}
+        for cname, cfg in cands.items():
+            try:
+                ts = []
+                for s in sps:
+                    x, tau, _ = make_inputs(Kd, ends, T, s, seed=T)
+                    ts.append(graph_time(ours(cfg, x, tau), ncp, loop=16, replays=7))
+                times[cname] = ts
+            except Exception as ex:  # noqa: BLE001
+                log(f"  {label} {name} T={T} {cname}: ERROR {type(ex).__name__} {str(ex)[:200]}")
+        order = pick(times)
+        if order:
+            log(f"{label} {name} T={T} graph us at s={sps}: " + "; ".join(
+                f"{c} " + "/".join(f"{v:.1f}" for v in times[c]) for c in order))
+        return order
+
     if do_sweep:
         for T in (1, 2, 4, 8):
-            cands = CANDS_T1 if T == 1 else CANDS_TB
-            sps = (0.0, 0.5, 0.8) if T == 1 else (0.5,)
-            times = {}
-            for cname, cfg in cands.items():
-                try:
-                    ts = []
-                    for s in sps:
-                        x, tau, _ = make_inputs(Kd, ends, T, s, seed=T)
-                        ts.append(graph_time(ours(cfg, x, tau), ncp, loop=16, replays=7))
-                    times[cname] = ts
-                except Exception as ex:  # noqa: BLE001
-                    log(f"  sweep {name} T={T} {cname}: ERROR {type(ex).__name__} {str(ex)[:160]}")
-            order = pick(times)
-            best[(name, T)] = order[0]
-            log(f"sweep {name} T={T} graph us at s={sps}: " + "; ".join(
-                f"{c} " + "/".join(f"{v:.1f}" for v in times[c]) for c in order))
+            best[(name, T)] = sweep("sweep", T, CANDS_T1 if T == 1 else CANDS_TB)[0]
         x, tau, q = make_inputs(Kd, ends, 1, 0.5)
         tt = {c: [graph_time(lambda i: teal_style(x, wts[i], q, c), ncp, loop=16, replays=7)] for c in TEAL_CFGS}
         best[(name, "teal")] = pick(tt)[0]
@@ -439,24 +443,10 @@ def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, gather=False)
     gbest = {}
     if gather:  # pick the gather config per batch size by measurement (geomean over the levels)
         for T in (1, 2, 4, 8):
-            cands = CANDS_G1 if T == 1 else CANDS_GB
-            sps = (0.0, 0.5, 0.8) if T == 1 else (0.5,)
-            times = {}
-            for cname, gcfg in cands.items():
-                try:
-                    ts = []
-                    for s in sps:
-                        x, tau, _ = make_inputs(Kd, ends, T, s, seed=T)
-                        ts.append(graph_time(ours(gcfg, x, tau), ncp, loop=16, replays=7))
-                    times[cname] = ts
-                except Exception as ex:  # noqa: BLE001
-                    log(f"  gather sweep {name} T={T} {cname}: ERROR {type(ex).__name__} {str(ex)[:200]}")
-            if times:
-                order = pick(times)
+            order = sweep("gather sweep", T, CANDS_G1 if T == 1 else CANDS_GB)
+            if order:
                 gbest[T] = ALL_CANDS[order[0]]
                 best[(name, "gather", T)] = order[0]
-                log(f"gather sweep {name} T={T} graph us at s={sps}: " + "; ".join(
-                    f"{c} " + "/".join(f"{v:.1f}" for v in times[c]) for c in order))
 
     cfg = cfg_for(1)
     tcfg = best.get((name, "teal"), (512, 64, 4))

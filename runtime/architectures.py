@@ -8,8 +8,7 @@ described as an ordered list of output segments, one per projection.
 from dataclasses import dataclass
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-# Projections that read the residual stream (through a norm) and those that write it.
-RESIDUAL_READERS = ("q", "k", "v", "gate", "up")
+# Projections that write the residual stream (the others read it, through a norm).
 RESIDUAL_WRITERS = ("o", "down")
 ATTENTION_PROJECTIONS = ("q", "k", "v", "o")
 

@@ -6,7 +6,7 @@ dense outputs of layer l-1 on the same sequences.
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -36,7 +36,6 @@ class LayerCalibration:
     grids: dict[str, torch.Tensor]  # score quantiles per projection
     path: list[dict[str, float]]  # greedy path: per-projection sparsities after each step
     seconds: float = 0.0
-    levels: dict[float, dict[str, float]] = field(default_factory=dict)
 
     def sparsities_at(self, target: float, shares: dict[str, float]) -> dict[str, float]:
         """Per-projection sparsities reaching `target` weighted sparsity, interpolated on the path."""

@@ -2,7 +2,7 @@
 
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,7 +53,6 @@ class ConvertReport:
     seconds: float = 0.0
     peak_host_bytes: int = 0
     peak_gpu_bytes: int | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def norm_scored_projections(method: str, scoring: str) -> tuple[str, ...]:
@@ -149,7 +148,6 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
         seconds=time.perf_counter() - started,
         peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         peak_gpu_bytes=torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
-        notes=[calibration.note] if calibration.note else [],
     )
     return report
 

@@ -18,7 +18,7 @@ All arithmetic is float64; results are cast back to the model's dtype.
 import torch
 from torch import nn
 
-from winaconv_runtime.architectures import Family, projection_sizes
+from winaconv_runtime.architectures import RESIDUAL_WRITERS, Family, projection_sizes
 
 TRANSFORMS = ("exact", "global", "none")
 
@@ -29,7 +29,7 @@ def _readers(layer, family: Family, block: str) -> list[nn.Linear]:
 
 
 def _writers(layer, family: Family) -> list[nn.Linear]:
-    return [layer.get_submodule(path) for path, projs in family.linears if projs in (("o",), ("down",))]
+    return [layer.get_submodule(path) for path, projs in family.linears if set(projs) <= set(RESIDUAL_WRITERS)]
 
 
 def _segment(linear: nn.Linear, family: Family, config, projection: str) -> torch.Tensor:
