@@ -3,10 +3,14 @@
 Stages (run separately so each fits one device call; the work folder persists while the machine is warm):
   python benchmarks/e2e_decode.py make     --work /tmp/e2e            # random Llama-3-8B folder
   python benchmarks/e2e_decode.py convert  --work /tmp/e2e --transform global [--fast]
-  python benchmarks/e2e_decode.py decode   --work /tmp/e2e --out results.json
+  python benchmarks/e2e_decode.py decode   --work /tmp/e2e --checkpoints global --out results.json
+  python benchmarks/e2e_decode.py decode   --synthetic none,exact --out results.json   # no conversion
 
-Decode time per token = (time of generating N+1 tokens - time of generating 1) / N, static cache
-(transformers compiles the decode step itself), batch 1, 128-token prompt, N = 256, median of 3.
+Decode time per token = (time of generating N+1 tokens - time of generating 1) / N, batch 1,
+128-token prompt, N = 256, median of 3: transformers' generate (eager; static cache with its
+automatic compile) and the runtime's GreedyDecoder (static cache, compiled step, CUDA graph).
+Each runtime level also records the realized sparsity of its decode inputs and a per-kernel-kind
+GPU time profile of one compiled step.
 """
 
 import argparse
@@ -98,6 +102,78 @@ def _time_eager(model, prompt, new_tokens: int) -> float:
     return (run(new_tokens + 1) - run(1)) / new_tokens * 1000
 
 
+def _time_graph_decoder(decoder, prompt, new_tokens: int, repeats: int = 3) -> tuple[float, torch.Tensor]:
+    """ms per token of the runtime's CUDA-graph decoder, and the tokens of the last run."""
+    def run(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        tokens = decoder.generate(prompt, n)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start, tokens
+
+    run(new_tokens + 1)  # compile, warm up, capture
+    fulls = [run(new_tokens + 1) for _ in range(repeats)]
+    prefill = statistics.median(run(1)[0] for _ in range(repeats))
+    return (statistics.median(t for t, _ in fulls) - prefill) / new_tokens * 1000, fulls[-1][1]
+
+
+KERNEL_KINDS = (("sparse", ("_wina_",)), ("sparse-reduce", ("reduce_kernel",)),
+                ("dense matmul", ("gemv", "gemm", "cutlass", "nvjet", "sm90_", "cublas")),
+                ("attention", ("flash", "fmha", "attention", "sdpa")))
+
+
+def profile_step(decoder, prompt, steps: int = 4) -> dict:
+    """GPU time per decode step by kind of kernel (compiled step, no graph, so kernels are visible)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder.generate(prompt, 1)  # prefill; the profiled steps continue this sequence
+    decoder.step_fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            decoder.step_fn()
+        torch.cuda.synchronize()
+    totals, counts = {}, {}
+    for event in prof.key_averages():
+        if event.device_type.name != "CUDA" or event.self_device_time_total <= 0:
+            continue
+        name = event.key.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(x in name for x in keys)), "other")
+        totals[kind] = totals.get(kind, 0.0) + event.self_device_time_total / steps / 1000
+        counts[kind] = counts.get(kind, 0) + event.count // steps
+    return {"ms_per_step": totals, "kernels_per_step": counts}
+
+
+@torch.no_grad()
+def realized_sparsity(model, prompt, steps: int = 16) -> float:
+    """Fraction of projection weights whose input channel is dropped, over eager decode steps."""
+    from winaconv_runtime import SparseLinear
+
+    dropped, total, handles = [0.0], [0.0], []
+
+    def hook(module, args):
+        x = args[0].reshape(-1, module.in_features).float()
+        if x.shape[0] != 1 or module.tau is None:
+            return
+        for size, tau in zip(module.segment_sizes, module.tau):
+            dropped[0] += (x.abs() <= tau).float().mean().item() * size * module.in_features
+            total[0] += size * module.in_features
+
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        out = model(prompt, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return dropped[0] / total[0] if total[0] else 0.0
+
+
 def copy_bandwidth() -> float:
     src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
@@ -114,40 +190,104 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 10 / (start.elapsed_time(end) / 1000)  # bytes read + written per second
 
 
-def decode(work: Path, out: Path, new_tokens: int, transforms: list[str], baselines: bool, levels=LEVELS) -> None:
+def random_base():
+    """The Llama-3-8B config with random bf16 weights, built on the GPU (synthetic runs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B, dtype="bfloat16")).to(torch.bfloat16)
+    return model.eval()
+
+
+def synthetic_runtime(base, transform: str, prompt, levels):
+    """A runtime model sharing base's weights, every projection at the level's sparsity (uniform
+    allocation from the prompt's own activations): speed runs without a 5-minute conversion. The
+    exact transform's shortcut matrices are identities here, which costs the same bytes."""
+    from winaconv.calibrate import uniform_levels
+    from winaconv.runtime_model import to_runtime_model, winaconv_section
+
+    model, family = to_runtime_model(base, winaconv_section("teal", transform, ()))
+    uniform_levels(model, family, prompt, [x for x in levels if x > 0])
+    return model
+
+
+def decode(work: Path, out: Path, new_tokens: int, checkpoints: list[str], synthetic: list[str], baselines: bool,
+           levels=LEVELS, profile_levels=(0.0, 0.5)) -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
+    from winaconv_runtime.decoding import GreedyDecoder
+
+    torch._dynamo.config.recompile_limit = 64  # one compiled step per model and level; never fall back to eager
+    torch._dynamo.config.cache_size_limit = 64
     torch.manual_seed(0)
     prompt = torch.randint(100, 40000, (1, 128), device="cuda")
     results = json.loads(out.read_text()) if out.exists() else {}
     results.update({
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
         "triton": _version("triton"), "prompt_tokens": 128, "new_tokens": new_tokens, "batch": 1,
+        "command": " ".join(sys.argv),
     })
     bandwidth = copy_bandwidth()
     results["copy_bandwidth_TBps"] = bandwidth / 1e12
+    max_length = 128 + new_tokens + 8
+
+    def save():
+        out.write_text(json.dumps(results, indent=1))
+
+    base = random_base() if synthetic else None
     if baselines:
-        base = AutoModelForCausalLM.from_pretrained(work / "llama3-8b-random", dtype=torch.bfloat16, device_map="cuda")
+        if base is None:
+            base = AutoModelForCausalLM.from_pretrained(work / "llama3-8b-random", dtype=torch.bfloat16,
+                                                        device_map="cuda").eval()
         weight_bytes = sum(p.numel() * p.element_size() for n, p in base.named_parameters() if "embed_tokens" not in n)
         results["weight_read_floor_ms"] = weight_bytes / bandwidth * 1000
         results["transformers_eager_ms"] = _time_eager(base, prompt, 64)
         results["transformers_static_compile_ms"] = _time_generate(base, prompt, new_tokens)
+        reference_tokens = base.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=64,
+                                         min_new_tokens=64, do_sample=False, cache_implementation="static",
+                                         pad_token_id=0)
+        decoder = GreedyDecoder(base, max_length)
+        results["graph_decoder_plain_model_ms"], tokens = _time_graph_decoder(decoder, prompt, new_tokens)
+        results["graph_decoder_plain_model_tokens_equal_generate"] = bool(torch.equal(tokens[:, :192], reference_tokens))
+        try:
+            results["graph_decoder_plain_model_profile"] = profile_step(decoder, prompt)
+        except Exception as error:  # noqa: BLE001
+            results["graph_decoder_plain_model_profile"] = f"failed: {error!r}"
         print(json.dumps(results), flush=True)
-        del base
+        save()
+        del decoder
+        if not synthetic:
+            del base
+            base = None
         torch.cuda.empty_cache()
-    for transform in transforms:
-        model = AutoModelForCausalLM.from_pretrained(work / f"ckpt-{transform}", trust_remote_code=True,
-                                                     dtype=torch.bfloat16, device_map="cuda", sparsity=0)
-        times = {}
+
+    runs = [(f"ckpt-{name}", name, False) for name in checkpoints] + [(f"synthetic-{t}", t, True) for t in synthetic]
+    for label, transform, is_synthetic in runs:
+        if is_synthetic:
+            model = synthetic_runtime(base, transform, prompt, levels)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(work / label, trust_remote_code=True, dtype=torch.bfloat16,
+                                                         device_map="cuda", sparsity=0).eval()
+        decoder = GreedyDecoder(model, max_length)
+        record = {"graph_decoder_ms": {}, "realized_sparsity": {}, "profile": {}}
         for level in levels:
             model.set_sparsity(level)
-            times[f"{level:g}"] = _time_generate(model, prompt, new_tokens)
-            print(transform, level, times[f"{level:g}"], flush=True)
-        results[f"runtime_{transform}_ms"] = times
-        del model
+            key = f"{level:g}"
+            record["graph_decoder_ms"][key], _ = _time_graph_decoder(decoder, prompt, new_tokens)
+            record["realized_sparsity"][key] = realized_sparsity(model, prompt)
+            if level in profile_levels:
+                try:  # a diagnostic: its failure must not cost the timings
+                    record["profile"][key] = profile_step(decoder, prompt)
+                except Exception as error:  # noqa: BLE001
+                    record["profile"][key] = f"failed: {error!r}"
+            print(label, key, record["graph_decoder_ms"][key], record["realized_sparsity"][key], flush=True)
+            results[f"runtime_{label}"] = record
+            save()
+        del model, decoder
         torch.cuda.empty_cache()
-    out.write_text(json.dumps(results, indent=1))
+    save()
     print(json.dumps(results, indent=1))
 
 
@@ -163,7 +303,8 @@ def main():
     parser.add_argument("stage", choices=["make", "convert", "decode"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/e2e"))
     parser.add_argument("--transform", default="global")
-    parser.add_argument("--transforms", default="global,exact")
+    parser.add_argument("--checkpoints", default="", help="converted checkpoints to time, by transform (decode)")
+    parser.add_argument("--synthetic", default="", help="transforms to time with uniform levels and no conversion")
     parser.add_argument("--fast", action="store_true", help="small calibration budget (speed runs only)")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -176,9 +317,10 @@ def main():
     elif args.stage == "convert":
         convert(args.work, args.transform, args.fast)
     else:
-        transforms = [t for t in args.transforms.split(",") if t]
+        names = lambda text: [t for t in text.split(",") if t]  # noqa: E731
         levels = [float(x) for x in args.levels.split(",")]
-        decode(args.work, args.out, args.new_tokens, transforms, not args.no_baselines, levels)
+        decode(args.work, args.out, args.new_tokens, names(args.checkpoints), names(args.synthetic),
+               not args.no_baselines, levels)
 
 
 if __name__ == "__main__":

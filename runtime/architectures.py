@@ -11,6 +11,8 @@ PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 # Projections that write the residual stream (the others read it, through a norm).
 RESIDUAL_WRITERS = ("o", "down")
 ATTENTION_PROJECTIONS = ("q", "k", "v", "o")
+# Projections that read one input (the normed residual stream): one kernel launch can serve them.
+SHARED_INPUTS = (("q", "k", "v"), ("gate", "up"))
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,16 @@ FAMILIES = {
         Family("phi3", "Phi3", ("phi3",), _FUSED),
     )
 }
+
+
+def shared_input_paths(family: Family) -> list[tuple[str, ...]]:
+    """Module paths of separate linears that read one input (empty where the family fuses them)."""
+    groups = []
+    for shared in SHARED_INPUTS:
+        paths = tuple(path for path, projections in family.linears if set(projections) <= set(shared))
+        if len(paths) > 1:
+            groups.append(paths)
+    return groups
 
 
 class UnsupportedArchitecture(ValueError):

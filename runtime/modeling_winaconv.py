@@ -13,9 +13,9 @@ import torch
 import transformers
 from torch import nn
 
-from .architectures import FAMILIES, PROJECTIONS, Family, projection_sizes
+from .architectures import FAMILIES, PROJECTIONS, Family, projection_sizes, shared_input_paths
 from .checkpoint_format import CheckpointFormatError, SparsitySettings
-from .sparse_linear import SparseLinear, announce_path
+from .sparse_linear import SharedInputGroup, SparseLinear, announce_path
 
 
 def exact_model_type(family: Family) -> str:
@@ -44,7 +44,8 @@ def sparse_linears(layer: nn.Module, family: Family):
         yield projections, layer.get_submodule(path)
 
 
-def _sparsify_layer(layer: nn.Module, family: Family, config) -> None:
+def _sparsify_layer(layer: nn.Module, family: Family, config) -> list[SharedInputGroup]:
+    """Swap the layer's projections for SparseLinear; returns the groups of linears sharing an input."""
     sizes = projection_sizes(config)
     for path, projections in family.linears:
         parent_path, _, name = path.rpartition(".")
@@ -53,6 +54,7 @@ def _sparsify_layer(layer: nn.Module, family: Family, config) -> None:
         if not isinstance(linear, SparseLinear):
             segments = tuple(sizes[p][1] for p in projections)
             setattr(parent, name, SparseLinear.from_linear(linear, segments))
+    return [SharedInputGroup([layer.get_submodule(p) for p in paths]) for paths in shared_input_paths(family)]
 
 
 class WinaconvMixin:
@@ -62,9 +64,16 @@ class WinaconvMixin:
 
     def _winaconv_setup(self, decoder) -> None:
         self.sparsity_settings = SparsitySettings.from_config(self.config)
+        self._shared_input_groups = []
         for layer in decoder.layers:
-            _sparsify_layer(layer, self.winaconv_family, self.config)
+            self._shared_input_groups += _sparsify_layer(layer, self.winaconv_family, self.config)
         self.sparsity = 0.0
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        for group in getattr(self, "_shared_input_groups", ()):
+            group.fuse()  # members moved one by one (model.to(...)): store them side by side again
+        return module
 
     def _decoder_layers(self):
         return self.model.layers if hasattr(self, "model") else self.layers

@@ -4,8 +4,9 @@ The rule, per token t and input channel i of output segment s:
     keep  <=>  |x[t, i]| > tau[s, i],   tau[s, i] = threshold_s / ||W_s[:, i]||  (WINA)
                                          tau[s, i] = threshold_s                  (TEAL)
 which is WINA's |x_i| * ||W[:, i]|| > t written so one comparison per channel serves both
-methods. A fused linear (q/k/v, gate/up) has one segment per projection, each with its own
-threshold, all reading one input.
+methods. A fused linear (Phi-3's qkv_proj, gate_up_proj) has one segment per projection, each with
+its own threshold, all reading one input. Separate linears that read one input (Llama's q/k/v and
+gate/up) are joined in a SharedInputGroup on the GPU, so decode still makes one launch for them.
 """
 
 import itertools
@@ -19,6 +20,9 @@ from .kernels import HAS_TRITON, sparse_linear_triton, use_sparse_kernel
 
 logger = logging.getLogger(__name__)
 _announced_paths: set[str] = set()
+
+# Tests set this to run the Triton decode path on CPU tensors under TRITON_INTERPRET=1.
+KERNELS_ON_CPU = False
 
 
 def announce_path(on_gpu: bool) -> None:
@@ -66,6 +70,8 @@ class SparseLinear(nn.Linear):
             raise ValueError(f"segments {self.segment_sizes} do not add up to {out_features} outputs")
         self.segment_ends = tuple(itertools.accumulate(self.segment_sizes))
         self.register_buffer("tau", None, persistent=False)
+        self.shared_input_group = None
+        self._pending = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, segment_sizes=None) -> "SparseLinear":
@@ -76,6 +82,8 @@ class SparseLinear(nn.Linear):
         sparse.segment_sizes = tuple(segment_sizes or (linear.out_features,))
         sparse.segment_ends = tuple(itertools.accumulate(sparse.segment_sizes))
         sparse.register_buffer("tau", None, persistent=False)
+        sparse.shared_input_group = None
+        sparse._pending = None
         return sparse
 
     @property
@@ -94,10 +102,14 @@ class SparseLinear(nn.Linear):
             self.tau.copy_(tau)  # in place: compiled graphs and CUDA graphs keep reading this buffer
         else:
             self.tau = tau
+            if self.shared_input_group is not None:
+                self.shared_input_group.invalidate()  # the group's thresholds must take the new tensor in
         self._lay_out_for_kernel()
 
     def _lay_out_for_kernel(self) -> None:
-        if self.weight.is_cuda and HAS_TRITON and not self.weight.t().is_contiguous():
+        if self.shared_input_group is not None:
+            self.shared_input_group.fuse()  # lays out all members at once
+        elif (self.weight.is_cuda or KERNELS_ON_CPU) and HAS_TRITON and self.weight.stride(0) != 1:
             # The decode kernel reads one contiguous row of W^T per kept channel; F.linear
             # takes the transposed layout just as well, so one copy serves both paths.
             self.weight.data = self.weight.data.t().contiguous().t()
@@ -105,24 +117,130 @@ class SparseLinear(nn.Linear):
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)
         if self.tau is not None:  # moved after thresholds were set (model.to("cuda"))
-            self._lay_out_for_kernel()
+            if self.shared_input_group is not None:
+                self.shared_input_group.invalidate()  # members move one by one: the model re-fuses
+            else:
+                self._lay_out_for_kernel()
         return module
+
+    def _runs_kernel(self, flat: torch.Tensor) -> bool:
+        group = self.shared_input_group
+        out_features = self.out_features if group is None else group.out_features
+        return (
+            HAS_TRITON
+            and (flat.is_cuda or KERNELS_ON_CPU)
+            and self.weight.stride(0) == 1
+            and (group is None or group.is_fused)
+            and use_sparse_kernel(flat.shape[0], self.in_features, out_features)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tau is None:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, self.in_features)
-        tokens = flat.shape[0]
-        if (
-            flat.is_cuda
-            and HAS_TRITON
-            and self.weight.t().is_contiguous()
-            and use_sparse_kernel(tokens, self.in_features, self.out_features)
-        ):
-            y = sparse_linear_triton(flat.contiguous(), self.weight.t(), self.tau, self.segment_ends, self.bias)
-        else:
+        if not self._runs_kernel(flat):
             y = masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
+        elif self.shared_input_group is not None:
+            y = self.shared_input_group.output_for(self, x, flat)
+        else:
+            y = sparse_linear_triton(flat.contiguous(), self.weight.t(), self.tau, self.segment_ends, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, segments={self.segment_sizes}, sparse={self.is_sparse}"
+
+
+class SharedInputGroup:
+    """Separate linears that read one input (q/k/v, gate/up), run as one kernel launch at decode.
+
+    On the GPU the members' W^T are stored side by side in one [in, sum(out)] tensor and each
+    member's weight becomes a view of its columns (no extra memory; state-dict keys unchanged), and
+    their thresholds become rows of one [segments, in] tensor. At decode, the first member called
+    launches the kernel for all of them and leaves each other member its slice of the output, tagged
+    with the input it belongs to; transformers' own attention and MLP code stays untouched.
+    """
+
+    def __init__(self, members):
+        self.members = tuple(members)
+        self.segment_sizes = tuple(size for m in self.members for size in m.segment_sizes)
+        self.segment_ends = tuple(itertools.accumulate(self.segment_sizes))
+        self.out_features = sum(m.out_features for m in self.members)
+        self.column_ranges = tuple(zip(itertools.accumulate([0] + [m.out_features for m in self.members]),
+                                       itertools.accumulate(m.out_features for m in self.members)))
+        self.weight_t = self.bias = self.tau = None
+        self.is_fused = False
+        for member in self.members:
+            member.shared_input_group = self
+
+    def invalidate(self) -> None:
+        self.is_fused = False
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        members = self.members
+        weights = [m.weight for m in members]
+        if any(m.tau is None for m in members) or not (weights[0].is_cuda or KERNELS_ON_CPU) or not HAS_TRITON:
+            self.is_fused = False
+            return
+        if self.is_fused:
+            return
+        if not self._weights_are_fused():
+            fused = weights[0].new_empty((members[0].in_features, self.out_features))
+            for m, (start, end) in zip(members, self.column_ranges):
+                fused[:, start:end].copy_(m.weight.t())
+                m.weight.data = fused[:, start:end].t()
+            self.weight_t = fused
+        self.bias = self._fused_bias()
+        tau = torch.cat([m.tau for m in members])
+        if self.tau is not None and self.tau.shape == tau.shape and self.tau.device == tau.device:
+            self.tau.copy_(tau)  # keep the tensor graphs were captured with
+        else:
+            self.tau = tau.contiguous()
+        row = 0
+        for m in members:
+            rows = len(m.segment_sizes)
+            m.tau = self.tau[row:row + rows]  # a view: set_thresholds' in-place updates reach the group
+            row += rows
+        self.is_fused = True
+
+    def _weights_are_fused(self) -> bool:
+        fused = self.weight_t
+        if fused is None:
+            return False
+        return all(
+            m.weight.device == fused.device and m.weight.dtype == fused.dtype
+            and m.weight.stride() == (1, fused.stride(0)) and m.weight.data_ptr() == fused[:, start].data_ptr()
+            for m, (start, _) in zip(self.members, self.column_ranges)
+        )
+
+    def _fused_bias(self):
+        if all(m.bias is None for m in self.members):
+            return None
+        fused = self.bias
+        if fused is not None and all(
+            m.bias is not None and m.bias.device == fused.device and m.bias.dtype == fused.dtype
+            and m.bias.data_ptr() == fused[start:].data_ptr()
+            for m, (start, _) in zip(self.members, self.column_ranges)
+        ):
+            return fused  # keep the tensor graphs were captured with
+        fused = self.members[0].weight.new_zeros(self.out_features)
+        for m, (start, end) in zip(self.members, self.column_ranges):
+            if m.bias is not None:
+                fused[start:end].copy_(m.bias)
+                m.bias.data = fused[start:end]
+        return fused
+
+    def output_for(self, member: SparseLinear, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """member's output for input x: left by the launch of an earlier member, or launched now."""
+        pending = member._pending
+        if pending is not None and pending[0] is x:
+            member._pending = None
+            return pending[1]
+        y = sparse_linear_triton(flat.contiguous(), self.weight_t, self.tau, self.segment_ends, self.bias)
+        own = None
+        for m, (start, end) in zip(self.members, self.column_ranges):
+            if m is member:
+                own = y[:, start:end]
+            else:
+                m._pending = (x, y[:, start:end])
+        return own

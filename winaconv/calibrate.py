@@ -200,3 +200,41 @@ def calibrate_layers(model, family, input_ids, shares, settings, progress=None) 
         if progress:
             progress.advance(layer_task)
     return results
+
+
+@torch.no_grad()
+def uniform_levels(model, family, input_ids: torch.Tensor, levels, norm_scored=()) -> dict:
+    """Stores levels where every projection has the level's own sparsity (TEAL's uniform allocation),
+    thresholds taken from one dense pass over `input_ids`. For speed runs and tests, where the
+    greedy search's cost buys nothing; accuracy comes from calibrate_layers."""
+    from winaconv_runtime.checkpoint_format import SparsitySettings, level_key
+
+    model.set_sparsity(0)
+    grids, handles = {}, []
+    for layer_idx, layer in enumerate(model.model.layers):
+        for projections, linear in sparse_linears(layer, family):
+            segments = linear.weight.split(linear.segment_sizes, dim=0)
+            norms = [w.float().norm(dim=0) if p in norm_scored else None for p, w in zip(projections, segments)]
+
+            def record(module, args, key=(layer_idx, projections), norms=norms):
+                for p, n in zip(key[1], norms):
+                    values = gating_scores(args[0], n).reshape(-1).sort().values
+                    positions = torch.linspace(0, values.numel() - 1, 2049, device=values.device).round().long()
+                    grids[key[0], p] = values[positions].cpu()
+
+            handles.append(linear.register_forward_pre_hook(record))
+    try:
+        model(input_ids=input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    section = model.config.winaconv
+    section["norm_scored"] = list(norm_scored)
+    for level in levels:
+        rows = range(len(model.model.layers))
+        section["levels"][level_key(level)] = {
+            "thresholds": [[threshold_at(grids[i, p], level) for p in PROJECTIONS] for i in rows],
+            "sparsities": [[float(level)] * len(PROJECTIONS) for _ in rows],
+        }
+    model.sparsity_settings = SparsitySettings.from_config(model.config)
+    return section["levels"]
