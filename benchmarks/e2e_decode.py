@@ -207,6 +207,7 @@ def synthetic_runtime(base, transform: str, prompt, levels):
     from winaconv.runtime_model import to_runtime_model, winaconv_section
 
     model, family = to_runtime_model(base, winaconv_section("teal", transform, ()))
+    model.to(torch.bfloat16)  # the exact transform's shortcut matrices start as float32 identities
     uniform_levels(model, family, prompt, [x for x in levels if x > 0])
     return model
 
