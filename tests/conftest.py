@@ -76,3 +76,13 @@ def converted_smollm2(smollm2_folder, tmp_path_factory):
         return made[key]
 
     return make
+
+
+# Interpreted Triton kernels first: once, in a full run, test_kernels.py failed with std::bad_alloc
+# inside the interpreter after the real-model tests had grown the process (never when run first or
+# alone; not understood). Running them early keeps CI green while that is investigated.
+_EARLY_FILES = ("test_kernels.py", "test_decoding.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in _EARLY_FILES)  # stable: file order otherwise kept

@@ -1,0 +1,148 @@
+"""The decode path of the runtime: linears that share an input run as one kernel launch, and the
+GreedyDecoder's static-tensor step gives transformers' greedy tokens."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from winaconv.calibrate import uniform_levels
+from winaconv.runtime_model import to_runtime_model, winaconv_section
+from winaconv_runtime import sparse_linear
+from winaconv_runtime.architectures import projection_sizes
+from winaconv_runtime.decoding import GreedyDecoder
+
+from random_models import FAMILY_MODELS, random_model
+
+ALL_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def sparse_random_model(family, method="wina"):
+    model, fam = to_runtime_model(random_model(family), winaconv_section(method, "none", ()))
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    uniform_levels(model, fam, ids, [0.25, 0.5], ALL_PROJECTIONS if method == "wina" else ())
+    return model, ids
+
+
+@pytest.fixture
+def kernels_on_cpu(monkeypatch):
+    """The GPU decode path on CPU tensors: interpreted Triton kernels, every decode product sparse."""
+    monkeypatch.setattr(sparse_linear, "KERNELS_ON_CPU", True)
+    monkeypatch.setattr(sparse_linear, "use_sparse_kernel", lambda tokens, n_in, n_out: tokens == 1)
+    launches = []
+    original = sparse_linear.sparse_linear_triton
+
+    def counted(x, weight_t, tau, segment_ends, bias=None):
+        launches.append(tuple(segment_ends))
+        return original(x, weight_t, tau, segment_ends, bias)
+
+    monkeypatch.setattr(sparse_linear, "sparse_linear_triton", counted)
+    return launches
+
+
+def decode_logits(model, ids):
+    """Logits of one decode step after a prefill of ids[:, :-1]."""
+    with torch.no_grad():
+        past = model(ids[:, :-1], use_cache=True).past_key_values
+        return model(ids[:, -1:], past_key_values=past).logits
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
+def test_shared_input_linears_take_one_launch_and_keep_the_rule(family, kernels_on_cpu):
+    model, ids = sparse_random_model(family)
+    model.set_sparsity(0.5)
+    sparse_linear.KERNELS_ON_CPU = False  # reference first: masked dense products, linear by linear
+    reference = decode_logits(model, ids[:1, :12])
+    sparse_linear.KERNELS_ON_CPU = True
+    model.set_sparsity(0.5)  # lays out (and, for q/k/v and gate/up, joins) the weights for the kernel
+    kernels_on_cpu.clear()
+    fused = decode_logits(model, ids[:1, :12])
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
+    sizes = {p: out for p, (_, out) in projection_sizes(model.config).items()}
+    qkv = (sizes["q"], sizes["q"] + sizes["k"], sizes["q"] + sizes["k"] + sizes["v"])
+    gate_up = (sizes["gate"], sizes["gate"] + sizes["up"])
+    per_layer = [qkv, (sizes["o"],), gate_up, (sizes["down"],)]
+    assert kernels_on_cpu == per_layer * model.config.num_hidden_layers, "one launch per input, not per projection"
+
+
+def test_switching_levels_updates_joined_thresholds_in_place(kernels_on_cpu):
+    model, ids = sparse_random_model("llama")
+    model.set_sparsity(0.5)
+    group = model._shared_input_groups[0]
+    tau, weight_t = group.tau, group.weight_t
+    at_half = decode_logits(model, ids[:1, :12])
+    model.set_sparsity(0.25)
+    assert group.tau is tau and group.weight_t is weight_t, "captured graphs keep reading the same tensors"
+    at_quarter = decode_logits(model, ids[:1, :12])
+    model.set_sparsity(0)
+    dense = decode_logits(model, ids[:1, :12])
+    model.set_sparsity(0.5)
+    assert group.tau is tau
+    torch.testing.assert_close(decode_logits(model, ids[:1, :12]), at_half)
+    sparse_linear.KERNELS_ON_CPU = False
+    model.set_sparsity(0.25)
+    torch.testing.assert_close(at_quarter, decode_logits(model, ids[:1, :12]), rtol=1e-4, atol=1e-5)
+    model.set_sparsity(0)
+    torch.testing.assert_close(dense, decode_logits(model, ids[:1, :12]))
+
+
+def test_joined_weights_survive_a_dtype_change(kernels_on_cpu):
+    model, ids = sparse_random_model("qwen2")  # q/k/v biases are joined too
+    model.set_sparsity(0.5)
+    model.to(torch.float64)
+    group = model._shared_input_groups[0]
+    assert group.is_fused and group.weight_t.dtype == torch.float64
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.data_ptr() == group.weight_t.data_ptr() and q_proj.bias.dtype == torch.float64
+    fused = decode_logits(model, ids[:1, :12])
+    sparse_linear.KERNELS_ON_CPU = False
+    torch.testing.assert_close(fused, decode_logits(model, ids[:1, :12]))
+
+
+def test_decode_step_compiles_without_graph_breaks(kernels_on_cpu):
+    model, ids = sparse_random_model("llama")
+    model.set_sparsity(0.5)
+    with torch.no_grad():
+        past = model(ids[:1, :11], use_cache=True).past_key_values
+        eager = model(ids[:1, 11:12], past_key_values=copy.deepcopy(past)).logits
+        step = torch.compile(lambda token, cache: model(token, past_key_values=cache).logits, backend="eager",
+                             fullgraph=True)
+        compiled = step(ids[:1, 11:12], copy.deepcopy(past))
+    torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "phi3", "qwen3"])
+@pytest.mark.parametrize("level", [0, 0.5])
+def test_greedy_decoder_gives_generates_tokens(family, level):
+    model, ids = sparse_random_model(family, method="teal")
+    model.set_sparsity(level)
+    prompt = ids[:, :10]  # batch of 2; mistral's sliding window (8) is passed
+    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12,
+                              do_sample=False, pad_token_id=0)
+    decoder = GreedyDecoder(model, max_length=32, batch_size=2)
+    assert torch.equal(decoder.generate(prompt, 12), expected)
+    assert torch.equal(decoder.generate(prompt, 12), expected), "a second call starts from a clean cache"
+
+
+def test_greedy_decoder_on_the_real_model(converted_smollm2, smollm2_folder):
+    from transformers import AutoTokenizer
+
+    folder = converted_smollm2("wina", "global")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32, sparsity=0.25)
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                              min_new_tokens=8)
+    tokens = GreedyDecoder(model, max_length=64).generate(prompt, 8)
+    assert torch.equal(tokens, expected)
+    assert "Paris" in tokenizer.decode(tokens[0, prompt.shape[1]:])
+
+
+def test_greedy_decoder_rejects_what_it_cannot_do():
+    model, ids = sparse_random_model("llama", method="teal")
+    decoder = GreedyDecoder(model, max_length=16, batch_size=1)
+    with pytest.raises(ValueError, match="batch 1"):
+        decoder.generate(ids[:, :4], 2)
+    with pytest.raises(ValueError, match="max_length 16"):
+        decoder.generate(ids[:1, :10], 7)
