@@ -5,7 +5,7 @@ Example (thresholds and sparsities are [layer][projection], projections in PROJE
     "winaconv": {
       "format_version": 1,
       "method": "wina",                # or "teal"
-      "transform": "global",           # "exact", "global" or "none"
+      "transform": "global",           # "exact", "global", "pca" or "none"
       "norm_scored": ["q", "k", ...],  # projections whose score is |x_i| * ||W[:, i]||
       "projections": ["q", "k", "v", "o", "gate", "up", "down"],
       "levels": {"0.5": {"thresholds": [[...7 floats...], ...], "sparsities": [[...]]}, ...},
@@ -24,7 +24,7 @@ from .architectures import PROJECTIONS
 FORMAT_VERSION = 1
 SAFETENSORS_METADATA = {"format": "pt", "winaconv_format_version": str(FORMAT_VERSION)}
 METHODS = ("wina", "teal")
-TRANSFORMS = ("exact", "global", "none")
+TRANSFORMS = ("exact", "global", "pca", "none")
 
 
 class CheckpointFormatError(ValueError):

@@ -59,7 +59,7 @@ def convert(model, out, calib_file, *extra):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
-@pytest.mark.parametrize("transform", ["exact", "global", "none"])
+@pytest.mark.parametrize("transform", ["exact", "global", "pca", "none"])
 def test_convert_loads_dense_with_original_logits(tiny_folder, calib_file, tmp_path, family, transform):
     source = tiny_folder(family)
     out = convert(source, tmp_path / "ckpt", calib_file, "--transform", transform)

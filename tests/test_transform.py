@@ -16,9 +16,13 @@ def max_relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
+def calibration_ids(config, seed=2):
+    return torch.randint(0, config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(seed))
+
+
 def transformed(base, kind):
     model, family = to_runtime_model(copy.deepcopy(base), winaconv_section("wina", kind, ()))
-    apply_transform(model, family, kind)
+    apply_transform(model, family, kind, calibration_ids=calibration_ids(base.config))
     return model, family
 
 
@@ -56,6 +60,28 @@ def test_global_transform_unties_embeddings_and_sets_unit_norms():
         assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
 
 
+def test_pca_transform_decorrelates_the_normed_residual_stream():
+    """After the pca rotation, the calibration text's normed residual stream has a diagonal
+    covariance, largest variance first: the basis really is its principal components."""
+    from winaconv.calibrate import residual_covariance
+
+    base = random_model("qwen2")
+    model, _ = transformed(base, "pca")
+    covariance = residual_covariance(model, calibration_ids(base.config), "cpu")
+    variances = torch.diagonal(covariance)
+    off_diagonal = covariance - torch.diag(variances)
+    assert off_diagonal.abs().max() <= 1e-6 * variances.max()  # float32 weights after the rotation
+    assert torch.all(variances[:-1] >= variances[1:] - 1e-6 * variances.max())
+    before = residual_covariance(transformed(base, "global")[0], calibration_ids(base.config), "cpu")
+    assert (before - torch.diag(torch.diagonal(before))).abs().max() > 1e-3 * torch.diagonal(before).max()
+
+
+def test_pca_transform_needs_calibration_text():
+    model, family = to_runtime_model(random_model("llama"), winaconv_section("wina", "pca", ()))
+    with pytest.raises(ValueError, match="calibration"):
+        apply_transform(model, family, "pca")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", TRANSFORMS)
 def test_transform_keeps_smollm2_logits(smollm2_folder, kind):
@@ -66,6 +92,6 @@ def test_transform_keeps_smollm2_logits(smollm2_folder, kind):
     with torch.no_grad():
         ref = base(ids).logits
         model, family = to_runtime_model(base, winaconv_section("wina", kind, ()))  # shares base's tensors
-        apply_transform(model, family, kind)
+        apply_transform(model, family, kind, calibration_ids=calibration_ids(base.config))
         out = model(ids).logits
     assert max_relative_error(out, ref) <= 1e-4

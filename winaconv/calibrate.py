@@ -203,6 +203,36 @@ def calibrate_layers(model, family, input_ids, shares, settings, progress=None) 
 
 
 @torch.no_grad()
+def residual_covariance(model, input_ids: torch.Tensor, device, micro_batch: int = 8) -> torch.Tensor:
+    """sum over tokens of n n^T, float64, where n is every normed residual stream the model reads
+    (each layer's two norms and the final one), layer by layer like the calibration itself."""
+    hidden, layer_kwargs = capture_layer_inputs(model, input_ids, device)
+    size = model.config.hidden_size
+    covariance = torch.zeros(size, size, dtype=torch.float64, device=device)
+
+    def accumulate(module, args, output):
+        flat = output.reshape(-1, size).double()
+        covariance.add_(flat.T @ flat)
+
+    for layer in model.model.layers:
+        layer.to(device)
+        handles = [norm.register_forward_hook(accumulate)
+                   for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+        try:
+            hidden = torch.cat([_output(layer(chunk.to(device), **layer_kwargs)).to(hidden.device)
+                                for chunk in hidden.split(micro_batch)])
+        finally:
+            for handle in handles:
+                handle.remove()
+            layer.to("cpu")
+    final_norm = model.model.norm.to(device)
+    for chunk in hidden.split(micro_batch):
+        accumulate(final_norm, None, final_norm(chunk.to(device)))
+    final_norm.to("cpu")
+    return covariance
+
+
+@torch.no_grad()
 def uniform_levels(model, family, input_ids: torch.Tensor, levels, norm_scored=()) -> dict:
     """Stores levels where every projection has the level's own sparsity (TEAL's uniform allocation),
     thresholds taken from one dense pass over `input_ids`. For speed runs and tests, where the

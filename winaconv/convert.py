@@ -94,11 +94,11 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     model, family = to_runtime_model(base, section)
     del base
 
+    input_ids = token_sequences(tokenizer, calibration.texts, options.seq_len, options.calib_tokens, options.seed)
     say(f"transform: {options.transform}")
-    apply_transform(model, family, options.transform, device=device)
+    apply_transform(model, family, options.transform, device=device, calibration_ids=input_ids)
     model.to(work_dtype)
 
-    input_ids = token_sequences(tokenizer, calibration.texts, options.seq_len, options.calib_tokens, options.seed)
     settings = CalibrationSettings(
         norm_scored=norm_scored,
         max_sparsity=max(levels),

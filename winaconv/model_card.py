@@ -37,6 +37,8 @@ TRANSFORM_TEXT = {
              "two hidden x hidden shortcut matrices, so the weights are not a plain model of the base architecture",
     "global": "one global rotation of the residual stream folded into the weights; the dense weights are a plain "
               "model of the base architecture",
+    "pca": "one global rotation of the residual stream, the principal components of its normed activations on the "
+           "calibration text, folded into the weights; the dense weights are a plain model of the base architecture",
     "none": "no transform; the dense weights are those of the base model",
 }
 

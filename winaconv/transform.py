@@ -9,6 +9,9 @@ weights are first folded into the linears that read them.
 - "global": one Q for the whole residual stream (a plain model of the same architecture). Q
             diagonalises the sum of W^T W over every matrix reading the stream, so their columns
             are as close to orthogonal as one basis allows.
+- "pca":    one Q for the whole residual stream, like "global", but from the data: the principal
+            components of the normed residual stream on the calibration text (as LaRoSA rotates),
+            which gathers each token's energy into few channels, what magnitude sparsity wants.
 - "exact":  per block, Q = right singular vectors of k_proj (attention) / gate_proj (MLP), so
             those matrices have exactly orthogonal columns (WINA's assumption). The basis changes
             between blocks, so each layer carries two shortcut matrices S = Q_prev^T Q_next.
@@ -19,8 +22,7 @@ import torch
 from torch import nn
 
 from winaconv_runtime.architectures import RESIDUAL_WRITERS, Family, projection_sizes
-
-TRANSFORMS = ("exact", "global", "none")
+from winaconv_runtime.checkpoint_format import TRANSFORMS
 
 
 def _readers(layer, family: Family, block: str) -> list[nn.Linear]:
@@ -135,15 +137,23 @@ def _rotate(model, family: Family, bases: list[tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def apply_transform(model, family: Family, kind: str, device="cpu") -> None:
-    """Transform `model` (a winaconv runtime model) in place; the dense function is unchanged."""
+def apply_transform(model, family: Family, kind: str, device="cpu", calibration_ids=None) -> None:
+    """Transform `model` (a winaconv runtime model) in place; the dense function is unchanged.
+    "pca" needs calibration_ids ([sequences, length] token ids) to find its basis."""
     if kind not in TRANSFORMS:
         raise ValueError(f"unknown transform {kind!r}; choose from {TRANSFORMS}")
     if kind == "none":
         return
+    if kind == "pca" and calibration_ids is None:
+        raise ValueError("the pca transform needs calibration token ids")
     fold_norms(model, family)
-    if kind == "global":
-        q = global_basis(model, family, device)
+    if kind in ("global", "pca"):
+        if kind == "pca":
+            from .calibrate import residual_covariance
+
+            q = _principal_basis(residual_covariance(model, calibration_ids, device))
+        else:
+            q = global_basis(model, family, device)
         _rotate(model, family, [(q, q)] * model.config.num_hidden_layers, q)
     else:
         bases = exact_bases(model, family, device)
