@@ -32,6 +32,8 @@ CONFIGS = [
     ("WINA global", "wina", "global", "paper"),
     ("WINA exact", "wina", "exact", "paper"),
     ("WINA global, reference scoring", "wina", "global", "reference"),
+    ("WINA pca", "wina", "pca", "paper"),
+    ("TEAL pca", "teal", "pca", "paper"),
 ]
 
 
@@ -102,6 +104,8 @@ def write_markdown(results: dict, path: Path) -> None:
         "- **TEAL**: `--method teal --transform none` (score |x_i|).",
         "- **WINA global / exact / none**: `--method wina --scoring paper` (score |x_i|·‖W[:, i]‖ on all seven",
         "  projections, the paper's rule) with each `--transform`.",
+        "- **WINA pca / TEAL pca**: `--transform pca` (one rotation by the principal components of the normed",
+        "  residual stream on the calibration text) with each method.",
         "- **WINA global, reference scoring**: `--scoring reference` (column norms on k and gate only, as",
         "  microsoft/wina's code does; the other five projections use |x_i|).",
         "- All rows: greedy per-projection allocation (TEAL's), same calibration text and budget, seed 0.",
