@@ -25,7 +25,7 @@ def smollm2_gguf() -> Path:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="smollm2-wina")
-    parser.add_argument("--transform", default="none", choices=["exact", "global", "none"])
+    parser.add_argument("--transform", default="pca", choices=["exact", "global", "pca", "none"])
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
 

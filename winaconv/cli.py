@@ -58,11 +58,11 @@ def main():
 @main.command()
 @click.argument("model")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Folder to write the checkpoint to.")
-@click.option("--method", type=click.Choice(["wina", "teal"]), default="teal", show_default=True,
+@click.option("--method", type=click.Choice(["wina", "teal"]), default="wina", show_default=True,
               help="wina scores |x_i|*||W[:,i]||, teal scores |x_i|.")
 @click.option("--scoring", type=click.Choice(["paper", "reference"]), default="paper", show_default=True,
               help="wina only: column norms on all seven projections (paper) or on k and gate only (reference code).")
-@click.option("--transform", type=click.Choice(["exact", "global", "pca", "none"]), default="none", show_default=True,
+@click.option("--transform", type=click.Choice(["exact", "global", "pca", "none"]), default="pca", show_default=True,
               help="Rotation folded into the weights: exact (per block, WINA's), global (one, from the weights), "
                    "pca (one, from the calibration activations) or none.")
 @click.option("--sparsity-levels", default="0.25,0.4,0.5,0.65", show_default=True, callback=parse_levels,
