@@ -74,47 +74,41 @@ def _calibration_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def _time_generate(model, prompt, new_tokens: int, repeats: int = 3) -> float:
+def _ms_per_token(generate, new_tokens: int, repeats: int = 3, warm_tokens: int | None = None):
+    """(time of generate(N + 1) - time of generate(1)) / N in ms, medians of `repeats`, after one
+    warm-up call (compile, capture); also returns what the last full call returned."""
     def run(n):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, cache_implementation="static", pad_token_id=0)
+        result = generate(n)
         torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, result
 
-    run(new_tokens + 1)  # compile and warm up
-    full = statistics.median(run(new_tokens + 1) for _ in range(repeats))
-    prefill = statistics.median(run(1) for _ in range(repeats))
-    return (full - prefill) / new_tokens * 1000
-
-
-def _time_eager(model, prompt, new_tokens: int) -> float:
-    def run(n):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    run(8)
-    return (run(new_tokens + 1) - run(1)) / new_tokens * 1000
-
-
-def _time_graph_decoder(decoder, prompt, new_tokens: int, repeats: int = 3) -> tuple[float, torch.Tensor]:
-    """ms per token of the runtime's CUDA-graph decoder, and the tokens of the last run."""
-    def run(n):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        tokens = decoder.generate(prompt, n)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start, tokens
-
-    run(new_tokens + 1)  # compile, warm up, capture
+    run(new_tokens + 1 if warm_tokens is None else warm_tokens)
     fulls = [run(new_tokens + 1) for _ in range(repeats)]
     prefill = statistics.median(run(1)[0] for _ in range(repeats))
     return (statistics.median(t for t, _ in fulls) - prefill) / new_tokens * 1000, fulls[-1][1]
+
+
+def _hf_generate(model, prompt, **options):
+    """n -> transformers' greedy generate of exactly n new tokens."""
+    return lambda n: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                    min_new_tokens=n, do_sample=False, pad_token_id=0, **options)
+
+
+def _time_generate(model, prompt, new_tokens: int) -> float:
+    """transformers' static cache path (it compiles the decode step itself)."""
+    return _ms_per_token(_hf_generate(model, prompt, cache_implementation="static"), new_tokens)[0]
+
+
+def _time_eager(model, prompt, new_tokens: int) -> float:
+    """transformers' eager path, dynamic cache: slow, so one timed call each."""
+    return _ms_per_token(_hf_generate(model, prompt), new_tokens, repeats=1, warm_tokens=8)[0]
+
+
+def _time_graph_decoder(decoder, prompt, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """ms per token of the runtime's CUDA-graph decoder, and the tokens of the last run."""
+    return _ms_per_token(lambda n: decoder.generate(prompt, n), new_tokens)
 
 
 KERNEL_KINDS = (("winaconv sparse", ("_wina_", "_split_reduce_kernel", "_gather_reduce_kernel")),
@@ -245,9 +239,7 @@ def decode(work: Path, out: Path, new_tokens: int, checkpoints: list[str], synth
         results["weight_read_floor_ms"] = weight_bytes / bandwidth * 1000
         results["transformers_eager_ms"] = _time_eager(base, prompt, 64)
         results["transformers_static_compile_ms"] = _time_generate(base, prompt, new_tokens)
-        reference_tokens = base.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=64,
-                                         min_new_tokens=64, do_sample=False, cache_implementation="static",
-                                         pad_token_id=0)
+        reference_tokens = _hf_generate(base, prompt, cache_implementation="static")(64)
         decoder = GreedyDecoder(base, max_length)
         results["graph_decoder_plain_model_ms"], tokens = _time_graph_decoder(decoder, prompt, new_tokens)
         same = (tokens[0, 128:192] == reference_tokens[0, 128:192]).long().cumprod(0).sum().item()

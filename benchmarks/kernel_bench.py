@@ -197,6 +197,19 @@ def ref64(x, wt, tau, ends, bias):
     return y
 
 
+def captured(f, x):
+    """(CUDA graph of f(x), its output): warmed on a side stream first, as capture requires."""
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        f(x)
+    torch.cuda.current_stream().wait_stream(st)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = f(x)
+    return g, y
+
+
 def relerr(a, r):
     a = a.double()
     if not torch.isfinite(a).all():
@@ -313,14 +326,7 @@ def correctness(full=False):
     log("torch.compile(fullgraph=True):", res)
     try:
         xs = torch.randn(1, Kd, device=dev).bfloat16()
-        st = torch.cuda.Stream()
-        st.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(st):
-            f(xs)
-        torch.cuda.current_stream().wait_stream(st)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            yg = f(xs)
+        g, yg = captured(f, xs)
         errs = []
         for _ in range(3):
             xs.copy_(torch.randn(1, Kd, device=dev).bfloat16())
@@ -333,14 +339,7 @@ def correctness(full=False):
     try:  # the gather kind under manual CUDA-graph capture (fixed grid, device-side work counts)
         K._FORCE_CONFIG = CANDS_G1["g64x256w4p3"]
         xs = torch.randn(1, Kd, device=dev).bfloat16()
-        st = torch.cuda.Stream()
-        st.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(st):
-            f(xs)
-        torch.cuda.current_stream().wait_stream(st)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            yg = f(xs)
+        g, yg = captured(f, xs)
         errs = []
         for sc in (0.0, 1.0, 3.0):  # the kept count changes between replays: 0 %, ~60 %, ~87 % kept
             xs.copy_((torch.randn(1, Kd, device=dev) * sc).bfloat16())

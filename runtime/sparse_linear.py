@@ -65,13 +65,7 @@ class SparseLinear(nn.Linear):
 
     def __init__(self, in_features, out_features, bias=True, segment_sizes=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.segment_sizes = tuple(segment_sizes or (out_features,))
-        if sum(self.segment_sizes) != out_features:
-            raise ValueError(f"segments {self.segment_sizes} do not add up to {out_features} outputs")
-        self.segment_ends = tuple(itertools.accumulate(self.segment_sizes))
-        self.register_buffer("tau", None, persistent=False)
-        self.shared_input_group = None
-        self._pending = None
+        self._init_sparse_state(segment_sizes)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, segment_sizes=None) -> "SparseLinear":
@@ -79,12 +73,17 @@ class SparseLinear(nn.Linear):
         nn.Module.__init__(sparse)
         sparse.in_features, sparse.out_features = linear.in_features, linear.out_features
         sparse.weight, sparse.bias = linear.weight, linear.bias
-        sparse.segment_sizes = tuple(segment_sizes or (linear.out_features,))
-        sparse.segment_ends = tuple(itertools.accumulate(sparse.segment_sizes))
-        sparse.register_buffer("tau", None, persistent=False)
-        sparse.shared_input_group = None
-        sparse._pending = None
+        sparse._init_sparse_state(segment_sizes)
         return sparse
+
+    def _init_sparse_state(self, segment_sizes) -> None:
+        self.segment_sizes = tuple(segment_sizes or (self.out_features,))
+        if sum(self.segment_sizes) != self.out_features:
+            raise ValueError(f"segments {self.segment_sizes} do not add up to {self.out_features} outputs")
+        self.segment_ends = tuple(itertools.accumulate(self.segment_sizes))
+        self.register_buffer("tau", None, persistent=False)
+        self.shared_input_group = None
+        self._pending = None  # (input, output) left by the SharedInputGroup member that ran the launch
 
     @property
     def is_sparse(self) -> bool:
@@ -164,9 +163,9 @@ class SharedInputGroup:
         self.members = tuple(members)
         self.segment_sizes = tuple(size for m in self.members for size in m.segment_sizes)
         self.segment_ends = tuple(itertools.accumulate(self.segment_sizes))
-        self.out_features = sum(m.out_features for m in self.members)
-        self.column_ranges = tuple(zip(itertools.accumulate([0] + [m.out_features for m in self.members]),
-                                       itertools.accumulate(m.out_features for m in self.members)))
+        ends = tuple(itertools.accumulate(m.out_features for m in self.members))
+        self.out_features = ends[-1]
+        self.column_ranges = tuple(zip((0,) + ends[:-1], ends))
         self.weight_t = self.bias = self.tau = None
         self.is_fused = False
         for member in self.members:
@@ -178,14 +177,13 @@ class SharedInputGroup:
     @torch.no_grad()
     def fuse(self) -> None:
         members = self.members
-        weights = [m.weight for m in members]
-        if any(m.tau is None for m in members) or not (weights[0].is_cuda or KERNELS_ON_CPU) or not HAS_TRITON:
+        if any(m.tau is None for m in members) or not (members[0].weight.is_cuda or KERNELS_ON_CPU) or not HAS_TRITON:
             self.is_fused = False
             return
         if self.is_fused:
             return
         if not self._weights_are_fused():
-            fused = weights[0].new_empty((members[0].in_features, self.out_features))
+            fused = members[0].weight.new_empty((members[0].in_features, self.out_features))
             for m, (start, end) in zip(members, self.column_ranges):
                 fused[:, start:end].copy_(m.weight.t())
                 m.weight.data = fused[:, start:end].t()
@@ -204,13 +202,8 @@ class SharedInputGroup:
         self.is_fused = True
 
     def _weights_are_fused(self) -> bool:
-        fused = self.weight_t
-        if fused is None:
-            return False
-        return all(
-            m.weight.device == fused.device and m.weight.dtype == fused.dtype
-            and m.weight.stride() == (1, fused.stride(0)) and m.weight.data_ptr() == fused[:, start].data_ptr()
-            for m, (start, _) in zip(self.members, self.column_ranges)
+        return self.weight_t is not None and all(
+            _is_view(m.weight, self.weight_t[:, start:end].t()) for m, (start, end) in zip(self.members, self.column_ranges)
         )
 
     def _fused_bias(self):
@@ -218,9 +211,7 @@ class SharedInputGroup:
             return None
         fused = self.bias
         if fused is not None and all(
-            m.bias is not None and m.bias.device == fused.device and m.bias.dtype == fused.dtype
-            and m.bias.data_ptr() == fused[start:].data_ptr()
-            for m, (start, _) in zip(self.members, self.column_ranges)
+            _is_view(m.bias, fused[start:end]) for m, (start, end) in zip(self.members, self.column_ranges)
         ):
             return fused  # keep the tensor graphs were captured with
         fused = self.members[0].weight.new_zeros(self.out_features)
@@ -244,3 +235,11 @@ class SharedInputGroup:
             else:
                 m._pending = (x, y[:, start:end])
         return own
+
+
+def _is_view(tensor, view) -> bool:
+    """Whether `tensor` is exactly `view` (same memory, layout, dtype): kept tensors mean kept graphs."""
+    return (
+        tensor is not None and tensor.device == view.device and tensor.dtype == view.dtype
+        and tensor.shape == view.shape and tensor.stride() == view.stride() and tensor.data_ptr() == view.data_ptr()
+    )

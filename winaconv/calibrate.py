@@ -13,7 +13,7 @@ import torch
 from winaconv_runtime.architectures import ATTENTION_PROJECTIONS, PROJECTIONS
 from winaconv_runtime.modeling_winaconv import attention_residual, mlp_residual, sparse_linears
 
-from .statistics import ScoreSampler, gating_scores, threshold_at
+from .statistics import ScoreSampler, gating_scores, quantile_grid, threshold_at
 
 MAX_PROJECTION_SPARSITY = 0.995
 
@@ -97,6 +97,12 @@ def _output(result):
     return result[0] if isinstance(result, tuple) else result
 
 
+def scoring_norms(linear, projections, norm_scored) -> dict:
+    """Per projection of `linear`: its column norms where it is scored with them (WINA), else None."""
+    segments = linear.weight.split(linear.segment_sizes, dim=0)
+    return {p: (w.float().norm(dim=0) if p in norm_scored else None) for p, w in zip(projections, segments)}
+
+
 @torch.no_grad()
 def collect_statistics(layer, family, hidden, layer_kwargs, settings, generator) -> tuple[dict, torch.Tensor]:
     """Dense pass over all sequences: score quantiles per projection and the layer's outputs."""
@@ -104,8 +110,7 @@ def collect_statistics(layer, family, hidden, layer_kwargs, settings, generator)
     samplers, handles = {}, []
     for projections, linear in sparse_linears(layer, family):
         linear.set_thresholds(None, None)
-        segments = linear.weight.split(linear.segment_sizes, dim=0)
-        norms = {p: (w.float().norm(dim=0) if p in settings.norm_scored else None) for p, w in zip(projections, segments)}
+        norms = scoring_norms(linear, projections, settings.norm_scored)
         for p in projections:
             samplers[p] = ScoreSampler(settings.max_scores, total_per_input * linear.in_features, generator)
 
@@ -243,14 +248,11 @@ def uniform_levels(model, family, input_ids: torch.Tensor, levels, norm_scored=(
     grids, handles = {}, []
     for layer_idx, layer in enumerate(model.model.layers):
         for projections, linear in sparse_linears(layer, family):
-            segments = linear.weight.split(linear.segment_sizes, dim=0)
-            norms = [w.float().norm(dim=0) if p in norm_scored else None for p, w in zip(projections, segments)]
+            norms = scoring_norms(linear, projections, norm_scored)
 
-            def record(module, args, key=(layer_idx, projections), norms=norms):
-                for p, n in zip(key[1], norms):
-                    values = gating_scores(args[0], n).reshape(-1).sort().values
-                    positions = torch.linspace(0, values.numel() - 1, 2049, device=values.device).round().long()
-                    grids[key[0], p] = values[positions].cpu()
+            def record(module, args, layer_idx=layer_idx, norms=norms):
+                for p, n in norms.items():
+                    grids[layer_idx, p] = quantile_grid(gating_scores(args[0], n)).cpu()
 
             handles.append(linear.register_forward_pre_hook(record))
     try:

@@ -28,9 +28,14 @@ class ScoreSampler:
         self.parts.append(flat.cpu())
 
     def quantile_grid(self) -> torch.Tensor:
-        values = torch.cat(self.parts).sort().values
-        positions = torch.linspace(0, values.numel() - 1, GRID_POINTS).round().long()
-        return values[positions]
+        return quantile_grid(torch.cat(self.parts))
+
+
+def quantile_grid(scores: torch.Tensor) -> torch.Tensor:
+    """GRID_POINTS evenly spaced order statistics of `scores` (any shape), smallest first."""
+    values = scores.reshape(-1).sort().values
+    positions = torch.linspace(0, values.numel() - 1, GRID_POINTS, device=values.device).round().long()
+    return values[positions]
 
 
 def threshold_at(grid: torch.Tensor, sparsity: float) -> float:
