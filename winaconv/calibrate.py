@@ -97,6 +97,12 @@ def _output(result):
     return result[0] if isinstance(result, tuple) else result
 
 
+def layer_outputs(layer, hidden, layer_kwargs, device, micro_batch: int) -> torch.Tensor:
+    """The layer applied to every sequence, micro-batches on `device`, results where `hidden` lives."""
+    return torch.cat([_output(layer(chunk.to(device), **layer_kwargs)).to(hidden.device)
+                      for chunk in hidden.split(micro_batch)])
+
+
 def scoring_norms(linear, projections, norm_scored) -> dict:
     """Per projection of `linear`: its column norms where it is scored with them (WINA), else None."""
     segments = linear.weight.split(linear.segment_sizes, dim=0)
@@ -119,14 +125,12 @@ def collect_statistics(layer, family, hidden, layer_kwargs, settings, generator)
                 samplers[p].add(gating_scores(args[0], norms[p]))
 
         handles.append(linear.register_forward_pre_hook(record))
-    outputs = []
     try:
-        for chunk in hidden.split(settings.micro_batch):
-            outputs.append(_output(layer(chunk.to(settings.device), **layer_kwargs)).to(hidden.device))
+        outputs = layer_outputs(layer, hidden, layer_kwargs, settings.device, settings.micro_batch)
     finally:
         for handle in handles:
             handle.remove()
-    return {p: samplers[p].quantile_grid() for p in PROJECTIONS}, torch.cat(outputs)
+    return {p: samplers[p].quantile_grid() for p in PROJECTIONS}, outputs
 
 
 @torch.no_grad()
@@ -224,8 +228,7 @@ def residual_covariance(model, input_ids: torch.Tensor, device, micro_batch: int
         handles = [norm.register_forward_hook(accumulate)
                    for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
         try:
-            hidden = torch.cat([_output(layer(chunk.to(device), **layer_kwargs)).to(hidden.device)
-                                for chunk in hidden.split(micro_batch)])
+            hidden = layer_outputs(layer, hidden, layer_kwargs, device, micro_batch)
         finally:
             for handle in handles:
                 handle.remove()
