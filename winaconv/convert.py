@@ -26,8 +26,8 @@ REFERENCE_NORM_SCORED = ("k", "gate")
 class ConvertOptions:
     model: str
     out: Path
-    # WINA with the pca rotation: best or tied at 25/40/65% on SmolLM2, within 2% of TEAL-pca at 50%
-    # (benchmarks/experiments/pca_rotation.md); the rotation folds into the weights, so it costs no speed
+    # WINA with the pca rotation: best at 40/65% on SmolLM2, within 1.3% of TEAL-pca at 25/50%
+    # (benchmarks/accuracy_pca_4k.md); the rotation folds into the weights, so it costs no speed
     method: str = "wina"
     scoring: str = "paper"
     transform: str = "pca"
