@@ -218,6 +218,20 @@ def relerr(a, r):
 
 
 # ---------------------------------------------------------------------------------------------
+def quick_gather_check():
+    """Batch-1 gather configs against float64 on two Llama-3-8B shapes (0/50/90 %, +inf thresholds)."""
+    for cname, cfg in CANDS_G1.items():
+        worst = 0.0
+        for Kd, ends in [(4096, (4096, 5120, 6144)), (14336, (4096,))]:
+            wt = (torch.randn(Kd, ends[-1], device="cuda") / math.sqrt(Kd)).bfloat16()
+            for s in (0.0, 0.5, 0.9):
+                x, tau, _ = make_inputs(Kd, ends, 1, s, seed=3)
+                tau[:, ::13] = float("inf")
+                y = K._launch(x, wt, tau, ends, None, cfg)
+                worst = max(worst, relerr(y, ref64(x, wt, tau, ends, None)))
+        log(f"{cname} T=1 worst rel err vs float64 {worst:.2e}")
+
+
 def correctness(full=False):
     log("== correctness on GPU (rel. error vs float64 reference of the masked product) ==")
     dev = "cuda"
@@ -388,7 +402,7 @@ def pick(times):
     return sorted(gm, key=gm.get)
 
 
-def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, gather=False):
+def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, gather=False, batches=(1, 2, 4, 8)):
     N = ends[-1]
     wbytes = Kd * N * 2
     ncp = max(2, math.ceil(400e6 / wbytes))
@@ -441,7 +455,7 @@ def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, gather=False)
 
     gbest = {}
     if gather:  # pick the gather config per batch size by measurement (geomean over the levels)
-        for T in (1, 2, 4, 8):
+        for T in batches:
             order = sweep("gather sweep", T, CANDS_G1 if T == 1 else CANDS_GB)
             if order:
                 gbest[T] = ALL_CANDS[order[0]]
@@ -475,7 +489,7 @@ def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, gather=False)
         log(f"{name:8} {s:4.2f} {union:5.2f} | {g_dense:7.1f} {g_teal:6.1f} {g_ours:6.1f} {g_dense / g_ours:7.2f} "
             f"{g_teal / g_ours:6.2f} {rb / g_ours / 1e6:5.2f} | {t_dense:7.1f} {t_mm:6.1f} {t_teal:6.1f} {t_ours:6.1f}"
             + gtxt)
-    for T in (2, 4, 8):
+    for T in [b for b in batches if b > 1]:
         cfg_b = cfg_for(T)
         for s in (0.0, 0.5, 0.9):
             x, tau, q = make_inputs(Kd, ends, T, s, seed=T)
@@ -521,7 +535,10 @@ def main():
                     help="also sweep and time the 'gather' kind (compaction + persistent gather) per batch size")
     ap.add_argument("--full-check", action="store_true", help="check every candidate config on the GPU")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--quick-gather-check", action="store_true",
+                    help="with --skip-check: only check the batch-1 gather configs against float64")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    ap.add_argument("--batches", default="1,2,4,8", help="batch sizes of the gather sweep and the batched rows")
     ap.add_argument("--out", default="kernel_bench.txt")
     args = ap.parse_args()
     global _LOG_PATH
@@ -530,6 +547,8 @@ def main():
     t0 = time.time()
     bw_copy, _ = env_and_bandwidth()
     ok = True
+    if args.quick_gather_check:
+        quick_gather_check()
     if not args.skip_check:
         ok = correctness(args.full_check)
         log(f"[{time.time() - t0:.0f}s] correctness {'OK' if ok else 'FAILED'}")
@@ -537,7 +556,8 @@ def main():
     for name, (Kd, ends) in SHAPES.items():
         if name not in args.shapes.split(","):
             continue
-        run_shape(name, Kd, ends, args.sweep, res, best, mini=args.mini, gather=args.gather)
+        run_shape(name, Kd, ends, args.sweep, res, best, mini=args.mini, gather=args.gather,
+                  batches=tuple(int(b) for b in args.batches.split(",")))
         log(f"[{time.time() - t0:.0f}s] {name} done")
     log(f"best: {best}")
     summary(res, bw_copy)

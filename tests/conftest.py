@@ -78,6 +78,19 @@ def converted_smollm2(smollm2_folder, tmp_path_factory):
     return make
 
 
+@pytest.fixture(autouse=True)
+def interpreted_kernels_stay_in_bounds():
+    """Every test: a Triton kernel run by the CPU interpreter that touches memory outside its tensor
+    arguments fails the test at that launch (instead of corrupting this process's heap)."""
+    import interpreter_bounds
+
+    if os.environ.get("TRITON_INTERPRET") != "1" or not interpreter_bounds.AVAILABLE:
+        yield
+        return
+    with interpreter_bounds.bounds_checked():
+        yield
+
+
 # Interpreted Triton kernels first: once, in a full run, test_kernels.py failed with std::bad_alloc
 # inside the interpreter after the real-model tests had grown the process (never when run first or
 # alone; not understood). Running them early keeps CI green while that is investigated.

@@ -90,17 +90,17 @@ def _tol(dtype):
 
 @pytest.fixture
 def poisoned_empty(monkeypatch):
-    """Every torch.empty of a floating dtype is NaN-filled: an output (or partial-sum workspace)
-    element the kernel forgets to write shows up as NaN."""
-    orig = torch.empty
+    """Every buffer the kernels allocate of a floating dtype is NaN-filled: an output (or partial-sum
+    workspace) element the kernel forgets to write shows up as NaN."""
+    orig = K._new_buffer
 
-    def empty(*a, **k):
+    def new_buffer(*a, **k):
         t = orig(*a, **k)
         if t.is_floating_point():
             t.fill_(float("nan"))
         return t
 
-    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(K, "_new_buffer", new_buffer)
     yield
 
 
@@ -165,6 +165,33 @@ def test_triton_matches_float64(in_f, ends, dtype, poisoned_empty):
         assert err < _tol(dtype), (T, sp, bias, err)
 
 
+if K.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _copy_kernel(src_ptr, dst_ptr, n, overrun, BLOCK: tl.constexpr):
+        """dst[i] = src[i] for i < n + overrun: overrun > 0 writes past the end of dst."""
+        offs = tl.arange(0, BLOCK)
+        tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n, other=0.0), mask=offs < n + overrun)
+
+
+@needs_interp
+def test_bounds_check_catches_out_of_bounds_stores():
+    """The conftest's interpreter bounds check (active in every test) is what makes the kernel tests
+    memory-safe: one element past a tensor, or past a view into a larger tensor, is an error."""
+    src = torch.arange(10, dtype=torch.float32)
+    dst = torch.zeros(10)
+    _copy_kernel[(1,)](src, dst, 10, 0, BLOCK=16)
+    assert torch.equal(dst, src)
+    with pytest.raises(Exception, match="outside every tensor argument"):
+        _copy_kernel[(1,)](src, dst, 10, 1, BLOCK=16)
+    whole = torch.zeros(20)
+    with pytest.raises(Exception, match="outside every tensor argument"):
+        _copy_kernel[(1,)](src, whole[:10], 10, 1, BLOCK=16)  # element 10 is in `whole`, not the view
+    assert float(whole[10]) == 0.0, "the offending store must not have happened"
+
+
 CONFIGS = [
     K.KernelConfig("tile", 64, 128, 4, 1, "two_pass"),   # split-K + reduce launch, T=1 FMA path
     K.KernelConfig("tile", 64, 64, 4, 2, "sem"),         # last-program reduction with tickets, 2 sub-tiles
@@ -183,13 +210,12 @@ def test_triton_configs(cfg, poisoned_empty):
     seed = 5000
     for in_f, ends in [(333, (64, 200, 451)), (300, (100, 200, 300, 400, 500, 650))]:
         for T, dtype in ((1, torch.float32), (3, torch.bfloat16), (1, torch.bfloat16), (8, torch.float32)):
-            if True:
-                seed += 1
-                x, w, tau, b = _make(in_f, ends, T, 0.5, dtype, True, seed)
-                y = K._launch(x, w, tau, ends, b, cfg)
-                y2 = K._launch(x, w, tau, ends, b, cfg)
-                assert torch.equal(y, y2), "not deterministic"
-                assert _rel(y, _ref64(x, w, tau, ends, b)) < _tol(dtype)
+            seed += 1
+            x, w, tau, b = _make(in_f, ends, T, 0.5, dtype, True, seed)
+            y = K._launch(x, w, tau, ends, b, cfg)
+            y2 = K._launch(x, w, tau, ends, b, cfg)
+            assert torch.equal(y, y2), "not deterministic"
+            assert _rel(y, _ref64(x, w, tau, ends, b)) < _tol(dtype)
     if cfg.red == "sem" and K._COUNTERS:
         assert all(int(c.abs().sum()) == 0 for c in K._COUNTERS.values()), "tickets not reset"
 
@@ -257,12 +283,13 @@ GATHER_CFG = K.KernelConfig("gather", 256, 128, 4, 1, "two_pass", 1, 256, 3) if 
 
 @pytest.fixture
 def poisoned_empty_all(monkeypatch):
-    """Like poisoned_empty, and integer tensors (kept-row indices, counts) are filled with garbage
+    """Like poisoned_empty, and integer buffers (kept-row indices, counts) are filled with garbage
     (huge and negative values alternating): an index or count the kernels forget to write, or read
-    past its count, shows up as a wrong / non-finite result or an out-of-bounds access."""
-    orig = torch.empty
+    past its count, shows up as a wrong / non-finite result or an out-of-bounds access (which the
+    interpreter bounds check of conftest.py reports)."""
+    orig = K._new_buffer
 
-    def empty(*a, **k):
+    def new_buffer(*a, **k):
         t = orig(*a, **k)
         if t.is_floating_point():
             t.fill_(float("nan"))
@@ -272,7 +299,7 @@ def poisoned_empty_all(monkeypatch):
             flat[1::2] = -7
         return t
 
-    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(K, "_new_buffer", new_buffer)
     yield
 
 
