@@ -19,7 +19,8 @@ Design of the Triton kernel (measurements behind it: benchmarks/kernels.md, NOTE
     self-resetting int32 tickets): deterministic, no float atomics, no memset;
   * "stream": one launch, a program walks all K with a hand-written software pipeline (kept as an
     option; slower on the H100);
-  * "gather" (opt-in via KernelConfig, not chosen by choose_config until measured): a compaction
+  * "gather" (opt-in via KernelConfig: on the H100 it beats the tile kernel only from 80 % sparsity,
+    gate+up from 65 %, and loses at 25-50 %, benchmarks/kernels.md): a compaction
     launch writes, per segment and per block of `cblock` input channels, the indices of the channels
     some token keeps (prefix-sum ranks, no atomics) and their count; a persistent launch (fixed grid
     = progs x SMs, work count read on the device) streams tiles of block_k KEPT rows, so the rows in

@@ -220,25 +220,35 @@ def test_triton_configs(cfg, poisoned_empty):
         assert all(int(c.abs().sum()) == 0 for c in K._COUNTERS.values()), "tickets not reset"
 
 
+@pytest.fixture(params=["tile", "gather"])
+def kernel_kind(request, monkeypatch):
+    """Run a test once with the default (tile) config and once with the gather kind forced."""
+    if request.param == "gather":
+        monkeypatch.setattr(K, "_FORCE_CONFIG", GATHER_CFG)
+    return request.param
+
+
 @needs_interp
-def test_triton_inf_and_zero_thresholds():
-    in_f, ends = 576, (576, 768, 960)
-    x, w, _, b = _make(in_f, ends, 3, 0.0, torch.float32, True, 7)
-    x[:, ::5] = 0.0
-    # all-zero tau: every nonzero channel kept -> plain dense product
-    tau0 = torch.zeros(3, in_f)
-    y = K.sparse_linear_triton(x, w, tau0, ends, b)
+def test_triton_inf_and_zero_thresholds(kernel_kind, poisoned_empty_all):
+    in_f, ends = 300, (100, 250, 400)
+    x, w, _, b = _make(in_f, ends, 3, 0.0, torch.float32, True, 17)
+    x[:, ::4] = 0.0
+    # all-zero tau keeps every nonzero channel: the dense product
+    y = K.sparse_linear_triton(x, w, torch.zeros(3, in_f), ends, b)
     assert _rel(y, x.double() @ w.double() + b.double()) < 1e-5
-    # segment 1 all +inf: its columns are exactly the bias, the other segments untouched
+    # a segment with every threshold +inf: its columns are exactly the bias, the others untouched
     tau = torch.zeros(3, in_f)
     tau[1] = float("inf")
     y = K.sparse_linear_triton(x, w, tau, ends, b)
-    assert torch.equal(y[:, 576:768], b[576:768].expand(3, -1))
+    assert torch.equal(y[:, 100:250], b[100:250].expand(3, -1))
     assert _rel(y, _ref64(x, w, tau, ends, b)) < 1e-5
+    # everything dropped, no bias: exact zeros (no partial is read unwritten)
+    y = K.sparse_linear_triton(x, w, torch.full((3, in_f), float("inf")), ends)
+    assert torch.equal(y, torch.zeros_like(y))
 
 
 @needs_interp
-def test_triton_more_than_16_tokens():
+def test_triton_more_than_16_tokens(kernel_kind):
     in_f, ends = 300, (200, 450)
     x, w, tau, b = _make(in_f, ends, 19, 0.5, torch.float32, True, 11)
     y = K.sparse_linear_triton(x, w, tau, ends, b)
@@ -246,7 +256,7 @@ def test_triton_more_than_16_tokens():
 
 
 @needs_interp
-def test_compile_fullgraph_and_fake():
+def test_compile_fullgraph_and_fake(kernel_kind):
     in_f, ends = 300, (200, 450)
     x, w, tau, b = _make(in_f, ends, 2, 0.5, torch.float32, True, 13)
 
@@ -255,8 +265,8 @@ def test_compile_fullgraph_and_fake():
 
     torch._dynamo.reset()
     cf = torch.compile(f, fullgraph=True, backend="aot_eager")
-    for seed in (1, 2):
-        xi = torch.randn(2, in_f, generator=_gen(seed))
+    for seed, T in ((1, 1), (2, 4)):
+        xi = torch.randn(T, in_f, generator=_gen(seed))
         assert _rel(cf(xi) / 2, _ref64(xi, w, tau, ends, b)) < 1e-5
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
@@ -348,50 +358,9 @@ def test_gather_matches_float64(in_f, ends, force_gather, poisoned_empty_all):
         assert torch.equal(y, K.sparse_linear_triton(x, w, tau, ends, b)), "not deterministic"
 
 
-@needs_interp
-def test_gather_dead_segments_and_zero_tau(force_gather, poisoned_empty_all):
-    in_f, ends = 300, (100, 250, 400)
-    x, w, _, b = _make(in_f, ends, 3, 0.0, torch.float32, True, 17)
-    x[:, ::4] = 0.0
-    # all-zero tau keeps every nonzero channel: the dense product
-    y = K.sparse_linear_triton(x, w, torch.zeros(3, in_f), ends, b)
-    assert _rel(y, x.double() @ w.double() + b.double()) < 1e-5
-    # a segment with every threshold +inf has no tile at all: its columns are exactly the bias
-    tau = torch.zeros(3, in_f)
-    tau[1] = float("inf")
-    y = K.sparse_linear_triton(x, w, tau, ends, b)
-    assert torch.equal(y[:, 100:250], b[100:250].expand(3, -1))
-    assert _rel(y, _ref64(x, w, tau, ends, b)) < 1e-5
-    # everything dropped, no bias: exact zeros (no partial is read)
-    y = K.sparse_linear_triton(x, w, torch.full((3, in_f), float("inf")), ends)
-    assert torch.equal(y, torch.zeros_like(y))
-
-
-@needs_interp
-def test_gather_more_than_16_tokens(force_gather):
-    in_f, ends = 200, (120, 300)
-    x, w, tau, b = _make(in_f, ends, 19, 0.5, torch.float32, True, 19)
-    y = K.sparse_linear_triton(x, w, tau, ends, b)
-    assert _rel(y, _ref64(x, w, tau, ends, b)) < 1e-5
-
-
-@needs_interp
-def test_gather_compile_fullgraph(force_gather):
-    in_f, ends = 300, (200, 450)
-    x, w, tau, b = _make(in_f, ends, 2, 0.5, torch.float32, True, 23)
-
-    def f(x):
-        return K.sparse_linear_triton(x, w, tau, ends, b) * 2.0
-
-    torch._dynamo.reset()
-    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
-    for seed, T in ((1, 1), (2, 4)):
-        xi = torch.randn(T, in_f, generator=_gen(seed))
-        assert _rel(cf(xi) / 2, _ref64(xi, w, tau, ends, b)) < 1e-5
-
-
 def test_choose_config_default_unchanged(monkeypatch):
-    """The gather kind is opt-in until it is measured: the default stays the measured tile config."""
+    """The gather kind is opt-in: on the H100 it is slower than the tile kernel at the levels people run
+    (up to 65%, benchmarks/kernels.md), so the default stays the tile config."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # choose_config reads it per call
     monkeypatch.setattr(K, "_FORCE_CONFIG", None)
     assert K.choose_config(1, 4096, 4096)[0] == "tile"
