@@ -320,6 +320,16 @@ if HAS_TRITON:
         return c, tiles, cum, tl.sum(tiles, axis=0)
 
     @triton.jit
+    def _into_segment(sel, new_seg, col_start, col_end, items_before, counts, tiles, cum_tiles,
+                      seg, start, end, wl, cv, tv, cu):
+        """Where `sel`, the work item belongs to segment new_seg (columns [col_start, col_end), its
+        numbering starting after the previous segment's items_before items, its compaction counts,
+        tiles and cumulative tiles): the gather kernel's walk from one segment to the next."""
+        return (tl.where(sel, new_seg, seg), tl.where(sel, col_start, start), tl.where(sel, col_end, end),
+                tl.where(sel, wl - items_before, wl), tl.where(sel, counts, cv), tl.where(sel, tiles, tv),
+                tl.where(sel, cum_tiles, cu))
+
+    @triton.jit
     def _wina_gather_kernel(
         x_ptr, w_ptr, tau_ptr, ws_ptr, idx_ptr, cnt_ptr,
         T, K, stride_x, stride_w, stride_tau, stride_idx, stride_cnt, stride_split, stride_ws,
@@ -360,32 +370,14 @@ if HAS_TRITON:
             wl = wi
             cv, tv, cu = c0, tl0, cu0
             if N_SEG > 1:
-                sel = wl >= w0
-                seg = tl.where(sel, 1, seg)
-                start = tl.where(sel, e0, start)
-                end = tl.where(sel, e1, end)
-                wl = tl.where(sel, wl - w0, wl)
-                cv = tl.where(sel, c1, cv)
-                tv = tl.where(sel, tl1, tv)
-                cu = tl.where(sel, cu1, cu)
+                seg, start, end, wl, cv, tv, cu = _into_segment(
+                    wl >= w0, 1, e0, e1, w0, c1, tl1, cu1, seg, start, end, wl, cv, tv, cu)
             if N_SEG > 2:
-                sel = (seg == 1) & (wl >= w1)
-                seg = tl.where(sel, 2, seg)
-                start = tl.where(sel, e1, start)
-                end = tl.where(sel, e2, end)
-                wl = tl.where(sel, wl - w1, wl)
-                cv = tl.where(sel, c2, cv)
-                tv = tl.where(sel, tl2, tv)
-                cu = tl.where(sel, cu2, cu)
+                seg, start, end, wl, cv, tv, cu = _into_segment(
+                    (seg == 1) & (wl >= w1), 2, e1, e2, w1, c2, tl2, cu2, seg, start, end, wl, cv, tv, cu)
             if N_SEG > 3:
-                sel = (seg == 2) & (wl >= w2)
-                seg = tl.where(sel, 3, seg)
-                start = tl.where(sel, e2, start)
-                end = tl.where(sel, e3, end)
-                wl = tl.where(sel, wl - w2, wl)
-                cv = tl.where(sel, c3, cv)
-                tv = tl.where(sel, tl3, tv)
-                cu = tl.where(sel, cu3, cu)
+                seg, start, end, wl, cv, tv, cu = _into_segment(
+                    (seg == 2) & (wl >= w2), 3, e2, e3, w2, c3, tl3, cu3, seg, start, end, wl, cv, tv, cu)
             ncol = (end - start + BLOCK_N - 1) // BLOCK_N
             tile = wl // ncol
             cb = wl - tile * ncol
