@@ -218,8 +218,22 @@ def relerr(a, r):
 
 
 # ---------------------------------------------------------------------------------------------
-def quick_gather_check():
-    """Batch-1 gather configs against float64 on two Llama-3-8B shapes (0/50/90 %, +inf thresholds)."""
+def quick_check():
+    """A minute's check: the default op eager, under torch.compile(fullgraph) and replayed from a CUDA
+    graph (qkv shape, batch 1, 50 %), then every batch-1 gather config on two Llama-3-8B shapes at
+    0/50/90 % with +inf thresholds; relative error against the float64 masked product."""
+    Kd, ends = 4096, (4096, 5120, 6144)
+    wt = (torch.randn(Kd, ends[-1], device="cuda") / math.sqrt(Kd)).bfloat16()
+    b = torch.randn(ends[-1], device="cuda").bfloat16()
+    x, tau, _ = make_inputs(Kd, ends, 1, 0.5, seed=5)
+    ref = ref64(x, wt, tau, ends, b)
+    compiled = torch.compile(lambda v: K.sparse_linear_triton(v, wt, tau, ends, b), fullgraph=True)
+    e_compiled = relerr(compiled(x), ref)
+    graph, y = captured(compiled, x)
+    graph.replay()
+    torch.cuda.synchronize()
+    log(f"default op: compiled {e_compiled:.1e}, graph {relerr(y, ref):.1e}, "
+        f"eager {relerr(K.sparse_linear_triton(x, wt, tau, ends, b), ref):.1e}")
     for cname, cfg in CANDS_G1.items():
         worst = 0.0
         for Kd, ends in [(4096, (4096, 5120, 6144)), (14336, (4096,))]:
@@ -535,8 +549,8 @@ def main():
                     help="also sweep and time the 'gather' kind (compaction + persistent gather) per batch size")
     ap.add_argument("--full-check", action="store_true", help="check every candidate config on the GPU")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--quick-gather-check", action="store_true",
-                    help="with --skip-check: only check the batch-1 gather configs against float64")
+    ap.add_argument("--quick-check", action="store_true",
+                    help="a minute's correctness check (default op eager/compiled/graphed, batch-1 gather configs)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     ap.add_argument("--batches", default="1,2,4,8", help="batch sizes of the gather sweep and the batched rows")
     ap.add_argument("--out", default="kernel_bench.txt")
@@ -547,8 +561,8 @@ def main():
     t0 = time.time()
     bw_copy, _ = env_and_bandwidth()
     ok = True
-    if args.quick_gather_check:
-        quick_gather_check()
+    if args.quick_check:
+        quick_check()
     if not args.skip_check:
         ok = correctness(args.full_check)
         log(f"[{time.time() - t0:.0f}s] correctness {'OK' if ok else 'FAILED'}")
