@@ -64,7 +64,8 @@ def bounds_checked():
 
     def checked_launch(self, *args, **kwargs):
         outer = list(spans)
-        spans[:] = [_span(a) for a in map(_interp._unwrap_tensor, list(args) + list(kwargs.values()))
+        unwrap = getattr(_interp, "_unwrap_tensor", lambda a: getattr(a, "base", a))  # TensorWrapper -> tensor
+        spans[:] = [_span(a) for a in map(unwrap, list(args) + list(kwargs.values()))
                     if isinstance(a, torch.Tensor) and a.numel()]
         try:
             return launch(self, *args, **kwargs)
