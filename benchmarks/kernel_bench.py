@@ -530,13 +530,15 @@ def summary(results, bw_copy):
             continue
         log(f"{name:8} ours " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_ours']:.2f}" for r in rs))
         log(f"{name:8} teal " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_teal']:.2f}" for r in rs))
-        if rs and rs[0].get("g_gather"):
+        if rs[0].get("g_gather"):
             log(f"{name:8} gath " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_gather']:.2f}"
                                             for r in rs))
     for T in (2, 4, 8):
         rs = [r for r in results if r["T"] == T]
+        if not rs:  # batch size not run (--batches)
+            continue
         log(f"T={T}: " + "  ".join(f"{r['shape']}@{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_ours']:.2f}" for r in rs))
-        if rs and rs[0].get("g_gather"):
+        if rs[0].get("g_gather"):
             log(f"T={T} gather: " + "  ".join(f"{r['shape']}@{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_gather']:.2f}"
                                              for r in rs))
 

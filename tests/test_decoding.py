@@ -10,18 +10,18 @@ from transformers import AutoModelForCausalLM
 from winaconv.calibrate import uniform_levels
 from winaconv.runtime_model import to_runtime_model, winaconv_section
 from winaconv_runtime import sparse_linear
-from winaconv_runtime.architectures import projection_sizes
+from winaconv_runtime.architectures import PROJECTIONS, projection_sizes
 from winaconv_runtime.decoding import GreedyDecoder
 
 from random_models import FAMILY_MODELS, random_model
 
-ALL_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
 
 
 def sparse_random_model(family, method="wina"):
     model, fam = to_runtime_model(random_model(family), winaconv_section(method, "none", ()))
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    uniform_levels(model, fam, ids, [0.25, 0.5], ALL_PROJECTIONS if method == "wina" else ())
+    uniform_levels(model, fam, ids, [0.25, 0.5], PROJECTIONS if method == "wina" else ())
     return model, ids
 
 

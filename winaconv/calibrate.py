@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from winaconv_runtime.architectures import ATTENTION_PROJECTIONS, PROJECTIONS
+from winaconv_runtime.checkpoint_format import SparsitySettings, level_key
 from winaconv_runtime.modeling_winaconv import attention_residual, mlp_residual, sparse_linears
 
 from .statistics import ScoreSampler, gating_scores, quantile_grid, threshold_at
@@ -245,8 +246,6 @@ def uniform_levels(model, family, input_ids: torch.Tensor, levels, norm_scored=(
     """Stores levels where every projection has the level's own sparsity (TEAL's uniform allocation),
     thresholds taken from one dense pass over `input_ids`. For speed runs and tests, where the
     greedy search's cost buys nothing; accuracy comes from calibrate_layers."""
-    from winaconv_runtime.checkpoint_format import SparsitySettings, level_key
-
     model.set_sparsity(0)
     grids, handles = {}, []
     for layer_idx, layer in enumerate(model.model.layers):

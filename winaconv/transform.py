@@ -24,6 +24,8 @@ from torch import nn
 from winaconv_runtime.architectures import RESIDUAL_WRITERS, Family, projection_sizes
 from winaconv_runtime.checkpoint_format import TRANSFORMS
 
+from .calibrate import residual_covariance
+
 
 def _readers(layer, family: Family, block: str) -> list[nn.Linear]:
     wanted = {"attention": ("q", "k", "v"), "mlp": ("gate", "up")}[block]
@@ -147,15 +149,13 @@ def apply_transform(model, family: Family, kind: str, device="cpu", calibration_
     if kind == "pca" and calibration_ids is None:
         raise ValueError("the pca transform needs calibration token ids")
     fold_norms(model, family)
-    if kind in ("global", "pca"):
-        if kind == "pca":
-            from .calibrate import residual_covariance
-
-            q = _principal_basis(residual_covariance(model, calibration_ids, device))
-        else:
-            q = global_basis(model, family, device)
-        _rotate(model, family, [(q, q)] * model.config.num_hidden_layers, q)
-    else:
+    if kind == "exact":
         bases = exact_bases(model, family, device)
         _rotate(model, family, bases, bases[-1][1])
+        return
+    if kind == "pca":
+        q = _principal_basis(residual_covariance(model, calibration_ids, device))
+    else:
+        q = global_basis(model, family, device)
+    _rotate(model, family, [(q, q)] * model.config.num_hidden_layers, q)
 
