@@ -138,7 +138,24 @@ CANDS_GB = {
     "gd128x64w4p3": KC("gather", 128, 64, 4, 1, "two_pass", 1, 4096, 3),
     "gd64x256w4p3": KC("gather", 64, 256, 4, 1, "two_pass", 1, 4096, 3),
 }
-ALL_CANDS = {**CANDS_T1, **CANDS_TB, **CANDS_MINI, **CANDS_G1, **CANDS_GB}
+# "stream" kind with split-K (H200 question of 2026-12-01): each program streams a K range with two
+# tiles in flight; progs = target programs per SM (the K splits are sized from it); 'sem' = one launch.
+CANDS_S1 = {
+    "s64x128p4p": KC("stream", 64, 128, 4, 1, "two_pass", 1, 4096, 4),
+    "s64x128p4s": KC("stream", 64, 128, 4, 1, "sem", 1, 4096, 4),
+    "s64x64p4s": KC("stream", 64, 64, 4, 1, "sem", 1, 4096, 4),
+    "s128x64p4s": KC("stream", 128, 64, 4, 1, "sem", 1, 4096, 4),
+    "s64x256p2s": KC("stream", 64, 256, 4, 1, "sem", 1, 4096, 2),
+    "s32x128p8s": KC("stream", 32, 128, 4, 1, "sem", 1, 4096, 8),
+    "s64x128p8s": KC("stream", 64, 128, 4, 1, "sem", 1, 4096, 8),
+    "t64x512w4p": KC("tile", 64, 512, 4, 1, "two_pass"),
+}
+CANDS_SB = {
+    "ds64x128p4s": KC("stream", 64, 128, 4, 1, "sem", 1, 4096, 4),
+    "ds128x64p4s": KC("stream", 128, 64, 4, 1, "sem", 1, 4096, 4),
+}
+ALT_KINDS = {"gather": (CANDS_G1, CANDS_GB), "stream": (CANDS_S1, CANDS_SB)}
+ALL_CANDS = {**CANDS_T1, **CANDS_TB, **CANDS_MINI, **CANDS_G1, **CANDS_GB, **CANDS_S1, **CANDS_SB}
 
 
 def make_inputs(Kd, ends, T, s, dtype=torch.bfloat16, seed=0, dev="cuda"):
@@ -218,10 +235,11 @@ def relerr(a, r):
 
 
 # ---------------------------------------------------------------------------------------------
-def quick_check():
+def quick_check(alt="gather"):
     """A minute's check: the default op eager, under torch.compile(fullgraph) and replayed from a CUDA
-    graph (qkv shape, batch 1, 50 %), then every batch-1 gather config on two Llama-3-8B shapes at
-    0/50/90 % with +inf thresholds; relative error against the float64 masked product."""
+    graph (qkv shape, batch 1, 50 %), then every config of the `alt` kind (batch 1 at T=1, batched at
+    T=3) on two Llama-3-8B shapes at 0/50/90 % with +inf thresholds; relative error against the float64
+    masked product, and bit-equality of two runs."""
     Kd, ends = 4096, (4096, 5120, 6144)
     wt = (torch.randn(Kd, ends[-1], device="cuda") / math.sqrt(Kd)).bfloat16()
     b = torch.randn(ends[-1], device="cuda").bfloat16()
@@ -234,16 +252,19 @@ def quick_check():
     torch.cuda.synchronize()
     log(f"default op: compiled {e_compiled:.1e}, graph {relerr(y, ref):.1e}, "
         f"eager {relerr(K.sparse_linear_triton(x, wt, tau, ends, b), ref):.1e}")
-    for cname, cfg in CANDS_G1.items():
-        worst = 0.0
+    t1, tb = ALT_KINDS[alt]
+    for cname, cfg in {**t1, **tb}.items():
+        worst, same = 0.0, True
+        T = 1 if cname in t1 else 3
         for Kd, ends in [(4096, (4096, 5120, 6144)), (14336, (4096,))]:
             wt = (torch.randn(Kd, ends[-1], device="cuda") / math.sqrt(Kd)).bfloat16()
             for s in (0.0, 0.5, 0.9):
-                x, tau, _ = make_inputs(Kd, ends, 1, s, seed=3)
+                x, tau, _ = make_inputs(Kd, ends, T, s, seed=3)
                 tau[:, ::13] = float("inf")
                 y = K._launch(x, wt, tau, ends, None, cfg)
+                same = same and torch.equal(y, K._launch(x, wt, tau, ends, None, cfg))
                 worst = max(worst, relerr(y, ref64(x, wt, tau, ends, None)))
-        log(f"{cname} T=1 worst rel err vs float64 {worst:.2e}")
+        log(f"{cname} T={T} worst rel err vs float64 {worst:.2e}, deterministic {same}")
 
 
 def correctness(full=False):
@@ -416,7 +437,7 @@ def pick(times):
     return sorted(gm, key=gm.get)
 
 
-def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, gather=False, batches=(1, 2, 4, 8)):
+def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, alt=None, batches=(1, 2, 4, 8)):
     N = ends[-1]
     wbytes = Kd * N * 2
     ncp = max(2, math.ceil(400e6 / wbytes))
@@ -468,12 +489,12 @@ def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, gather=False,
         return ALL_CANDS[c] if c else K.choose_config(T, Kd, N)
 
     gbest = {}
-    if gather:  # pick the gather config per batch size by measurement (geomean over the levels)
+    if alt:  # pick the config of the alternative kind per batch size by measurement (geomean over the levels)
         for T in batches:
-            order = sweep("gather sweep", T, CANDS_G1 if T == 1 else CANDS_GB)
+            order = sweep(f"{alt} sweep", T, ALT_KINDS[alt][0] if T == 1 else ALT_KINDS[alt][1])
             if order:
                 gbest[T] = ALL_CANDS[order[0]]
-                best[(name, "gather", T)] = order[0]
+                best[(name, alt, T)] = order[0]
 
     cfg = cfg_for(1)
     tcfg = best.get((name, "teal"), (512, 64, 4))
@@ -482,7 +503,7 @@ def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, gather=False,
         f"teal-style {tcfg}, {ncp} rotating weight copies")
     log(f"{'shape':8} {'sp':>4} {'union':>5} | {'g.dense':>7} {'g.teal':>6} {'g.ours':>6} {'x dense':>7} {'x teal':>6} "
         f"{'effBW':>5} | {'e.dense':>7} {'e.mmWt':>6} {'e.teal':>6} {'e.ours':>6}"
-        + (f" | {'g.gath':>6} {'x dense':>7} {'x ours':>6} {'effBW':>5}  gather {tuple(gbest[1])}" if 1 in gbest else ""))
+        + (f" | {'g.alt':>6} {'x dense':>7} {'x ours':>6} {'effBW':>5}  {alt} {tuple(gbest[1])}" if 1 in gbest else ""))
     for s in SPARSITIES:
         x, tau, q = make_inputs(Kd, ends, 1, s, seed=11)
         union = float((x.float().abs() > q).any(0).float().mean())
@@ -516,7 +537,7 @@ def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, gather=False,
                                 gather_cfg=tuple(gbest[T]) if T in gbest else None))
             log(f"{name:8} T={T} sp {s:4.2f} union {union:5.2f} | graph dense {g_dense:6.1f} ours {g_ours:6.1f} "
                 f"x{g_dense / g_ours:5.2f} effBW {union * wbytes / g_ours / 1e6:.2f} TB/s  cfg {tuple(cfg_b)}"
-                + (f" | gather {g_gath:6.1f} x{g_dense / g_gath:5.2f} cfg {tuple(gbest[T])}" if g_gath else ""))
+                + (f" | {alt} {g_gath:6.1f} x{g_dense / g_gath:5.2f} cfg {tuple(gbest[T])}" if g_gath else ""))
     del wts, ws
     torch.cuda.empty_cache()
 
@@ -531,7 +552,7 @@ def summary(results, bw_copy):
         log(f"{name:8} ours " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_ours']:.2f}" for r in rs))
         log(f"{name:8} teal " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_teal']:.2f}" for r in rs))
         if rs[0].get("g_gather"):
-            log(f"{name:8} gath " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_gather']:.2f}"
+            log(f"{name:8} alt  " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_gather']:.2f}"
                                             for r in rs))
     for T in (2, 4, 8):
         rs = [r for r in results if r["T"] == T]
@@ -539,7 +560,7 @@ def summary(results, bw_copy):
             continue
         log(f"T={T}: " + "  ".join(f"{r['shape']}@{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_ours']:.2f}" for r in rs))
         if rs[0].get("g_gather"):
-            log(f"T={T} gather: " + "  ".join(f"{r['shape']}@{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_gather']:.2f}"
+            log(f"T={T} alt: " + "  ".join(f"{r['shape']}@{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_gather']:.2f}"
                                              for r in rs))
 
 
@@ -547,8 +568,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="pick configs by measurement (else the runtime's choose_config)")
     ap.add_argument("--mini", action="store_true", help="small follow-up sweep at batch 1 (table still uses choose_config)")
-    ap.add_argument("--gather", action="store_true",
-                    help="also sweep and time the 'gather' kind (compaction + persistent gather) per batch size")
+    ap.add_argument("--alt", choices=sorted(ALT_KINDS),
+                    help="also sweep and time an alternative kernel kind per batch size: 'gather' (compaction + "
+                         "persistent gather) or 'stream' (split-K, software-pipelined)")
+    ap.add_argument("--gather", action="store_const", const="gather", dest="alt", help="same as --alt gather")
     ap.add_argument("--full-check", action="store_true", help="check every candidate config on the GPU")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--quick-check", action="store_true",
@@ -564,7 +587,7 @@ def main():
     bw_copy, _ = env_and_bandwidth()
     ok = True
     if args.quick_check:
-        quick_check()
+        quick_check(args.alt or "gather")
     if not args.skip_check:
         ok = correctness(args.full_check)
         log(f"[{time.time() - t0:.0f}s] correctness {'OK' if ok else 'FAILED'}")
@@ -572,7 +595,7 @@ def main():
     for name, (Kd, ends) in SHAPES.items():
         if name not in args.shapes.split(","):
             continue
-        run_shape(name, Kd, ends, args.sweep, res, best, mini=args.mini, gather=args.gather,
+        run_shape(name, Kd, ends, args.sweep, res, best, mini=args.mini, alt=args.alt,
                   batches=tuple(int(b) for b in args.batches.split(",")))
         log(f"[{time.time() - t0:.0f}s] {name} done")
     log(f"best: {best}")

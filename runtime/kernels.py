@@ -168,86 +168,14 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _wina_stream_kernel(
-        x_ptr, w_ptr, tau_ptr, b_ptr, y_ptr,
-        T, K, stride_x, stride_w, stride_tau, stride_y,
-        e0, e1, e2, e3, o1, o2, o3,
-        N_SEG: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        """One launch, no workspace: a program owns BLOCK_N columns and streams all K rows with a
-        hand-written software pipeline (weights of tile j+1 and activations of tile j+2 are in
-        flight while tile j is accumulated)."""
-        pid = tl.program_id(0)
-        seg, start, end, poff = _segment_of(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG)
-        cols = start + (pid - poff) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < end
-        t_idx = tl.arange(0, BLOCK_T)
-        tau_row = tau_ptr + seg * stride_tau
-        rk = tl.arange(0, BLOCK_K)
-        w_cols = w_ptr + cols[None, :]
-
-        xm0, row0 = _masked_x(x_ptr, tau_row, rk, K, t_idx, T, stride_x, USE_DOT)
-        w0 = tl.load(w_cols + rk[:, None] * stride_w, mask=row0[:, None] & cmask[None, :], other=0.0)
-        xm1, row1 = _masked_x(x_ptr, tau_row, BLOCK_K + rk, K, t_idx, T, stride_x, USE_DOT)
-        if USE_DOT:
-            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks1 = k0 + BLOCK_K + rk          # rows >= K have row1 == False: never read
-            w1 = tl.load(w_cols + ks1[:, None] * stride_w, mask=row1[:, None] & cmask[None, :], other=0.0)
-            xm2, row2 = _masked_x(x_ptr, tau_row, k0 + 2 * BLOCK_K + rk, K, t_idx, T, stride_x, USE_DOT)
-            acc = _accumulate(acc, xm0, w0, USE_DOT, IEEE)
-            xm0 = xm1
-            w0 = w1
-            xm1 = xm2
-            row1 = row2
-        if USE_DOT:
-            out = acc
-        else:
-            out = tl.sum(acc, axis=0)[None, :]
-        if HAS_BIAS:
-            out = out + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + t_idx[:, None] * stride_y + cols[None, :], out.to(y_ptr.dtype.element_ty),
-                 mask=(t_idx < T)[:, None] & cmask[None, :])
-
-    @triton.jit
-    def _wina_tile_kernel(
-        x_ptr, w_ptr, tau_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-        T, K, stride_x, stride_w, stride_tau, stride_y, stride_split, stride_ws,
-        e0, e1, e2, e3, o1, o2, o3,
-        N_SEG: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-        RED: tl.constexpr,          # 0: direct (one K split) 1: partials for a reduce launch 2: last program reduces
-        NSPLIT: tl.constexpr, ITERS: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        """Split-K: program (n, k) multiplies the [ITERS*BLOCK_K, BLOCK_N] tile (n, k); every load of
-        the program is issued up front (no loop-carried dependency), occupancy hides the latency.
-        The K partials are reduced in a fixed order (deterministic), never with float atomics."""
-        pid = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        seg, start, end, poff = _segment_of(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG)
-        cols = start + (pid - poff) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < end
-        t_idx = tl.arange(0, BLOCK_T)
-        tmask = t_idx < T
-        tau_row = tau_ptr + seg * stride_tau
-        rk = tl.arange(0, BLOCK_K)
-        if USE_DOT:
-            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for it in tl.static_range(ITERS):
-            ks = (pid_k * ITERS + it) * BLOCK_K + rk
-            xm, row = _masked_x(x_ptr, tau_row, ks, K, t_idx, T, stride_x, USE_DOT)
-            w = tl.load(w_ptr + ks[:, None] * stride_w + cols[None, :], mask=row[:, None] & cmask[None, :], other=0.0)
-            acc = _accumulate(acc, xm, w, USE_DOT, IEEE)
-        if USE_DOT:
-            out = acc
-        else:
-            out = tl.sum(acc, axis=0)[None, :]
-        omask = tmask[:, None] & cmask[None, :]
+    def _epilogue(out, y_ptr, ws_ptr, cnt_ptr, b_ptr, pid, pid_k, cols, cmask, t_idx, T,
+                  stride_y, stride_split, stride_ws,
+                  HAS_BIAS: tl.constexpr, RED: tl.constexpr, NSPLIT: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Store a program's [BLOCK_T, BLOCK_N] fp32 result: directly (RED 0, one K split), as a
+        partial for the reduce launch (RED 1), or as a partial that the last-arriving program of the
+        column block sums in a fixed order (RED 2, self-resetting int32 tickets)."""
+        omask = (t_idx < T)[:, None] & cmask[None, :]
         if RED == 0:
             if HAS_BIAS:
                 out = out + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -268,6 +196,91 @@ if HAS_TRITON:
                     tl.store(y_ptr + t_idx[:, None] * stride_y + cols[None, :], tot.to(y_ptr.dtype.element_ty),
                              mask=omask)
                     tl.atomic_xchg(cnt_ptr + pid, 0)  # self-resetting: ready for the next call
+
+    @triton.jit
+    def _wina_stream_kernel(
+        x_ptr, w_ptr, tau_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+        T, K, KSPAN, stride_x, stride_w, stride_tau, stride_y, stride_split, stride_ws,
+        e0, e1, e2, e3, o1, o2, o3,
+        N_SEG: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+        RED: tl.constexpr, NSPLIT: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Program (n, k) owns BLOCK_N columns and streams the KSPAN input rows of split k with a
+        hand-written software pipeline: the weights of tile j+1 and the activations/thresholds of
+        tile j+2 are in flight while tile j is accumulated, so the only exposed latency is the first
+        tile's.  The K splits give the grid enough programs to fill the GPU (several per SM)."""
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        seg, start, end, poff = _segment_of(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG)
+        cols = start + (pid - poff) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < end
+        t_idx = tl.arange(0, BLOCK_T)
+        tau_row = tau_ptr + seg * stride_tau
+        rk = tl.arange(0, BLOCK_K)
+        w_cols = w_ptr + cols[None, :]
+        k_lo = pid_k * KSPAN
+        k_hi = tl.minimum(K, k_lo + KSPAN)  # rows >= k_hi are masked out of every load
+
+        xm0, row0 = _masked_x(x_ptr, tau_row, k_lo + rk, k_hi, t_idx, T, stride_x, USE_DOT)
+        w0 = tl.load(w_cols + (k_lo + rk)[:, None] * stride_w, mask=row0[:, None] & cmask[None, :], other=0.0)
+        xm1, row1 = _masked_x(x_ptr, tau_row, k_lo + BLOCK_K + rk, k_hi, t_idx, T, stride_x, USE_DOT)
+        if USE_DOT:
+            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ks1 = k0 + BLOCK_K + rk
+            w1 = tl.load(w_cols + ks1[:, None] * stride_w, mask=row1[:, None] & cmask[None, :], other=0.0)
+            xm2, row2 = _masked_x(x_ptr, tau_row, k0 + 2 * BLOCK_K + rk, k_hi, t_idx, T, stride_x, USE_DOT)
+            acc = _accumulate(acc, xm0, w0, USE_DOT, IEEE)
+            xm0 = xm1
+            w0 = w1
+            xm1 = xm2
+            row1 = row2
+        if USE_DOT:
+            out = acc
+        else:
+            out = tl.sum(acc, axis=0)[None, :]
+        _epilogue(out, y_ptr, ws_ptr, cnt_ptr, b_ptr, pid, pid_k, cols, cmask, t_idx, T,
+                  stride_y, stride_split, stride_ws, HAS_BIAS, RED, NSPLIT, BLOCK_T, BLOCK_N)
+
+    @triton.jit
+    def _wina_tile_kernel(
+        x_ptr, w_ptr, tau_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+        T, K, stride_x, stride_w, stride_tau, stride_y, stride_split, stride_ws,
+        e0, e1, e2, e3, o1, o2, o3,
+        N_SEG: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+        RED: tl.constexpr,          # 0: direct (one K split) 1: partials for a reduce launch 2: last program reduces
+        NSPLIT: tl.constexpr, ITERS: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Split-K: program (n, k) multiplies the [ITERS*BLOCK_K, BLOCK_N] tile (n, k); every load of
+        the program is issued up front (no loop-carried dependency), occupancy hides the latency.
+        The K partials are reduced in a fixed order (deterministic), never with float atomics."""
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        seg, start, end, poff = _segment_of(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG)
+        cols = start + (pid - poff) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < end
+        t_idx = tl.arange(0, BLOCK_T)
+        tau_row = tau_ptr + seg * stride_tau
+        rk = tl.arange(0, BLOCK_K)
+        if USE_DOT:
+            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for it in tl.static_range(ITERS):
+            ks = (pid_k * ITERS + it) * BLOCK_K + rk
+            xm, row = _masked_x(x_ptr, tau_row, ks, K, t_idx, T, stride_x, USE_DOT)
+            w = tl.load(w_ptr + ks[:, None] * stride_w + cols[None, :], mask=row[:, None] & cmask[None, :], other=0.0)
+            acc = _accumulate(acc, xm, w, USE_DOT, IEEE)
+        if USE_DOT:
+            out = acc
+        else:
+            out = tl.sum(acc, axis=0)[None, :]
+        _epilogue(out, y_ptr, ws_ptr, cnt_ptr, b_ptr, pid, pid_k, cols, cmask, t_idx, T,
+                  stride_y, stride_split, stride_ws, HAS_BIAS, RED, NSPLIT, BLOCK_T, BLOCK_N)
 
     @triton.jit
     def _split_reduce_kernel(ws_ptr, b_ptr, y_ptr, N, total, stride_split, stride_ws, stride_y,
@@ -606,6 +619,16 @@ def _launch_gather(x, weight_t, tau, ends, bias, cfg, wrap, y, use_dot, block_t,
     return y
 
 
+def _stream_span(K: int, n_col_blocks: int, cfg: "KernelConfig", device) -> int:
+    """Input rows per K split of the stream kind: enough splits that the grid has about
+    cfg.progs programs per SM, each split a whole number of BLOCK_K tiles (a pure function of the
+    shape and the device, so eager, compiled and graphed calls launch the same grid)."""
+    tiles = -(-K // cfg.block_k)
+    want = max(1, -(-cfg.progs * _num_sms(device) // max(1, n_col_blocks)))
+    per_split = -(-tiles // min(tiles, want))
+    return per_split * cfg.block_k
+
+
 def _launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = None, wrap=None, counters=None):
     """Raw launch (no torch.library wrapper). `wrap` is torch.library.wrap_triton inside the op."""
     T, K = x.shape
@@ -627,22 +650,13 @@ def _launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = 
     if cfg.kind == "gather":
         return _launch_gather(x, weight_t, tau, ends, bias, cfg, wrap, y, use_dot, block_t, ieee)
 
-    if cfg.kind == "stream":
+    stream = cfg.kind == "stream"
+    if stream:
         kernel = _wina_stream_kernel if wrap is None else wrap(_wina_stream_kernel)
-        for g, col0, n_cols, n_seg, n_prog, rel_p, offs_p in _plan(T, K, ends, cfg):
-            w_g = weight_t if col0 == 0 else weight_t[:, col0:]
-            tau_g = tau if g == 0 else tau[g:]
-            b_g = (bias if col0 == 0 else bias[col0:]) if has_bias else w_def
-            y_g = y if col0 == 0 else y[:, col0:]
-            kernel[(n_prog,)](
-                x, w_g, tau_g, b_g, y_g, T, K, x.stride(0), w_g.stride(0), tau_g.stride(0), y.stride(0),
-                rel_p[0], rel_p[1], rel_p[2], rel_p[3], offs_p[0], offs_p[1], offs_p[2],
-                N_SEG=n_seg, HAS_BIAS=has_bias, USE_DOT=use_dot, IEEE=ieee,
-                BLOCK_T=block_t, BLOCK_K=bk, BLOCK_N=bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return y
-
-    kernel = _wina_tile_kernel if wrap is None else wrap(_wina_tile_kernel)
-    kt = bk * cfg.iters
+        kt = _stream_span(K, sum(grp[4] for grp in _plan(T, K, ends, cfg)), cfg, x.device)
+    else:
+        kernel = _wina_tile_kernel if wrap is None else wrap(_wina_tile_kernel)
+        kt = bk * cfg.iters
     nsplit = -(-K // kt)
     red = 0 if nsplit == 1 else (2 if cfg.red == "sem" else 1)
     if red == 2 and counters is None:
@@ -662,11 +676,13 @@ def _launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = 
         ws_g = ws if (col0 == 0 or not red) else ws[:, :, col0:]
         if red == 2 and n_prog > _N_COUNTERS:
             raise ValueError("too many column blocks for the ticket buffer")
+        strides = (x.stride(0), w_g.stride(0), tau_g.stride(0), y.stride(0), ws.stride(0), ws.stride(1) if red else 0)
+        segments = (rel_p[0], rel_p[1], rel_p[2], rel_p[3], offs_p[0], offs_p[1], offs_p[2])
+        shape_args = (T, K, kt) if stream else (T, K)
+        extra = {} if stream else {"ITERS": cfg.iters}
         kernel[(n_prog, nsplit)](
-            x, w_g, tau_g, b_g, y_g, ws_g, cnt, T, K,
-            x.stride(0), w_g.stride(0), tau_g.stride(0), y.stride(0), ws.stride(0), ws.stride(1) if red else 0,
-            rel_p[0], rel_p[1], rel_p[2], rel_p[3], offs_p[0], offs_p[1], offs_p[2],
-            N_SEG=n_seg, HAS_BIAS=has_bias, USE_DOT=use_dot, IEEE=ieee, RED=red, NSPLIT=nsplit, ITERS=cfg.iters,
+            x, w_g, tau_g, b_g, y_g, ws_g, cnt, *shape_args, *strides, *segments,
+            N_SEG=n_seg, HAS_BIAS=has_bias, USE_DOT=use_dot, IEEE=ieee, RED=red, NSPLIT=nsplit, **extra,
             BLOCK_T=block_t, BLOCK_K=bk, BLOCK_N=bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if red == 1:
         reduce_k = _split_reduce_kernel if wrap is None else wrap(_split_reduce_kernel)
@@ -723,7 +739,7 @@ def sparse_linear_triton(x, weight_t, tau, segment_ends, bias=None):
         tau = tau.float().contiguous()
     cfg = choose_config(x.shape[0], x.shape[1], weight_t.shape[1])
     counters = None
-    if cfg.kind == "tile" and cfg.red == "sem":
+    if cfg.kind in ("tile", "stream") and cfg.red == "sem":
         counters = _counters(x.device)  # None while capturing before first use: falls back to two_pass
     return _op(x, weight_t, tau, [int(e) for e in segment_ends], bias, counters)
 
