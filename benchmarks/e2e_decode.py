@@ -111,7 +111,7 @@ def _time_graph_decoder(decoder, prompt, new_tokens: int) -> tuple[float, torch.
     return _ms_per_token(lambda n: decoder.generate(prompt, n), new_tokens)
 
 
-KERNEL_KINDS = (("winaconv sparse", ("_wina_", "_split_reduce_kernel", "_gather_reduce_kernel")),
+KERNEL_KINDS = (("winaconv sparse", ("_wina_", "_split_reduce_kernel")),
                 ("dense matmul", ("gemv", "gemm", "cutlass", "nvjet", "sm90_", "cublas", "splitkreduce")),
                 ("attention", ("flash", "fmha", "attention", "sdpa")))
 

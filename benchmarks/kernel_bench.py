@@ -12,12 +12,13 @@ One run does everything (the GPU lease is short):
 
 Usage (on the GPU machine, repo root):
     PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py --sweep --out $OUT/kernel_h100.txt
-    # default (tile) vs gather vs dense, batch 1/2/4/8, 0..90 %:
-    PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py --gather --out $OUT/kernel_gather_h100.txt
+    # the table alone (default config vs dense and the TEAL-style baseline), after a minute's check:
+    PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py --quick-check --skip-check --out $OUT/kernel_h200.txt
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -87,75 +88,31 @@ TEAL_CFGS = [(128, 128, 4), (256, 64, 4), (64, 256, 4), (256, 128, 8), (128, 256
 
 # ---------------------------------------------------------------------------------------------
 KC = K.KernelConfig
+# Tile geometries tried (the retired stream / sem / gather kinds and their numbers: NOTES_kernels.md).
 CANDS_T1 = {
-    "t64x512w4p": KC("tile", 64, 512, 4, 1, "two_pass"),
-    "t64x512w4s": KC("tile", 64, 512, 4, 1, "sem"),
-    "t64x256w4s": KC("tile", 64, 256, 4, 1, "sem"),
-    "t64x256w4p": KC("tile", 64, 256, 4, 1, "two_pass"),
-    "t32x512w4s": KC("tile", 32, 512, 4, 1, "sem"),
-    "t128x256w8s": KC("tile", 128, 256, 8, 1, "sem"),
-    "t64x256w4i2s": KC("tile", 64, 256, 4, 2, "sem"),
-    "t32x1024w8s": KC("tile", 32, 1024, 8, 1, "sem"),
-    "t128x128w4s": KC("tile", 128, 128, 4, 1, "sem"),
-    "s32x256w4": KC("stream", 32, 256, 4),
-    "s32x512w8": KC("stream", 32, 512, 8),
-    "s64x256w8": KC("stream", 64, 256, 8),
-    "s64x128w4": KC("stream", 64, 128, 4),
+    "t64x512w4": KC(block_n=64, block_k=512),
+    "t64x256w4": KC(block_n=64, block_k=256),
+    "t32x512w4": KC(block_n=32, block_k=512),
+    "t128x256w8": KC(block_n=128, block_k=256, num_warps=8),
+    "t64x256w4i2": KC(block_n=64, block_k=256, iters=2),
+    "t32x1024w8": KC(block_n=32, block_k=1024, num_warps=8),
+    "t128x128w4": KC(block_n=128, block_k=128),
 }
 CANDS_TB = {
-    "d64x256w4s": KC("tile", 64, 256, 4, 1, "sem"),
-    "d64x256w4p": KC("tile", 64, 256, 4, 1, "two_pass"),
-    "d64x128w4s": KC("tile", 64, 128, 4, 1, "sem"),
-    "d128x128w4s": KC("tile", 128, 128, 4, 1, "sem"),
-    "d32x256w4s": KC("tile", 32, 256, 4, 1, "sem"),
-    "d64x512w8s": KC("tile", 64, 512, 8, 1, "sem"),
-    "ds32x256w4": KC("stream", 32, 256, 4),
-    "ds64x128w4": KC("stream", 64, 128, 4),
+    "d64x256w4": KC(block_n=64, block_k=256),
+    "d64x128w4": KC(block_n=64, block_k=128),
+    "d128x128w4": KC(block_n=128, block_k=128),
+    "d32x256w4": KC(block_n=32, block_k=256),
+    "d64x512w8": KC(block_n=64, block_k=512, num_warps=8),
 }
 CANDS_MINI = {  # follow-up questions after the first sweep (more warps / taller tiles at batch 1)
-    "t64x512w4p": KC("tile", 64, 512, 4, 1, "two_pass"),
-    "t64x512w8p": KC("tile", 64, 512, 8, 1, "two_pass"),
-    "t64x1024w8p": KC("tile", 64, 1024, 8, 1, "two_pass"),
-    "t128x512w8p": KC("tile", 128, 512, 8, 1, "two_pass"),
-    "t32x512w2p": KC("tile", 32, 512, 2, 1, "two_pass"),
-    "t64x512w4s": KC("tile", 64, 512, 4, 1, "sem"),
+    "t64x512w4": KC(block_n=64, block_k=512),
+    "t64x512w8": KC(block_n=64, block_k=512, num_warps=8),
+    "t64x1024w8": KC(block_n=64, block_k=1024, num_warps=8),
+    "t128x512w8": KC(block_n=128, block_k=512, num_warps=8),
+    "t32x512w2": KC(block_n=32, block_k=512, num_warps=2),
 }
-# "gather" kind (compaction kernel + persistent gather of KEPT rows + count-aware reduce).
-# KC(kind, block_n, block_k (kept rows per tile), warps, iters, red, stages, cblock, progs per SM);
-# progs = CTAs resident per SM from ptxas register counts (sm_90a, triton 3.9): 256x64 w4 166 regs -> 3,
-# 128x64 w4 113 -> 4, 512x32 w4 190 -> 2, 128x128 w4 164 -> 3; dot 128x64 (BK x BN) 128 -> 4, 64x128 167 -> 3.
-CANDS_G1 = {
-    "g64x256w4p3": KC("gather", 64, 256, 4, 1, "two_pass", 1, 4096, 3),
-    "g64x256w4p3s2": KC("gather", 64, 256, 4, 1, "two_pass", 2, 4096, 3),
-    "g64x128w4p4": KC("gather", 64, 128, 4, 1, "two_pass", 1, 4096, 4),
-    "g128x128w4p3": KC("gather", 128, 128, 4, 1, "two_pass", 1, 4096, 3),
-    "g32x512w4p2": KC("gather", 32, 512, 4, 1, "two_pass", 1, 4096, 2),
-    "g64x256w4p3c1k": KC("gather", 64, 256, 4, 1, "two_pass", 1, 1024, 3),
-    "g64x256w4p6": KC("gather", 64, 256, 4, 1, "two_pass", 1, 4096, 6),
-}
-CANDS_GB = {
-    "gd64x128w4p4": KC("gather", 64, 128, 4, 1, "two_pass", 1, 4096, 4),
-    "gd128x64w4p3": KC("gather", 128, 64, 4, 1, "two_pass", 1, 4096, 3),
-    "gd64x256w4p3": KC("gather", 64, 256, 4, 1, "two_pass", 1, 4096, 3),
-}
-# "stream" kind with split-K (H200 question of 2026-12-01): each program streams a K range with two
-# tiles in flight; progs = target programs per SM (the K splits are sized from it); 'sem' = one launch.
-CANDS_S1 = {
-    "s64x128p4p": KC("stream", 64, 128, 4, 1, "two_pass", 1, 4096, 4),
-    "s64x128p4s": KC("stream", 64, 128, 4, 1, "sem", 1, 4096, 4),
-    "s64x64p4s": KC("stream", 64, 64, 4, 1, "sem", 1, 4096, 4),
-    "s128x64p4s": KC("stream", 128, 64, 4, 1, "sem", 1, 4096, 4),
-    "s64x256p2s": KC("stream", 64, 256, 4, 1, "sem", 1, 4096, 2),
-    "s32x128p8s": KC("stream", 32, 128, 4, 1, "sem", 1, 4096, 8),
-    "s64x128p8s": KC("stream", 64, 128, 4, 1, "sem", 1, 4096, 8),
-    "t64x512w4p": KC("tile", 64, 512, 4, 1, "two_pass"),
-}
-CANDS_SB = {
-    "ds64x128p4s": KC("stream", 64, 128, 4, 1, "sem", 1, 4096, 4),
-    "ds128x64p4s": KC("stream", 128, 64, 4, 1, "sem", 1, 4096, 4),
-}
-ALT_KINDS = {"gather": (CANDS_G1, CANDS_GB), "stream": (CANDS_S1, CANDS_SB)}
-ALL_CANDS = {**CANDS_T1, **CANDS_TB, **CANDS_MINI, **CANDS_G1, **CANDS_GB, **CANDS_S1, **CANDS_SB}
+ALL_CANDS = {**CANDS_T1, **CANDS_TB, **CANDS_MINI}
 
 
 def make_inputs(Kd, ends, T, s, dtype=torch.bfloat16, seed=0, dev="cuda"):
@@ -235,10 +192,10 @@ def relerr(a, r):
 
 
 # ---------------------------------------------------------------------------------------------
-def quick_check(alt="gather"):
+def quick_check():
     """A minute's check: the default op eager, under torch.compile(fullgraph) and replayed from a CUDA
-    graph (qkv shape, batch 1, 50 %), then every config of the `alt` kind (batch 1 at T=1, batched at
-    T=3) on two Llama-3-8B shapes at 0/50/90 % with +inf thresholds; relative error against the float64
+    graph (qkv shape, batch 1, 50 %), then every candidate tile config (batch 1 at T=1, batched at T=3)
+    on two Llama-3-8B shapes at 0/50/90 % with +inf thresholds; relative error against the float64
     masked product, and bit-equality of two runs."""
     Kd, ends = 4096, (4096, 5120, 6144)
     wt = (torch.randn(Kd, ends[-1], device="cuda") / math.sqrt(Kd)).bfloat16()
@@ -252,10 +209,9 @@ def quick_check(alt="gather"):
     torch.cuda.synchronize()
     log(f"default op: compiled {e_compiled:.1e}, graph {relerr(y, ref):.1e}, "
         f"eager {relerr(K.sparse_linear_triton(x, wt, tau, ends, b), ref):.1e}")
-    t1, tb = ALT_KINDS[alt]
-    for cname, cfg in {**t1, **tb}.items():
+    for cname, cfg in {**CANDS_T1, **CANDS_TB}.items():
         worst, same = 0.0, True
-        T = 1 if cname in t1 else 3
+        T = 1 if cname in CANDS_T1 else 3
         for Kd, ends in [(4096, (4096, 5120, 6144)), (14336, (4096,))]:
             wt = (torch.randn(Kd, ends[-1], device="cuda") / math.sqrt(Kd)).bfloat16()
             for s in (0.0, 0.5, 0.9):
@@ -302,8 +258,7 @@ def correctness(full=False):
                                 and y.shape == (T, N)):
                             fails.append((Kd, ends, name, T, s, use_bias, e, er, torch.equal(y, y2)))
     # forced configs incl. split and FMA paths
-    check_cfgs = ALL_CANDS if full else {**CANDS_MINI, "d128x128w4s": CANDS_TB["d128x128w4s"],
-                                         "s32x256w4": CANDS_T1["s32x256w4"]}
+    check_cfgs = ALL_CANDS if full else {**CANDS_MINI, "d128x128w4": CANDS_TB["d128x128w4"]}
     for cname, cfg in check_cfgs.items():
         for Kd, ends in [(1000, (576, 768, 3000))]:
             N = ends[-1]
@@ -318,25 +273,6 @@ def correctness(full=False):
                 n += 1
                 if not (e < 1.5e-2 and torch.equal(y, y2)):
                     fails.append(("cfg", cname, Kd, ends, T, e, torch.equal(y, y2)))
-    # gather kind: every candidate, T = 1/3/8, sparsity 0/0.5/0.9 with +inf thresholds, 3 and 6 segments
-    for cname, cfg in {**CANDS_G1, **CANDS_GB}.items():
-        for Kd, ends in [(1000, (576, 768, 3000)), (4096, (4096, 5120, 6144)), (960, (100, 200, 300, 400, 500, 600))]:
-            N = ends[-1]
-            wt = (torch.randn(Kd, N, device=dev) / math.sqrt(Kd)).bfloat16()
-            b = torch.randn(N, device=dev).bfloat16()
-            for T in ((1, 3, 8) if cname in CANDS_GB else (1, 3)):
-                for s in (0.0, 0.5, 0.9):
-                    x = torch.randn(T, Kd, device=dev).bfloat16()
-                    q = float(torch.quantile(x.float().abs().flatten(), s)) if s > 0 else 0.0
-                    tau = q * 2 * torch.rand(len(ends), Kd, device=dev) if s > 0 else torch.zeros(len(ends), Kd, device=dev)
-                    tau[:, ::13] = float("inf")
-                    y = K._launch(x, wt, tau, ends, b, cfg)
-                    y2 = K._launch(x, wt, tau, ends, b, cfg)
-                    e = relerr(y, ref64(x, wt, tau, ends, b))
-                    worst["bf16"] = max(worst["bf16"], e)
-                    n += 1
-                    if not (e < 1.5e-2 and torch.equal(y, y2)):
-                        fails.append(("gather", cname, Kd, ends, T, s, e, torch.equal(y, y2)))
     log(f"checks: {n}, worst rel err: {worst}, failures: {len(fails)}")
     for f in fails[:20]:
         log("  FAIL", f)
@@ -352,11 +288,7 @@ def correctness(full=False):
         return K.sparse_linear_triton(x, wt, tau, ends, b) * 2 + 1
 
     res = {}
-    for forced, mode in ((None, "default"), (None, "reduce-overhead"), (KC("tile", 64, 512, 4, 1, "sem"), "default"),
-                         (KC("tile", 64, 512, 4, 1, "sem"), "reduce-overhead"), (KC("stream", 32, 256, 4), "default"),
-                         (CANDS_G1["g64x256w4p3"], "default"), (CANDS_G1["g64x256w4p3"], "reduce-overhead")):
-        K._FORCE_CONFIG = forced
-        mode_name = f"{mode}/{forced[0] + '-' + forced[5] if forced else 'choose_config'}"
+    for mode in ("default", "reduce-overhead"):
         try:
             torch._dynamo.reset()
             cf = torch.compile(f, fullgraph=True, mode=mode)
@@ -366,12 +298,9 @@ def correctness(full=False):
                     x = torch.randn(T, Kd, device=dev).bfloat16()
                     out = cf(x).clone()
                     errs.append(relerr((out.float() - 1) / 2, ref64(x, wt, tau, ends, b)))
-            res[mode_name] = max(errs)
+            res[mode] = max(errs)
         except Exception as ex:  # noqa: BLE001
-            res[mode_name] = f"ERROR {type(ex).__name__}: {str(ex)[:300]}"
-    K._FORCE_CONFIG = None
-    if K._COUNTERS:
-        res["tickets_left_zero"] = all(int(c.abs().sum()) == 0 for c in K._COUNTERS.values())
+            res[mode] = f"ERROR {type(ex).__name__}: {str(ex)[:300]}"
     log("torch.compile(fullgraph=True):", res)
     try:
         xs = torch.randn(1, Kd, device=dev).bfloat16()
@@ -385,21 +314,6 @@ def correctness(full=False):
         log("CUDA graph capture of the op: max rel err", max(errs))
     except Exception as ex:  # noqa: BLE001
         log("CUDA graph capture ERROR", type(ex).__name__, str(ex)[:300])
-    try:  # the gather kind under manual CUDA-graph capture (fixed grid, device-side work counts)
-        K._FORCE_CONFIG = CANDS_G1["g64x256w4p3"]
-        xs = torch.randn(1, Kd, device=dev).bfloat16()
-        g, yg = captured(f, xs)
-        errs = []
-        for sc in (0.0, 1.0, 3.0):  # the kept count changes between replays: 0 %, ~60 %, ~87 % kept
-            xs.copy_((torch.randn(1, Kd, device=dev) * sc).bfloat16())
-            g.replay()
-            torch.cuda.synchronize()
-            errs.append(relerr((yg.float() - 1) / 2, ref64(xs, wt, tau, ends, b)))
-        log("CUDA graph capture of the gather op: rel errs", errs)
-    except Exception as ex:  # noqa: BLE001
-        log("CUDA graph capture (gather) ERROR", type(ex).__name__, str(ex)[:300])
-    finally:
-        K._FORCE_CONFIG = None
     # TEAL-style baseline sanity
     x, tau1, q = make_inputs(4096, (4096,), 1, 0.5)
     wt1 = (torch.randn(4096, 4096, device=dev) / 64).bfloat16()
@@ -437,7 +351,7 @@ def pick(times):
     return sorted(gm, key=gm.get)
 
 
-def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, alt=None, batches=(1, 2, 4, 8)):
+def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, batches=(1, 2, 4, 8)):
     N = ends[-1]
     wbytes = Kd * N * 2
     ncp = max(2, math.ceil(400e6 / wbytes))
@@ -488,22 +402,13 @@ def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, alt=None, bat
         c = best.get((name, T))
         return ALL_CANDS[c] if c else K.choose_config(T, Kd, N)
 
-    gbest = {}
-    if alt:  # pick the config of the alternative kind per batch size by measurement (geomean over the levels)
-        for T in batches:
-            order = sweep(f"{alt} sweep", T, ALT_KINDS[alt][0] if T == 1 else ALT_KINDS[alt][1])
-            if order:
-                gbest[T] = ALL_CANDS[order[0]]
-                best[(name, alt, T)] = order[0]
-
     cfg = cfg_for(1)
     tcfg = best.get((name, "teal"), (512, 64, 4))
     log("")
-    log(f"-- {name}: in {Kd}, out {N}, segments {ends}, weights {wbytes / 1e6:.1f} MB, ours {tuple(cfg)}, "
+    log(f"-- {name}: in {Kd}, out {N}, segments {ends}, weights {wbytes / 1e6:.1f} MB, ours {dataclasses.astuple(cfg)}, "
         f"teal-style {tcfg}, {ncp} rotating weight copies")
     log(f"{'shape':8} {'sp':>4} {'union':>5} | {'g.dense':>7} {'g.teal':>6} {'g.ours':>6} {'x dense':>7} {'x teal':>6} "
-        f"{'effBW':>5} | {'e.dense':>7} {'e.mmWt':>6} {'e.teal':>6} {'e.ours':>6}"
-        + (f" | {'g.alt':>6} {'x dense':>7} {'x ours':>6} {'effBW':>5}  {alt} {tuple(gbest[1])}" if 1 in gbest else ""))
+        f"{'effBW':>5} | {'e.dense':>7} {'e.mmWt':>6} {'e.teal':>6} {'e.ours':>6}")
     for s in SPARSITIES:
         x, tau, q = make_inputs(Kd, ends, 1, s, seed=11)
         union = float((x.float().abs() > q).any(0).float().mean())
@@ -515,15 +420,11 @@ def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, alt=None, bat
         t_teal = bench(lambda: teal_style(x, wts[0], q, tcfg))
         t_ours = bench(lambda: K._launch(x, wts[0], tau, ends, None, cfg))
         rb = union * wbytes
-        g_gath = graph_time(ours(gbest[1], x, tau), ncp) if 1 in gbest else None
         results.append(dict(shape=name, T=1, sparsity=s, union=union, dense=t_dense, mm_wt=t_mm, teal=t_teal,
-                            ours=t_ours, g_dense=g_dense, g_teal=g_teal, g_ours=g_ours, read_bytes=rb, cfg=tuple(cfg),
-                            g_gather=g_gath, gather_cfg=tuple(gbest[1]) if 1 in gbest else None))
-        gtxt = (f" | {g_gath:6.1f} {g_dense / g_gath:7.2f} {g_ours / g_gath:6.2f} {rb / g_gath / 1e6:5.2f}"
-                if g_gath else "")
+                            ours=t_ours, g_dense=g_dense, g_teal=g_teal, g_ours=g_ours, read_bytes=rb,
+                            cfg=dataclasses.astuple(cfg)))
         log(f"{name:8} {s:4.2f} {union:5.2f} | {g_dense:7.1f} {g_teal:6.1f} {g_ours:6.1f} {g_dense / g_ours:7.2f} "
-            f"{g_teal / g_ours:6.2f} {rb / g_ours / 1e6:5.2f} | {t_dense:7.1f} {t_mm:6.1f} {t_teal:6.1f} {t_ours:6.1f}"
-            + gtxt)
+            f"{g_teal / g_ours:6.2f} {rb / g_ours / 1e6:5.2f} | {t_dense:7.1f} {t_mm:6.1f} {t_teal:6.1f} {t_ours:6.1f}")
     for T in [b for b in batches if b > 1]:
         cfg_b = cfg_for(T)
         for s in (0.0, 0.5, 0.9):
@@ -531,13 +432,10 @@ def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, alt=None, bat
             union = float((x.float().abs() > q).any(0).float().mean())
             g_dense = graph_time(lambda i: F.linear(x, ws[i]), ncp)
             g_ours = graph_time(ours(cfg_b, x, tau), ncp)
-            g_gath = graph_time(ours(gbest[T], x, tau), ncp) if T in gbest else None
             results.append(dict(shape=name, T=T, sparsity=s, union=union, g_dense=g_dense, g_ours=g_ours,
-                                read_bytes=union * wbytes, cfg=tuple(cfg_b), g_gather=g_gath,
-                                gather_cfg=tuple(gbest[T]) if T in gbest else None))
+                                read_bytes=union * wbytes, cfg=dataclasses.astuple(cfg_b)))
             log(f"{name:8} T={T} sp {s:4.2f} union {union:5.2f} | graph dense {g_dense:6.1f} ours {g_ours:6.1f} "
-                f"x{g_dense / g_ours:5.2f} effBW {union * wbytes / g_ours / 1e6:.2f} TB/s  cfg {tuple(cfg_b)}"
-                + (f" | {alt} {g_gath:6.1f} x{g_dense / g_gath:5.2f} cfg {tuple(gbest[T])}" if g_gath else ""))
+                f"x{g_dense / g_ours:5.2f} effBW {union * wbytes / g_ours / 1e6:.2f} TB/s  cfg {dataclasses.astuple(cfg_b)}")
     del wts, ws
     torch.cuda.empty_cache()
 
@@ -551,33 +449,23 @@ def summary(results, bw_copy):
             continue
         log(f"{name:8} ours " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_ours']:.2f}" for r in rs))
         log(f"{name:8} teal " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_teal']:.2f}" for r in rs))
-        if rs[0].get("g_gather"):
-            log(f"{name:8} alt  " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_gather']:.2f}"
-                                            for r in rs))
     for T in (2, 4, 8):
         rs = [r for r in results if r["T"] == T]
         if not rs:  # batch size not run (--batches)
             continue
         log(f"T={T}: " + "  ".join(f"{r['shape']}@{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_ours']:.2f}" for r in rs))
-        if rs[0].get("g_gather"):
-            log(f"T={T} alt: " + "  ".join(f"{r['shape']}@{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_gather']:.2f}"
-                                             for r in rs))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="pick configs by measurement (else the runtime's choose_config)")
     ap.add_argument("--mini", action="store_true", help="small follow-up sweep at batch 1 (table still uses choose_config)")
-    ap.add_argument("--alt", choices=sorted(ALT_KINDS),
-                    help="also sweep and time an alternative kernel kind per batch size: 'gather' (compaction + "
-                         "persistent gather) or 'stream' (split-K, software-pipelined)")
-    ap.add_argument("--gather", action="store_const", const="gather", dest="alt", help="same as --alt gather")
     ap.add_argument("--full-check", action="store_true", help="check every candidate config on the GPU")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--quick-check", action="store_true",
-                    help="a minute's correctness check (default op eager/compiled/graphed, batch-1 gather configs)")
+                    help="a minute's correctness check (default op eager/compiled/graphed, every candidate tile config)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
-    ap.add_argument("--batches", default="1,2,4,8", help="batch sizes of the gather sweep and the batched rows")
+    ap.add_argument("--batches", default="1,2,4,8", help="batch sizes of the table (1 = the batch-1 rows; others: the batched rows)")
     ap.add_argument("--out", default="kernel_bench.txt")
     args = ap.parse_args()
     global _LOG_PATH
@@ -587,7 +475,7 @@ def main():
     bw_copy, _ = env_and_bandwidth()
     ok = True
     if args.quick_check:
-        quick_check(args.alt or "gather")
+        quick_check()
     if not args.skip_check:
         ok = correctness(args.full_check)
         log(f"[{time.time() - t0:.0f}s] correctness {'OK' if ok else 'FAILED'}")
@@ -595,7 +483,7 @@ def main():
     for name, (Kd, ends) in SHAPES.items():
         if name not in args.shapes.split(","):
             continue
-        run_shape(name, Kd, ends, args.sweep, res, best, mini=args.mini, alt=args.alt,
+        run_shape(name, Kd, ends, args.sweep, res, best, mini=args.mini,
                   batches=tuple(int(b) for b in args.batches.split(",")))
         log(f"[{time.time() - t0:.0f}s] {name} done")
     log(f"best: {best}")

@@ -193,19 +193,14 @@ def test_bounds_check_catches_out_of_bounds_stores():
 
 
 CONFIGS = [
-    K.KernelConfig("tile", 64, 128, 4, 1, "two_pass"),   # split-K + reduce launch, T=1 FMA path
-    K.KernelConfig("tile", 64, 64, 4, 2, "sem"),         # last-program reduction with tickets, 2 sub-tiles
-    K.KernelConfig("tile", 128, 1024, 4, 1, "two_pass"),  # one K split: direct store
-    K.KernelConfig("stream", 64, 64, 4),                 # single launch, software-pipelined K loop
-    # gather: compaction blocks of 128 channels (several blocks, tiles never cross one), 2 programs/SM
-    K.KernelConfig("gather", 128, 64, 4, 1, "two_pass", 1, 128, 2),
-    # gather: block_k (256) > compaction block (64): clipped to the block; 1 persistent program
-    K.KernelConfig("gather", 256, 256, 4, 1, "two_pass", 1, 64, 1),
+    K.KernelConfig(block_n=64, block_k=128),             # split-K + reduce launch, T=1 FMA path
+    K.KernelConfig(block_n=64, block_k=64, iters=2),     # two sub-tiles per program
+    K.KernelConfig(block_n=128, block_k=1024),           # one K split: direct store
 ] if K.HAS_TRITON else []
 
 
 @needs_interp
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}i{c.iters}")
 def test_triton_configs(cfg, poisoned_empty):
     seed = 5000
     for in_f, ends in [(333, (64, 200, 451)), (300, (100, 200, 300, 400, 500, 650))]:
@@ -216,20 +211,10 @@ def test_triton_configs(cfg, poisoned_empty):
             y2 = K._launch(x, w, tau, ends, b, cfg)
             assert torch.equal(y, y2), "not deterministic"
             assert _rel(y, _ref64(x, w, tau, ends, b)) < _tol(dtype)
-    if cfg.red == "sem" and K._COUNTERS:
-        assert all(int(c.abs().sum()) == 0 for c in K._COUNTERS.values()), "tickets not reset"
-
-
-@pytest.fixture(params=["tile", "gather"])
-def kernel_kind(request, monkeypatch):
-    """Run a test once with the default (tile) config and once with the gather kind forced."""
-    if request.param == "gather":
-        monkeypatch.setattr(K, "_FORCE_CONFIG", GATHER_CFG)
-    return request.param
 
 
 @needs_interp
-def test_triton_inf_and_zero_thresholds(kernel_kind, poisoned_empty_all):
+def test_triton_inf_and_zero_thresholds(poisoned_empty):
     in_f, ends = 300, (100, 250, 400)
     x, w, _, b = _make(in_f, ends, 3, 0.0, torch.float32, True, 17)
     x[:, ::4] = 0.0
@@ -248,7 +233,7 @@ def test_triton_inf_and_zero_thresholds(kernel_kind, poisoned_empty_all):
 
 
 @needs_interp
-def test_triton_more_than_16_tokens(kernel_kind):
+def test_triton_more_than_16_tokens():
     in_f, ends = 300, (200, 450)
     x, w, tau, b = _make(in_f, ends, 19, 0.5, torch.float32, True, 11)
     y = K.sparse_linear_triton(x, w, tau, ends, b)
@@ -256,7 +241,7 @@ def test_triton_more_than_16_tokens(kernel_kind):
 
 
 @needs_interp
-def test_compile_fullgraph_and_fake(kernel_kind):
+def test_compile_fullgraph_and_fake():
     in_f, ends = 300, (200, 450)
     x, w, tau, b = _make(in_f, ends, 2, 0.5, torch.float32, True, 13)
 
@@ -283,85 +268,3 @@ def test_kernels_in_fresh_subprocess():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-
-
-# ----------------------------------------------------------------------------------------------
-# "gather" variant: compaction kernel + persistent gather of kept rows + count-aware reduce
-# ----------------------------------------------------------------------------------------------
-GATHER_CFG = K.KernelConfig("gather", 256, 128, 4, 1, "two_pass", 1, 256, 3) if K.HAS_TRITON else None
-
-
-@pytest.fixture
-def poisoned_empty_all(monkeypatch):
-    """Like poisoned_empty, and integer buffers (kept-row indices, counts) are filled with garbage
-    (huge and negative values alternating): an index or count the kernels forget to write, or read
-    past its count, shows up as a wrong / non-finite result or an out-of-bounds access (which the
-    interpreter bounds check of conftest.py reports)."""
-    orig = K._new_buffer
-
-    def new_buffer(*a, **k):
-        t = orig(*a, **k)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype in (torch.int32, torch.int64) and t.numel():
-            flat = t.view(-1)
-            flat.fill_(1 << 30)
-            flat[1::2] = -7
-        return t
-
-    monkeypatch.setattr(K, "_new_buffer", new_buffer)
-    yield
-
-
-@pytest.fixture
-def force_gather():
-    old = K._FORCE_CONFIG
-    K._FORCE_CONFIG = GATHER_CFG
-    yield GATHER_CFG
-    K._FORCE_CONFIG = old
-
-
-@needs_interp
-def test_gather_compaction_kernel():
-    """idx[s, b*CB + r] = r-th kept channel of block b (ascending), cnt[s, b] = kept count, where
-    kept = some token of the batch has |x| > tau[s] (union); odd K, last block partial."""
-    in_f, n_seg, cb = 333, 3, 128
-    for T in (1, 3, 8):
-        x, _, tau, _ = _make(in_f, (10, 20, 30), T, 0.7, torch.bfloat16, False, 40 + T)
-        nblk = -(-in_f // cb)
-        idx = torch.full((n_seg, nblk * cb), -1, dtype=torch.int32)
-        cnt = torch.full((n_seg, nblk), -1, dtype=torch.int32)
-        K._wina_compact_kernel[(n_seg, nblk)](x, tau, idx, cnt, T, in_f, x.stride(0), tau.stride(0), idx.stride(0),
-                                              cnt.stride(0), TB=K._pow2_at_least(T), CB=cb)
-        keep = (x.float().abs()[None, :, :] > tau[:, None, :]).any(1)  # [n_seg, in]
-        for s in range(n_seg):
-            for b in range(nblk):
-                want = torch.nonzero(keep[s, b * cb:(b + 1) * cb]).flatten() + b * cb
-                assert int(cnt[s, b]) == want.numel()
-                assert torch.equal(idx[s, b * cb:b * cb + want.numel()].long(), want)
-
-
-@needs_interp
-@pytest.mark.parametrize("in_f,ends", [(576, (576, 768, 960)), (1000, (1000,)), (300, (100, 200, 300, 400, 500, 650))])
-def test_gather_matches_float64(in_f, ends, force_gather, poisoned_empty_all):
-    """Through the registered op (sparse_linear_triton) with the gather config forced."""
-    seed = 7000 + in_f + len(ends)
-    for T, sp, bias, dtype in ((1, 0.0, True, torch.float32), (1, 0.5, False, torch.bfloat16),
-                               (1, 0.9, True, torch.float32), (2, 0.5, True, torch.bfloat16),
-                               (5, 0.9, False, torch.float32), (8, 0.5, True, torch.float32)):
-        seed += 1
-        x, w, tau, b = _make(in_f, ends, T, sp, dtype, bias, seed)
-        y = K.sparse_linear_triton(x, w, tau, ends, b)
-        assert y.dtype == dtype and y.shape == (T, ends[-1])
-        err = _rel(y, _ref64(x, w, tau, ends, b))
-        assert err < _tol(dtype), (T, sp, bias, dtype, err)
-        assert torch.equal(y, K.sparse_linear_triton(x, w, tau, ends, b)), "not deterministic"
-
-
-def test_choose_config_default_unchanged(monkeypatch):
-    """The gather kind is opt-in: on the H100 it is slower than the tile kernel at the levels people run
-    (up to 65%, benchmarks/kernels.md), so the default stays the tile config."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # choose_config reads it per call
-    monkeypatch.setattr(K, "_FORCE_CONFIG", None)
-    assert K.choose_config(1, 4096, 4096)[0] == "tile"
-    assert K.choose_config(4, 4096, 4096)[0] == "tile"
