@@ -104,6 +104,10 @@ def test_bad_input_gives_one_line_and_no_output(tiny_folder, calib_file, tmp_pat
     source = tiny_folder("llama")
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 64)
+    no_text_field = tmp_path / "records.jsonl"
+    no_text_field.write_text('{"id": 1, "score": 0.5}\n{"id": 2, "score": 0.7}\n')
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(gpt2)
 
@@ -115,6 +119,9 @@ def test_bad_input_gives_one_line_and_no_output(tiny_folder, calib_file, tmp_pat
         (["convert", source, "--out", out, "--sparsity-levels", "-0.1"], ["[0, 1)"]),
         (["convert", source, "--out", out, "--calib-file", empty], ["empty"]),
         (["convert", source, "--out", out, "--calib-file", tmp_path / "nope.txt"], ["not found"]),
+        (["convert", source, "--out", out, "--calib-file", binary], ["not UTF-8 text"]),
+        (["convert", source, "--out", out, "--calib-file", no_text_field], ["no record", "'text'"]),
+        (["convert", source, "--out", out, "--calib-file", calib_file, "--device", "tpu"], ["--device", "tpu"]),
     ]
     if not torch.cuda.is_available():
         cases.append((["convert", source, "--out", out, "--calib-file", calib_file, "--device", "cuda"], ["no CUDA GPU"]))
@@ -128,8 +135,108 @@ def test_bad_input_gives_one_line_and_no_output(tiny_folder, calib_file, tmp_pat
     assert_one_line_error(run("convert", source, "--out", out, "--calib-file", calib_file, *TINY), "--overwrite")
     assert (out / "keep.txt").read_text() == "user data"
 
-    convert(source, out, calib_file, "--overwrite")
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+def _tree(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_removes_anything_but_a_previous_checkpoint(tiny_folder, calib_file, tmp_path):
+    """--overwrite replaced whatever --out named (a project folder, the source model): now only a
+    previous winaconv checkpoint, checked before any work."""
+    source = tiny_folder("llama")
+    source_files = _tree(source)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("user data")
+    (project / "config.json").write_text('{"not": "a checkpoint"}')
+    project_files = _tree(project)
+    for out, words in ((project, ["not a winaconv checkpoint"]), (source, ["source model"]),
+                       (source.parent, ["source model"])):
+        result = run("convert", source, "--out", out, "--calib-file", calib_file, *TINY, "--overwrite")
+        assert_one_line_error(result, *words)
+    assert _tree(project) == project_files and _tree(source) == source_files
+
+    out = convert(source, tmp_path / "ckpt", calib_file)
+    (out / "stale.txt").write_text("from the previous conversion")
+    convert(source, out, calib_file, "--overwrite")  # a previous checkpoint is replaced
+    assert (out / "config.json").is_file() and not (out / "stale.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".ckpt", ".project"))]
+
+
+def test_sharded_checkpoint_carries_metadata_in_every_shard(tiny_folder, calib_file, tmp_path):
+    from safetensors import safe_open
+
+    out = convert(tiny_folder("llama"), tmp_path / "ckpt", calib_file, "--max-shard-size", "5MB")
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [p.name for p in shards]
+    for shard in shards:
+        with safe_open(str(shard), "pt") as handle:
+            assert handle.metadata()["winaconv_format_version"] == str(FORMAT_VERSION)
+    result = run("inspect", out)
+    assert result.exit_code == 0, result.output
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_bad_output_options_fail_before_any_work(tiny_folder, calib_file, tmp_path):
+    source = tiny_folder("llama")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    out = tmp_path / "out"
+    cases = [
+        (["--greedy-step", "0"], ["--greedy-step"]),
+        (["--greedy-step", "-0.1"], ["--greedy-step"]),
+        (["--max-shard-size", "abc"], ["--max-shard-size", "abc"]),
+    ]
+    for extra, words in cases:
+        assert_one_line_error(run("convert", source, "--out", out, "--calib-file", calib_file, *TINY, *extra), *words)
+        assert not out.exists()
+    assert_one_line_error(run("convert", source, "--out", a_file / "ckpt", "--calib-file", calib_file, *TINY),
+                          "is a file")
+    assert a_file.read_text() == "x"
+
+
+def test_staging_folder_goes_on_sigterm_and_leftovers_are_cleaned(tiny_folder, calib_file, tmp_path):
+    import os
+    import signal
+
+    from winaconv.checkpoint import atomic_folder
+
+    out = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_folder(out, overwrite=False) as staging:
+            (staging / "model.safetensors").write_bytes(b"partial")
+            os.kill(os.getpid(), signal.SIGTERM)  # what `kill` and `timeout` send
+    assert not out.exists() and not staging.exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    leftover = tmp_path / ".ckpt.partial-999999999"  # a killed run's staging folder (no such process)
+    leftover.mkdir()
+    (leftover / "model-00001-of-00002.safetensors").write_bytes(b"x" * 100)
+    convert(tiny_folder("llama"), out, calib_file)
+    assert not leftover.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+
+
+def test_eval_of_an_exact_checkpoint_never_prompts(tiny_folder, calib_file, tmp_path):
+    """Its tokenizer was loaded without trust_remote_code: transformers asked on stdout whether to run the
+    folder's code, so --json stopped parsing and a terminal waited for input."""
+    import subprocess
+    import sys
+
+    out = convert(tiny_folder("llama"), tmp_path / "ckpt", calib_file, "--transform", "exact")
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n\n".join(["The quick brown fox jumps over the lazy dog."] * 40))
+    result = subprocess.run([sys.executable, "-m", "winaconv.cli", "eval", str(out), "--text-file", str(text),
+                             "--window", "64", "--max-tokens", "256", "--sparsity", "0,0.5", "--json"],
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["transform"] == "exact" and len(report["results"]) == 2
 
 
 def test_help_lists_every_option():

@@ -26,6 +26,8 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
     if not file.is_file():
         raise WinaconvError(f"text file not found: {path}")
     raw = file.read_text(encoding="utf-8", errors="replace")
+    if raw and (raw.count("\ufffd") + raw.count("\x00")) > 0.01 * len(raw):
+        raise WinaconvError(f"{path} is not UTF-8 text (more than 1% of it does not decode)")
     if file.suffix == ".jsonl":
         texts = []
         for number, line in enumerate(raw.splitlines(), 1):
@@ -39,6 +41,8 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
     else:
         texts = [raw]
     texts = [t for t in texts if t.strip()]
+    if not texts and file.suffix == ".jsonl" and raw.strip():
+        raise WinaconvError(f"{path}: no record has a 'text' field (or any string field)")
     if not texts:
         raise WinaconvError(f"text file is empty: {path}")
     return texts

@@ -13,7 +13,7 @@ from winaconv_runtime.checkpoint_format import level_key
 from . import sources
 from .calibrate import CalibrationSettings, calibrate_layers
 from .calibration_data import load_calibration_text, token_sequences
-from .checkpoint import atomic_folder, check_output_dir, write_checkpoint
+from .checkpoint import atomic_folder, check_output_dir, check_shard_size, write_checkpoint
 from .errors import WinaconvError
 from .runtime_model import to_runtime_model, winaconv_section
 from .transform import apply_transform
@@ -72,7 +72,11 @@ def validate(options: ConvertOptions) -> list[float]:
         raise WinaconvError(f"--default-sparsity {options.default_sparsity:g} is not one of the levels {levels}")
     if options.seq_len < 8 or options.calib_tokens < options.seq_len:
         raise WinaconvError("--calib-tokens must be at least --seq-len, and --seq-len at least 8")
-    check_output_dir(Path(options.out), options.overwrite)
+    if not options.greedy_step > 0:
+        raise WinaconvError(f"--greedy-step must be > 0; got {options.greedy_step:g}")
+    check_shard_size(options.max_shard_size)
+    source = Path(options.model)
+    check_output_dir(Path(options.out), options.overwrite, source=source if source.exists() else None)
     return levels
 
 

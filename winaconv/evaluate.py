@@ -129,7 +129,7 @@ def find_model(model: str) -> ModelRef:
 
 def load_tokenizer(ref: ModelRef):
     try:
-        return sources.load_tokenizer(ref.source)
+        return sources.load_tokenizer(ref.source, trust_remote_code=ref.section is not None)
     except OSError as exc:
         raise WinaconvError(f"cannot load the tokenizer of {ref.name}: {str(exc).splitlines()[0]}") from exc
 

@@ -46,6 +46,8 @@ def resolve_device(requested: str) -> str:
     """--device: auto picks the GPU when there is one; asking for one that is not there is an error."""
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested != "cpu" and not requested.startswith("cuda"):
+        raise WinaconvError(f"--device {requested!r} is not one of auto, cpu, cuda, cuda:N")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise WinaconvError(f"--device {requested} asked for, but no CUDA GPU is available")
     return requested
@@ -77,10 +79,15 @@ def load_model(source: ModelSource, dtype: torch.dtype):
     return model
 
 
-def load_tokenizer(source: ModelSource):
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    """trust_remote_code for winaconv checkpoints (their config class ships in the folder): without it
+    transformers asks on stdout whether to run that code, which breaks --json and waits for input."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source.location, **source.load_kwargs())
+    kwargs = dict(source.load_kwargs())
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    return AutoTokenizer.from_pretrained(source.location, **kwargs)
 
 
 def source_dtype(config, requested: str) -> torch.dtype:
