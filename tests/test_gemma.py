@@ -143,5 +143,7 @@ def test_converted_folder_loads_and_generates_like_the_original(tiny_gemma, tmp_
         assert torch.equal(got, want)
         model.set_sparsity(0.5)
         assert max_relative_error(model(ids).logits, expected) > 1e-3, "sparsity 0.5 must change the logits"
+    inspected = run("inspect", out)
+    assert inspected.exit_code == 0 and "problem" not in inspected.output, inspected.output
     plain, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)  # transform none: a plain model
     assert type(plain) is type(original) and not any(v for k, v in info.items() if k != "error_msgs")
