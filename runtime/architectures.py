@@ -21,6 +21,19 @@ class Family:
     class_prefix: str  # transformers' class name prefix, e.g. "Llama" -> LlamaForCausalLM
     model_types: tuple[str, ...]
     linears: tuple[tuple[str, tuple[str, ...]], ...]  # (module path inside a decoder layer, projections)
+    module: str = ""  # transformers.models.<module>; the family's name where empty
+    base_model_prefix: str = ""  # prefix of the base model and config classes where it differs (Gemma3Text)
+    # Transforms that keep this family's function exact; None: all. Gemma puts a norm with a gain on
+    # each block's output, which a rotated residual stream cannot absorb (see winaconv/transform.py).
+    transforms: tuple[str, ...] | None = None
+    # Gemma layout: block outputs pass through post_attention_layernorm / post_feedforward_layernorm
+    # before the residual add, and the MLP reads pre_feedforward_layernorm.
+    output_norms: bool = False
+
+    @property
+    def modeling_module(self) -> str:
+        name = self.module or self.name
+        return f"transformers.models.{name}.modeling_{name}"
 
 
 _SEPARATE = (
@@ -47,6 +60,9 @@ FAMILIES = {
         Family("qwen2", "Qwen2", ("qwen2",), _SEPARATE),
         Family("qwen3", "Qwen3", ("qwen3",), _SEPARATE),
         Family("phi3", "Phi3", ("phi3",), _FUSED),
+        Family("gemma2", "Gemma2", ("gemma2",), _SEPARATE, transforms=("none",), output_norms=True),
+        Family("gemma3_text", "Gemma3", ("gemma3_text",), _SEPARATE, module="gemma3", base_model_prefix="Gemma3Text",
+               transforms=("none",), output_norms=True),
     )
 }
 

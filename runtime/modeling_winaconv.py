@@ -22,15 +22,25 @@ def exact_model_type(family: Family) -> str:
     return f"winaconv_exact_{family.name}"
 
 
+def _has_output_norms(layer: nn.Module) -> bool:
+    return hasattr(layer, "pre_feedforward_layernorm")  # Gemma 2/3: a norm on each block's output
+
+
 def attention_residual(layer: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Residual stream after the attention block: x @ S_attn + attn(norm(x)) (S = I unless exact)."""
+    """Residual stream after the attention block: x @ S_attn + attn(norm(x)) (S = I unless exact);
+    Gemma adds post_attention_layernorm(attn(norm(x)))."""
     attn_out = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)[0]
+    if _has_output_norms(layer):
+        attn_out = layer.post_attention_layernorm(attn_out)
     return _through_shortcut(hidden_states, getattr(layer, "attn_shortcut", None)) + attn_out
 
 
 def mlp_residual(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """Residual stream after the MLP block (token-wise, so it may run on any subset of tokens)."""
-    mlp_out = layer.mlp(layer.post_attention_layernorm(hidden_states))
+    if _has_output_norms(layer):
+        mlp_out = layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden_states)))
+    else:
+        mlp_out = layer.mlp(layer.post_attention_layernorm(hidden_states))
     return _through_shortcut(hidden_states, getattr(layer, "mlp_shortcut", None)) + mlp_out
 
 
@@ -123,10 +133,11 @@ class WinaconvMixin:
 
 def _build_family_classes(family: Family) -> dict[str, type]:
     prefix = family.class_prefix
-    modeling = importlib.import_module(f"transformers.models.{family.name}.modeling_{family.name}")
-    base_config = getattr(transformers, f"{prefix}Config")
+    base_prefix = family.base_model_prefix or prefix  # Gemma3TextConfig / Gemma3TextModel, Gemma3ForCausalLM
+    modeling = importlib.import_module(family.modeling_module)
+    base_config = getattr(transformers, f"{base_prefix}Config")
     base_causal_lm = getattr(transformers, f"{prefix}ForCausalLM")
-    base_model = getattr(transformers, f"{prefix}Model")
+    base_model = getattr(transformers, f"{base_prefix}Model")
     base_layer = getattr(modeling, f"{prefix}DecoderLayer")
 
     class ShortcutDecoderLayer(base_layer):
@@ -172,15 +183,15 @@ def _build_family_classes(family: Family) -> dict[str, type]:
         return Model, ForCausalLM
 
     plain_model, plain_causal = make(base_config, exact=False)
-    exact_model, exact_causal = make(ExactConfig, exact=True)
-    classes = {
-        f"Wina{prefix}Model": plain_model,
-        f"Wina{prefix}ForCausalLM": plain_causal,
-        f"WinaExact{prefix}Config": ExactConfig,
-        f"WinaExact{prefix}Model": exact_model,
-        f"WinaExact{prefix}ForCausalLM": exact_causal,
-        f"WinaExact{prefix}DecoderLayer": ShortcutDecoderLayer,
-    }
+    classes = {f"Wina{prefix}Model": plain_model, f"Wina{prefix}ForCausalLM": plain_causal}
+    if family.transforms is None or "exact" in family.transforms:
+        exact_model, exact_causal = make(ExactConfig, exact=True)
+        classes.update({
+            f"WinaExact{prefix}Config": ExactConfig,
+            f"WinaExact{prefix}Model": exact_model,
+            f"WinaExact{prefix}ForCausalLM": exact_causal,
+            f"WinaExact{prefix}DecoderLayer": ShortcutDecoderLayer,
+        })
     for name, cls in classes.items():
         cls.__name__ = cls.__qualname__ = name
         cls.__module__ = __name__

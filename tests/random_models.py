@@ -31,3 +31,33 @@ def random_model(family: str, seed: int = 0, dtype=torch.float32):
             elif name.endswith("bias"):
                 param.normal_(0, 0.1)
     return model
+
+
+# Gemma 2 / 3 text: output norms, (1 + w) norms, sqrt(hidden) embedding scale, GeGLU, tied embeddings,
+# alternating sliding-window (window 4, shorter than the test sequences) and global layers.
+_GEMMA_COMMON = dict(
+    COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+)
+GEMMA_MODELS = {
+    # soft-capping small enough to bite on a random model's scores and logits
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_GEMMA_COMMON, attn_logit_softcapping=2.0,
+                                                          final_logit_softcapping=0.5)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_GEMMA_COMMON)),  # per-head q/k norms
+}
+
+
+def random_gemma(family: str, seed: int = 0, dtype=torch.float32):
+    """A random Gemma model whose norm gains (1 + w) are far from 1, so their handling is tested."""
+    import transformers
+
+    config_name, model_name, values = GEMMA_MODELS[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(**values)
+    config._attn_implementation = "eager"
+    model = getattr(transformers, model_name)(config).to(dtype).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(-0.5, 0.5)
+    return model

@@ -53,40 +53,43 @@ class LayerCalibration:
         return {p: threshold_at(self.grids[p], sparsities[p]) for p in PROJECTIONS}
 
 
-class _StopForward(Exception):
-    pass
+class _RecordingLayer(torch.nn.Module):
+    """Stands in for a decoder layer: records what the decoder passes it and returns its input."""
+
+    def __init__(self, index: int, records: dict):
+        super().__init__()
+        self.index, self.records = index, records
+
+    def forward(self, hidden_states, **kwargs):
+        if self.index == 0:
+            self.records["hidden"] = hidden_states
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache", "use_cache")}
+        self.records.setdefault("kwargs", {}).setdefault(self.index, kwargs)
+        return hidden_states
 
 
 @torch.no_grad()
-def capture_layer_inputs(model, input_ids: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
-    """Hidden states entering the first decoder layer for every sequence, and the keyword
-    arguments (position embeddings, mask) the decoder passes to its layers, for one sequence."""
+def capture_layer_inputs(model, input_ids: torch.Tensor, device) -> tuple[torch.Tensor, list[dict]]:
+    """Hidden states entering the first decoder layer for every sequence, and per layer the keyword
+    arguments (position embeddings, mask) the decoder passes it, for one sequence. Per layer, since
+    Gemma alternates sliding-window and global layers with their own masks and rotary tables."""
     decoder = model.model
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
-        raise _StopForward
-
+    real_layers = decoder.layers
+    records = {}
+    decoder.layers = torch.nn.ModuleList(_RecordingLayer(i, records) for i in range(len(real_layers)))
     others = [m for name, m in decoder.named_children() if name != "layers"]
     for module in others:
         module.to(device)
-    handle = decoder.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    hidden, layer_kwargs = [], None
+    hidden = []
     try:
         for sequence in input_ids:
-            try:
-                decoder(input_ids=sequence[None].to(device), use_cache=False)
-            except _StopForward:
-                pass
-            hidden.append(captured["hidden"])
-            layer_kwargs = layer_kwargs or captured["kwargs"]
+            decoder(input_ids=sequence[None].to(device), use_cache=False)
+            hidden.append(records["hidden"])
     finally:
-        handle.remove()
+        decoder.layers = real_layers
         for module in others:
             module.to("cpu")
-    return torch.cat(hidden), layer_kwargs
+    return torch.cat(hidden), [records["kwargs"][i] for i in range(len(real_layers))]
 
 
 def _apply_thresholds(layer, family, thresholds: dict[str, float], norm_scored) -> None:
@@ -196,12 +199,12 @@ def calibrate_layers(model, family, input_ids, shares, settings, progress=None) 
     for idx, layer in enumerate(layers):
         started = time.perf_counter()
         layer.to(settings.device)
-        grids, outputs = collect_statistics(layer, family, hidden, layer_kwargs, settings, generator)
+        grids, outputs = collect_statistics(layer, family, hidden, layer_kwargs[idx], settings, generator)
         if progress:
             progress.reset(step_task, total=settings.max_sparsity, description=f"greedy allocation, layer {idx}")
         greedy = slice(0, settings.greedy_sequences)
         path = greedy_path(
-            layer, family, grids, hidden[greedy], outputs[greedy], layer_kwargs, shares, settings,
+            layer, family, grids, hidden[greedy], outputs[greedy], layer_kwargs[idx], shares, settings,
             on_step=(lambda w: progress.update(step_task, completed=w)) if progress else None,
         )
         layer.to("cpu")
@@ -224,12 +227,12 @@ def residual_covariance(model, input_ids: torch.Tensor, device, micro_batch: int
         flat = output.reshape(-1, size).double()
         covariance.add_(flat.T @ flat)
 
-    for layer in model.model.layers:
+    for layer, kwargs in zip(model.model.layers, layer_kwargs):
         layer.to(device)
         handles = [norm.register_forward_hook(accumulate)
                    for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
         try:
-            hidden = layer_outputs(layer, hidden, layer_kwargs, device, micro_batch)
+            hidden = layer_outputs(layer, hidden, kwargs, device, micro_batch)
         finally:
             for handle in handles:
                 handle.remove()

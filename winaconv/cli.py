@@ -62,9 +62,9 @@ def main():
               help="wina scores |x_i|*||W[:,i]||, teal scores |x_i|.")
 @click.option("--scoring", type=click.Choice(["paper", "reference"]), default="paper", show_default=True,
               help="wina only: column norms on all seven projections (paper) or on k and gate only (reference code).")
-@click.option("--transform", type=click.Choice(["exact", "global", "pca", "none"]), default="pca", show_default=True,
+@click.option("--transform", type=click.Choice(["exact", "global", "pca", "none"]), default=None,
               help="Rotation folded into the weights: exact (per block, WINA's), global (one, from the weights), "
-                   "pca (one, from the calibration activations) or none.")
+                   "pca (one, from the calibration activations) or none. Default: pca; none for Gemma 2/3.")
 @click.option("--sparsity-levels", default="0.25,0.4,0.5,0.65", show_default=True, callback=parse_levels,
               help="Model-level sparsities stored in the checkpoint, each in [0, 1).")
 @click.option("--default-sparsity", type=float, default=0.5, show_default=True, help="Level used when loading without sparsity=.")

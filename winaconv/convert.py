@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from winaconv_runtime.architectures import PROJECTIONS, parameter_shares
+from winaconv_runtime.architectures import PROJECTIONS, family_for_model_type, parameter_shares
 from winaconv_runtime.checkpoint_format import level_key
 
 from . import sources
@@ -16,7 +16,7 @@ from .calibration_data import load_calibration_text, token_sequences
 from .checkpoint import atomic_folder, check_output_dir, check_shard_size, write_checkpoint
 from .errors import WinaconvError
 from .runtime_model import to_runtime_model, winaconv_section
-from .transform import apply_transform
+from .transform import apply_transform, check_transform, default_transform
 
 # The reference code scores only these two with column norms; the paper scores all seven.
 REFERENCE_NORM_SCORED = ("k", "gate")
@@ -30,7 +30,7 @@ class ConvertOptions:
     # (benchmarks/accuracy_pca_4k.md); the rotation folds into the weights, so it costs no speed
     method: str = "wina"
     scoring: str = "paper"
-    transform: str = "pca"
+    transform: str | None = None  # None: the family's default (default_transform)
     sparsity_levels: tuple[float, ...] = (0.25, 0.4, 0.5, 0.65)
     default_sparsity: float = 0.5
     calib_file: str | None = None
@@ -86,6 +86,8 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     device = sources.resolve_device(options.device)
     source = sources.resolve_source(options.model, options.revision)
     config = sources.load_config(source)
+    transform = options.transform or default_transform(family_for_model_type(config.model_type))
+    check_transform(family_for_model_type(config.model_type), transform)
     calibration = load_calibration_text(options.calib_file, options.calib_dataset)
     if calibration.note:
         say(calibration.note)
@@ -96,13 +98,13 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     base = sources.load_model(source, torch.float32)
     tokenizer = sources.load_tokenizer(source)
     norm_scored = norm_scored_projections(options.method, options.scoring)
-    section = winaconv_section(options.method, options.transform, norm_scored)
+    section = winaconv_section(options.method, transform, norm_scored)
     model, family = to_runtime_model(base, section)
     del base
 
     input_ids = token_sequences(tokenizer, calibration.texts, options.seq_len, options.calib_tokens, options.seed)
-    say(f"transform: {options.transform}")
-    apply_transform(model, family, options.transform, device=device, calibration_ids=input_ids)
+    say(f"transform: {transform}")
+    apply_transform(model, family, transform, device=device, calibration_ids=input_ids)
     model.to(work_dtype)
 
     settings = CalibrationSettings(

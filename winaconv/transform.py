@@ -16,6 +16,14 @@ weights are first folded into the linears that read them.
             those matrices have exactly orthogonal columns (WINA's assumption). The basis changes
             between blocks, so each layer carries two shortcut matrices S = Q_prev^T Q_next.
 All arithmetic is float64; results are cast back to the model's dtype.
+
+Gemma 2/3 (families with output norms) accept only "none". Their input norms would fold as (1 + w),
+but each block's output passes through an RMSNorm with a gain g before the residual add, and
+(y / rms(y)) diag(g) Q cannot come from a rotated writer: rms is blind to rotations but not to
+diag(g), and diag(g) Q is orthogonal only when |g| is constant. Keeping a rotated model exact needs
+one dense hidden x hidden matrix per block (an online rotation of each block's input, or diag(g) Q
+after each output norm), the same bytes as the exact transform's shortcuts on Llama; see
+benchmarks/gemma_transforms.md for that cost measured on Gemma 3 270M's shapes.
 """
 
 import torch
@@ -25,6 +33,27 @@ from winaconv_runtime.architectures import RESIDUAL_WRITERS, Family, projection_
 from winaconv_runtime.checkpoint_format import TRANSFORMS
 
 from .calibrate import residual_covariance
+from .errors import WinaconvError
+
+
+def available_transforms(family: Family) -> tuple[str, ...]:
+    return TRANSFORMS if family.transforms is None else family.transforms
+
+
+def default_transform(family: Family) -> str:
+    """pca where rotations fold into the weights (README: Results); Gemma: none, the only exact one
+    that costs no extra bytes per token (benchmarks/gemma_transforms.md)."""
+    return "pca" if family.transforms is None else family.transforms[0]
+
+
+def check_transform(family: Family, kind: str) -> None:
+    """One-line error for a transform that would not keep this family's function exact."""
+    allowed = available_transforms(family)
+    if kind not in allowed:
+        raise WinaconvError(
+            f"transform '{kind}' is not available for {family.name} (a norm on each block's output does not "
+            f"commute with a rotation of the residual stream); available: {', '.join(allowed)}"
+        )
 
 
 def _readers(layer, family: Family, block: str) -> list[nn.Linear]:
@@ -144,6 +173,7 @@ def apply_transform(model, family: Family, kind: str, device="cpu", calibration_
     "pca" needs calibration_ids ([sequences, length] token ids) to find its basis."""
     if kind not in TRANSFORMS:
         raise ValueError(f"unknown transform {kind!r}; choose from {TRANSFORMS}")
+    check_transform(family, kind)
     if kind == "none":
         return
     if kind == "pca" and calibration_ids is None:
