@@ -82,18 +82,23 @@ class DecodeSettings:
     """What one generate() call asks for, resolved to plain numbers (transformers' defaults included)."""
 
     def __init__(self, config: GenerationConfig, prompt_length: int, context: int | None):
+        if context is not None and prompt_length > context:
+            raise GenerationInputError(f"the prompt has {prompt_length} tokens, more than the model's context of {context}")
         if config.max_new_tokens is not None:
             max_new = int(config.max_new_tokens)
-        else:
-            max_new = int(config.max_length if config.max_length is not None else 20) - prompt_length
+        elif config.max_length is not None:
+            max_new = int(config.max_length) - prompt_length
+        else:  # transformers' default: 20 new tokens, within the context
+            max_new = 20 if context is None else min(20, context - prompt_length)
         if max_new < 1:
             raise GenerationInputError(
                 f"nothing to generate: max_new_tokens must be >= 1 (got {max_new}"
                 + ("" if config.max_new_tokens is not None else f" from max_length {config.max_length} and a prompt of {prompt_length}") + ")")
-        if context is not None and prompt_length > context:
-            raise GenerationInputError(f"the prompt has {prompt_length} tokens, more than the model's context of {context}")
         self.max_new_tokens = max_new
-        self.min_new_tokens = max(int(config.min_new_tokens or 0), int(config.min_length or 0) - prompt_length, 0)
+        if config.min_new_tokens is not None:  # takes precedence over min_length, as in transformers
+            self.min_new_tokens = int(config.min_new_tokens)
+        else:
+            self.min_new_tokens = max(int(config.min_length or 0) - prompt_length, 0)
         self.do_sample = bool(config.do_sample)
         self.temperature = float(config.temperature if config.temperature is not None else 1.0)
         self.top_k = int(config.top_k or 0)
@@ -310,7 +315,11 @@ class WinaconvGenerationMixin:
     @torch.no_grad()
     def generate(self, inputs=None, generation_config=None, streamer=None, **kwargs):
         config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        other = config.update(**kwargs)
+        try:
+            other = config.update(**kwargs)
+            config.validate()
+        except ValueError as error:  # transformers' own checks (max_new_tokens > 0, ...), on one line
+            raise GenerationInputError(str(error).strip().splitlines()[0]) from None
         reason = unsupported_reason(config, other)
         if reason is not None:
             warnings.warn(f"winaconv: {reason} is not supported by the fast generate; using transformers' slower loop", stacklevel=2)
