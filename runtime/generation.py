@@ -305,7 +305,9 @@ class WinaconvGenerationMixin:
     def _winaconv_engine(self, batch_size: int, length: int) -> DecodeEngine:
         engines = self.__dict__.setdefault("_winaconv_engines", OrderedDict())
         context = getattr(self.config, "max_position_embeddings", None)
-        key = (batch_size, cache_bucket(length, context), self.device)
+        # an engine of this batch size whose cache is long enough is reused as is: no new cache, no new capture
+        fits = [k for k in engines if k[0] == batch_size and k[2] == self.device and k[1] >= length]
+        key = min(fits, key=lambda k: k[1]) if fits else (batch_size, cache_bucket(length, context), self.device)
         engine = engines.pop(key, None) or DecodeEngine(self, batch_size, key[1])
         engines[key] = engine
         while len(engines) > MAX_ENGINES:

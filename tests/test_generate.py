@@ -1,7 +1,9 @@
 """model.generate() of a winaconv model against transformers' own generate (GenerationMixin.generate on
 the same model, so both loops run the same sparse forward), token for token in float32."""
 
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,3 +168,28 @@ def test_real_model_greedy_eos_and_streamer(smollm2, capsys):
     theirs = capsys.readouterr().out
     model.generate(single.input_ids, streamer=TextStreamer(tokenizer), **one)
     assert capsys.readouterr().out == theirs and "Paris" in theirs
+
+
+def test_generate_and_bench_commands_on_smollm2(converted_smollm2):
+    from click.testing import CliRunner
+
+    from winaconv.cli import main
+
+    folder = str(converted_smollm2("wina", "global"))
+    runner = CliRunner()
+    result = runner.invoke(main, ["generate", folder, "What is the capital of France?", "--chat", "--sparsity", "0.25",
+                                  "--max-new-tokens", "12", "--device", "cpu"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.stdout
+    summary = result.stderr.strip().splitlines()[-1]
+    assert "ms/token" in summary and "tokens/s" in summary and "sparsity 0.25, cpu" in summary
+    result = runner.invoke(main, ["bench", folder, "--levels", "0,0.5", "--new-tokens", "4", "--prompt-tokens", "16",
+                                  "--device", "cpu", "--json", "--save"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["speed"]) == {"0", "0.5"} and all(v > 0 for v in report["speed"].values())
+    assert report["transformers_dense_ms"] > 0
+    saved = json.loads((Path(folder) / "winaconv_results.json").read_text())
+    assert saved["speed"] == {k: round(v, 3) for k, v in report["speed"].items()}
+    result = runner.invoke(main, ["bench", folder, "--levels", "0.3", "--device", "cpu"])
+    assert result.exit_code == 1 and "sparsity 0.3 is not stored" in result.output
