@@ -175,6 +175,7 @@ class DecodeEngine:
         self.seen = torch.zeros((self.batch_size, model.config.vocab_size), dtype=torch.bool, device=self.device)
         self.settings: DecodeSettings | None = None
         self._eos = None
+        self._eos_tensors: dict = {}
         self._steps: dict = {}
         self._graphs: dict = {}
         self._warm: dict = {}
@@ -188,8 +189,12 @@ class DecodeEngine:
         """Prefill the prompt and choose the first new token."""
         batch, prompt_length = input_ids.shape
         self.settings = settings
-        self._eos = (torch.tensor(settings.eos_token_ids, dtype=torch.long, device=self.device)
-                     if settings.eos_token_ids else None)
+        self._eos = None
+        if settings.eos_token_ids:  # one lasting tensor per EOS set: a captured graph reads its memory
+            ids = tuple(settings.eos_token_ids)
+            self._eos = self._eos_tensors.get(ids)
+            if self._eos is None:
+                self._eos = self._eos_tensors[ids] = torch.tensor(ids, dtype=torch.long, device=self.device)
         self.cache.reset()
         for buffer in (self.tokens, self.attention_mask, self.generated, self.finished_at):
             buffer.zero_()
