@@ -5,6 +5,7 @@ Stages (run separately so each fits one device call; the work folder persists wh
   python benchmarks/e2e_decode.py convert  --work /tmp/e2e --transform global [--fast]
   python benchmarks/e2e_decode.py decode   --work /tmp/e2e --checkpoints global --out results.json
   python benchmarks/e2e_decode.py decode   --synthetic none,exact --out results.json   # no conversion
+  python benchmarks/e2e_decode.py generate --out generate.json    # model.generate() greedy/sampling, batch 1 and 4
 
 Decode time per token = (time of generating N+1 tokens - time of generating 1) / N, batch 1,
 128-token prompt, N = 256, median of 3: transformers' generate (eager; static cache with its
@@ -284,6 +285,59 @@ def decode(work: Path, out: Path, new_tokens: int, checkpoints: list[str], synth
     print(json.dumps(results, indent=1))
 
 
+def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4)) -> None:
+    """model.generate() greedy and sampling (temperature 0.7, top-p 0.9) at each level and batch size, next to
+    the GreedyDecoder front of the same engine and transformers' static cache + compile on the base model."""
+    import transformers
+    from transformers import GenerationMixin
+
+    from winaconv_runtime.decoding import GreedyDecoder
+
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.cache_size_limit = 64
+    torch.manual_seed(0)
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+               "triton": _version("triton"), "prompt_tokens": 128, "new_tokens": new_tokens, "command": " ".join(sys.argv),
+               "sampling": "do_sample, temperature 0.7, top_p 0.9, top_k 50 (transformers' default)"}
+
+    def save():
+        out.write_text(json.dumps(results, indent=1))
+
+    base = random_base()
+    prompts = {b: torch.randint(100, 40000, (b, 128), device="cuda") for b in batches}
+    for b in batches:  # transformers' own generate on the base model: the dense reference
+        results[f"transformers_static_compile_ms_b{b}"] = _time_generate(base, prompts[b], new_tokens)
+        print(f"transformers static+compile batch {b}: {results[f'transformers_static_compile_ms_b{b}']:.2f}", flush=True)
+        save()
+    model = synthetic_runtime(base, "none", prompts[1], levels)
+
+    def ours(prompt, **options):
+        return lambda n: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                        min_new_tokens=n, pad_token_id=0, **options)
+
+    for b in batches:
+        decoder = GreedyDecoder(model, 128 + new_tokens + 8, batch_size=b)
+        for level in levels:
+            model.set_sparsity(level)
+            key = f"b{b}_{level:g}"
+            results[f"graph_decoder_ms_{key}"] = _time_graph_decoder(decoder, prompts[b], new_tokens)[0]
+            results[f"generate_greedy_ms_{key}"] = _ms_per_token(ours(prompts[b], do_sample=False), new_tokens)[0]
+            torch.manual_seed(0)
+            results[f"generate_sample_ms_{key}"] = _ms_per_token(
+                ours(prompts[b], do_sample=True, temperature=0.7, top_p=0.9), new_tokens)[0]
+            if level == 0.5:  # the greedy tokens of generate() and the transformers loop on the same model
+                reference = GenerationMixin.generate(model, prompts[b][:1], attention_mask=torch.ones_like(prompts[b][:1]),
+                                                     max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+                mine = ours(prompts[b][:1], do_sample=False)(32)
+                same = (mine[0, 128:] == reference[0, 128:]).long().cumprod(0).sum().item()
+                results[f"generate_first_tokens_equal_to_transformers_{key}"] = f"{same} of 32"
+            print(key, {k: round(v, 3) for k, v in results.items() if k.endswith(key) and isinstance(v, float)}, flush=True)
+            save()
+        del decoder
+        torch.cuda.empty_cache()
+    print(json.dumps(results, indent=1))
+
+
 def _version(name):
     try:
         return __import__(name).__version__
@@ -293,7 +347,7 @@ def _version(name):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["make", "convert", "decode"])
+    parser.add_argument("stage", choices=["make", "convert", "decode", "generate"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/e2e"))
     parser.add_argument("--transform", default="global")
     parser.add_argument("--checkpoints", default="", help="converted checkpoints to time, by transform (decode)")
@@ -310,6 +364,8 @@ def main():
         make(args.work)
     elif args.stage == "convert":
         convert(args.work, args.transform, args.fast)
+    elif args.stage == "generate":
+        generate_speeds(args.out, args.new_tokens, [float(x) for x in args.levels.split(",")])
     else:
         names = lambda text: [t for t in text.split(",") if t]  # noqa: E731
         levels = [float(x) for x in args.levels.split(",")]

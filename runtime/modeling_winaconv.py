@@ -16,6 +16,7 @@ from torch import nn
 from .architectures import FAMILIES, PROJECTIONS, Family, projection_sizes, shared_input_paths
 from .checkpoint_format import CheckpointFormatError, SparsitySettings
 from .sparse_linear import SharedInputGroup, SparseLinear, announce_path
+from .generation import WinaconvGenerationMixin
 
 
 def exact_model_type(family: Family) -> str:
@@ -170,7 +171,7 @@ def _build_family_classes(family: Family) -> dict[str, type]:
                 self._winaconv_setup(self)
                 self.post_init()
 
-        class ForCausalLM(WinaconvMixin, base_causal_lm):
+        class ForCausalLM(WinaconvGenerationMixin, WinaconvMixin, base_causal_lm):
             def __init__(self, config):
                 super().__init__(config)
                 upgrade(config, self.model)

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationMixin
 
 from winaconv.calibrate import uniform_levels
 from winaconv.runtime_model import to_runtime_model, winaconv_section
@@ -118,7 +118,7 @@ def test_greedy_decoder_gives_generates_tokens(family, level):
     model, ids = sparse_random_model(family, method="teal")
     model.set_sparsity(level)
     prompt = ids[:, :10]  # batch of 2; mistral's sliding window (8) is passed
-    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12,
+    expected = GenerationMixin.generate(model, prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12,
                               do_sample=False, pad_token_id=0)
     decoder = GreedyDecoder(model, max_length=32, batch_size=2)
     assert torch.equal(decoder.generate(prompt, 12), expected)
@@ -132,7 +132,7 @@ def test_greedy_decoder_on_the_real_model(converted_smollm2, smollm2_folder):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32, sparsity=0.25)
     prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+    expected = GenerationMixin.generate(model, prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
                               min_new_tokens=8)
     tokens = GreedyDecoder(model, max_length=64).generate(prompt, 8)
     assert torch.equal(tokens, expected)

@@ -1,0 +1,178 @@
+"""`winaconv generate` (stream text through model.generate()) and `winaconv bench` (decode ms/token
+through model.generate() at each level, next to the same weights run dense by transformers' own loop)."""
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .errors import WinaconvError
+from .evaluate import find_model, load_model, load_tokenizer, parse_levels
+
+console = Console(stderr=True)
+
+
+def _device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def _load(model: str, device: str, dtype: str):
+    from .evaluate import resolve_dtype
+
+    ref = find_model(model)
+    loaded = load_model(ref, device, resolve_dtype(dtype, device))
+    return ref, loaded, load_tokenizer(ref)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_generate(model, prompt, sparsity, max_new_tokens, sample, temperature, top_p, chat, device, dtype, say=print):
+    from transformers import TextStreamer
+
+    device = _device(device)
+    ref, loaded, tokenizer = _load(model, device, dtype)
+    level = sparsity if sparsity is not None else (loaded.settings.default_sparsity if loaded.settings else 0.0)
+    parse_levels((level,), ref)
+    loaded.set_sparsity(level)
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise WinaconvError(f"{ref.name} has no chat template; drop --chat")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    encoded = tokenizer(prompt, return_tensors="pt").to(device)
+    options = dict(max_new_tokens=max_new_tokens, do_sample=sample)
+    if sample:
+        options.update(temperature=temperature, top_p=top_p)
+    streamer = TextStreamer(tokenizer, skip_prompt=chat, skip_special_tokens=True)
+    start = time.perf_counter()
+    out = loaded.model.generate(encoded.input_ids, attention_mask=encoded.attention_mask, streamer=streamer, **options)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    new = out.shape[1] - encoded.input_ids.shape[1]
+    say(f"{new} tokens, {1000 * seconds / new:.1f} ms/token, {new / seconds:.1f} tokens/s, "
+        f"sparsity {level:g}, {device}")
+    return out
+
+
+def _timed_generate(generate, ids, new_tokens, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+             do_sample=False)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def decode_ms_per_token(generate, ids, new_tokens, device, repeats: int = 2) -> float:
+    """(time for new_tokens - time for 1 token) / (new_tokens - 1): the prefill cancels out."""
+    _timed_generate(generate, ids, new_tokens, device)  # warm-up (compile, graph capture)
+    full = min(_timed_generate(generate, ids, new_tokens, device) for _ in range(repeats))
+    first = min(_timed_generate(generate, ids, 1, device) for _ in range(repeats))
+    return 1000 * (full - first) / max(new_tokens - 1, 1)
+
+
+def run_bench(model, levels, new_tokens, prompt_tokens, batch, device, dtype, save):
+    from transformers import GenerationMixin
+
+    device = _device(device)
+    ref, loaded, _ = _load(model, device, dtype)
+    levels = parse_levels(levels, ref) if levels else ref.available()
+    if new_tokens < 2:
+        raise WinaconvError("--new-tokens must be at least 2")
+    vocab = loaded.model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    loaded.set_sparsity(0.0)
+
+    def transformers_dense(*args, **kwargs):
+        if device.startswith("cuda"):
+            kwargs["cache_implementation"] = "static"  # transformers compiles its step with a static cache
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return GenerationMixin.generate(loaded.model, *args, **kwargs)
+
+    baseline = decode_ms_per_token(transformers_dense, ids, new_tokens, device)
+    speeds = {}
+    for level in levels:
+        loaded.set_sparsity(level)
+        speeds[level] = decode_ms_per_token(loaded.model.generate, ids, new_tokens, device)
+    return dict(model=ref.name, device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                dtype=str(next(loaded.model.parameters()).dtype).replace("torch.", ""), batch=batch,
+                prompt_tokens=prompt_tokens, new_tokens=new_tokens, transformers_dense_ms=baseline,
+                speed={f"{k:g}": v for k, v in speeds.items()},
+                save_to=str(Path(model) / "winaconv_results.json") if save else None)
+
+
+def save_speed(report: dict) -> None:
+    path = Path(report["save_to"])
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results["speed"] = {k: round(v, 3) for k, v in report["speed"].items()}
+    results["speed_note"] = (f"{report['device']}, {report['dtype']}, batch {report['batch']}, "
+                             f"{report['prompt_tokens']}-token prompt, model.generate() (winaconv bench)")
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def print_bench(report: dict) -> None:
+    table = Table(title=f"decode ms/token through generate(), {report['device']}, batch {report['batch']}")
+    for column in ("path", "ms/token", "vs level 0", "vs transformers dense"):
+        table.add_column(column, justify="right")
+    base = report["transformers_dense_ms"]
+    table.add_row("transformers dense", f"{base:.2f}", "", "1.00x")
+    level0 = report["speed"].get("0")
+    for level, ms in report["speed"].items():
+        table.add_row(f"winaconv {level}", f"{ms:.2f}", f"{level0 / ms:.2f}x" if level0 else "", f"{base / ms:.2f}x")
+    Console().print(table)
+
+
+def register(main, one_line_errors) -> None:
+    """Add the two commands to the `winaconv` group."""
+
+    @main.command()
+    @click.argument("model")
+    @click.argument("prompt")
+    @click.option("--sparsity", type=float, help="A stored level (default: the checkpoint's default).")
+    @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+    @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+    @click.option("--temperature", type=float, default=0.7, show_default=True)
+    @click.option("--top-p", type=float, default=0.9, show_default=True)
+    @click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template to the prompt.")
+    @click.option("--device", default="auto", show_default=True)
+    @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto")
+    @one_line_errors
+    def generate(model, prompt, sparsity, max_new_tokens, sample, temperature, top_p, chat, device, dtype):
+        """Stream a completion of PROMPT through model.generate(), then one line of speed."""
+        run_generate(model, prompt, sparsity, max_new_tokens, sample, temperature, top_p, chat, device, dtype,
+                     say=lambda line: console.print(line))
+
+    @main.command()
+    @click.argument("model")
+    @click.option("--levels", default="", help="Comma-separated levels (default: every stored level, 0 included).")
+    @click.option("--new-tokens", type=int, default=128, show_default=True)
+    @click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+    @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+    @click.option("--device", default="auto", show_default=True)
+    @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto")
+    @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+    @click.option("--save", is_flag=True, help="Write the speed entries of winaconv_results.json in the folder.")
+    @one_line_errors
+    def bench(model, levels, new_tokens, prompt_tokens, batch, device, dtype, as_json, save):
+        """Decode ms/token through model.generate() at each level, next to transformers' dense loop."""
+        try:
+            wanted = tuple(float(v) for v in levels.split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected numbers such as 0,0.5; got {levels!r}") from None
+        report = run_bench(model, wanted, new_tokens, prompt_tokens, batch, device, dtype, save)
+        if save:
+            save_speed(report)
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+        else:
+            print_bench(report)
