@@ -9,8 +9,9 @@ runs one bag per thread, so each token's kept channels are split into one bag pe
 pool and the partial sums added afterwards.
 
 Candidates measured on the project's 2-core machine (benchmarks/cpu.md): index_select + mv
-materialises the gathered rows (2-8x slower than dense); a torch.compile'd gather does the same
-(20-40x slower); embedding_bag is the only one that reads each kept row once and writes nothing else.
+materialises the gathered rows (2-4x slower than embedding_bag in fp32, 10-30x in bf16, where mv is
+slow); a torch.compile'd (inductor, dynamic) gather materialises them too (20-40x slower);
+embedding_bag is the only one that reads each kept row once and writes nothing else.
 
 Layout: fp32 F.linear is as fast on the transposed layout as on the original one, so fp32 weights are
 re-laid as W^T once (one copy serves both paths). bf16 F.linear on the transposed layout is ~40x
@@ -21,10 +22,12 @@ gather (twice the weight memory, said in the one-line notice).
 import torch
 import torch.nn.functional as F
 
-# Measured crossovers (benchmarks/cpu.md): the gather wins while the rows it reads, kept channels
-# summed over the tokens of the call, stay under this fraction of the rows the dense product reads.
-# Above it (low sparsity, prefill, batches whose tokens keep many rows) the masked dense product wins.
-GATHER_MAX_ROW_FRACTION = {torch.float32: 0.6, torch.bfloat16: 0.35}
+# Crossovers (benchmarks/cpu.md, cold-cache timings of one linear): embedding_bag moves a kept row
+# about half as fast per byte as the dense GEMV (single thread: 2.1x dense time at 0% in fp32, 1.5x
+# in bf16), so the gather wins only while the rows it reads, kept channels summed over the tokens of
+# the call, stay under this fraction of the rows one dense product reads. Above it (low sparsity,
+# prefill, batches whose tokens keep many rows) the masked dense product runs.
+GATHER_MAX_ROW_FRACTION = {torch.float32: 0.45, torch.bfloat16: 0.35}
 # Small matrices: the fixed cost of mask + nonzero + the call dominates; the dense product wins.
 GATHER_MIN_WEIGHTS = 1 << 16
 GATHER_MAX_TOKENS = 8
