@@ -1,4 +1,3 @@
-"""Probe (issue 13): dense F.linear vs embedding_bag vs index_select+mv over the kept rows of W^T, warm cache."""
 """Probe (issue 13): dense F.linear vs embedding_bag vs index_select+mv over kept rows of W^T, warm cache. Run: python3 benchmarks/experiments/cpu_candidates.py"""
 import torch, time, torch.nn.functional as F
 torch.manual_seed(0)

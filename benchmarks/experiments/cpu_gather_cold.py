@@ -1,4 +1,3 @@
-"""Probe (issue 13): dense F.linear vs the runtime gather, cold cache (128 MiB cycled). Argument: threads."""
 """Probe (issue 13): dense vs the runtime gather, cold cache (128 MiB cycled). Run: python3 benchmarks/experiments/cpu_gather_cold.py THREADS"""
 import torch, time, statistics, sys
 sys.path.insert(0, __import__('os').path.join(__import__('os').path.dirname(__file__), '..', '..'))
