@@ -38,10 +38,14 @@ def separate_transpose_needed(dtype: torch.dtype) -> bool:
     return dtype != torch.float32
 
 
+def gather_supported(dtype: torch.dtype) -> bool:
+    return dtype in GATHER_MAX_ROW_FRACTION
+
+
 def gather_may_win(num_tokens: int, in_features: int, out_features: int, dtype: torch.dtype) -> bool:
     """Shape-level part of the policy, decided before the mask is computed."""
     return (
-        dtype in GATHER_MAX_ROW_FRACTION
+        gather_supported(dtype)
         and num_tokens <= GATHER_MAX_TOKENS
         and in_features * out_features >= GATHER_MIN_WEIGHTS
     )

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_kernels import TransposedRows, gather_may_win, gather_pays_off, kept_channels, sparse_linear_cpu
+from .cpu_kernels import TransposedRows, gather_may_win, gather_supported, gather_pays_off, kept_channels, sparse_linear_cpu
 from .kernels import HAS_TRITON, sparse_linear_triton, use_sparse_kernel
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ class SparseLinear(nn.Linear):
 
     def _lay_out_for_kernel(self) -> None:
         if self.weight.device.type == "cpu" and not KERNELS_ON_CPU:
-            self._cpu_rows.for_weight(self)  # W^T rows for the CPU gather, made at load rather than mid-decode
+            if gather_supported(self.weight.dtype):
+                self._cpu_rows.for_weight(self)  # W^T rows for the CPU gather, made at load rather than mid-decode
         elif self.shared_input_group is not None:
             self.shared_input_group.fuse()  # lays out all members at once
         elif (self.weight.is_cuda or KERNELS_ON_CPU) and HAS_TRITON and self.weight.stride(0) != 1:
@@ -122,6 +123,7 @@ class SparseLinear(nn.Linear):
 
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)
+        self._cpu_rows.clear()  # never keep a stale (host) W^T copy after a move or dtype change
         if self.tau is not None:  # moved after thresholds were set (model.to("cuda"))
             if self.shared_input_group is not None:
                 self.shared_input_group.invalidate()  # members move one by one: the model re-fuses
