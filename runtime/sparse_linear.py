@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_kernels import TransposedRows, gather_may_win, gather_supported, gather_pays_off, kept_channels, sparse_linear_cpu
 from .kernels import HAS_TRITON, sparse_linear_triton, use_sparse_kernel
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,9 @@ def announce_path(on_gpu: bool) -> None:
     elif on_gpu:
         path = "torch masked dense product (GPU; Triton is not installed)"
     else:
-        path = "torch masked dense product (CPU)"
+        path = ("row gather of the kept rows of W^T for decode and small batches where measured faster "
+                "(torch embedding_bag; bf16 keeps a second, transposed copy of each weight), masked dense "
+                "product otherwise (CPU)")
     if path not in _announced_paths:
         _announced_paths.add(path)
         logger.warning("winaconv: sparse linears run on the %s path", path)
@@ -84,6 +87,7 @@ class SparseLinear(nn.Linear):
         self.register_buffer("tau", None, persistent=False)
         self.shared_input_group = None
         self._pending = None  # (input, output) left by the SharedInputGroup member that ran the launch
+        self._cpu_rows = TransposedRows()
 
     @property
     def is_sparse(self) -> bool:
@@ -94,6 +98,7 @@ class SparseLinear(nn.Linear):
         """thresholds: one per segment, or None for dense. scored_with_norm: one bool per segment."""
         if thresholds is None:
             self.tau = None
+            self._cpu_rows.clear()  # the dense model keeps no second copy
             return
         segments = self.weight.split(self.segment_sizes, dim=0)
         tau = torch.stack([channel_thresholds(w, t, n) for w, t, n in zip(segments, thresholds, scored_with_norm)])
@@ -106,7 +111,10 @@ class SparseLinear(nn.Linear):
         self._lay_out_for_kernel()
 
     def _lay_out_for_kernel(self) -> None:
-        if self.shared_input_group is not None:
+        if self.weight.device.type == "cpu" and not KERNELS_ON_CPU:
+            if gather_supported(self.weight.dtype):
+                self._cpu_rows.for_weight(self)  # W^T rows for the CPU gather, made at load rather than mid-decode
+        elif self.shared_input_group is not None:
             self.shared_input_group.fuse()  # lays out all members at once
         elif (self.weight.is_cuda or KERNELS_ON_CPU) and HAS_TRITON and self.weight.stride(0) != 1:
             # The decode kernel reads one contiguous row of W^T per kept channel; F.linear
@@ -115,6 +123,7 @@ class SparseLinear(nn.Linear):
 
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)
+        self._cpu_rows.clear()  # never keep a stale (host) W^T copy after a move or dtype change
         if self.tau is not None:  # moved after thresholds were set (model.to("cuda"))
             if self.shared_input_group is not None:
                 self.shared_input_group.invalidate()  # members move one by one: the model re-fuses
@@ -137,13 +146,23 @@ class SparseLinear(nn.Linear):
         if self.tau is None:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, self.in_features)
-        if not self._runs_kernel(flat):
+        if flat.device.type == "cpu" and not KERNELS_ON_CPU:
+            y = self._cpu_forward(flat)
+        elif not self._runs_kernel(flat):
             y = masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
         elif self.shared_input_group is not None:
             y = self.shared_input_group.output_for(self, x, flat)
         else:
             y = sparse_linear_triton(flat.contiguous(), self.weight.t(), self.tau, self.segment_ends, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _cpu_forward(self, flat: torch.Tensor) -> torch.Tensor:
+        """Row gather where cpu_kernels' measured policy says it beats the masked dense product."""
+        if gather_may_win(flat.shape[0], self.in_features, self.out_features, flat.dtype):
+            keep = kept_channels(flat, self.tau)
+            if gather_pays_off(keep, flat.dtype):
+                return sparse_linear_cpu(flat, keep, self._cpu_rows.for_weight(self), self.bias)
+        return masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, segments={self.segment_sizes}, sparse={self.is_sparse}"

