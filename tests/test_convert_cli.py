@@ -128,8 +128,10 @@ def test_bad_input_gives_one_line_and_no_output(tiny_folder, calib_file, tmp_pat
     assert_one_line_error(run("convert", source, "--out", out, "--calib-file", calib_file, *TINY), "--overwrite")
     assert (out / "keep.txt").read_text() == "user data"
 
-    convert(source, out, calib_file, "--overwrite")
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    # --overwrite replaces only a previous winaconv checkpoint, never a folder of other files
+    assert_one_line_error(run("convert", source, "--out", out, "--calib-file", calib_file, "--overwrite", *TINY),
+                          "not a winaconv checkpoint")
+    assert (out / "keep.txt").read_text() == "user data"
 
 
 def test_help_lists_every_option():
