@@ -158,3 +158,19 @@ def test_write_failure_is_one_line_and_removes_staging(tmp_path):
     assert done.returncode == 1, done.stderr
     assert done.stdout.strip().startswith("writing") and "partial output was removed" in done.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_text_that_is_not_text_is_refused(tmp_path):
+    from winaconv.calibration_data import read_text_file
+
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(WinaconvError, match="not UTF-8 text"):
+        read_text_file(binary)
+    no_text = tmp_path / "rows.jsonl"
+    no_text.write_text('{"id": 1}\n{"id": 2}\n')
+    with pytest.raises(WinaconvError, match="'text' field"):
+        read_text_file(no_text)
+    fine = tmp_path / "ok.txt"
+    fine.write_text("Plain prose, with a tab\tand a few accents: café, naïve.\n")
+    assert read_text_file(fine) == [fine.read_text()]
