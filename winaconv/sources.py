@@ -101,11 +101,14 @@ def load_model(source: ModelSource, dtype: torch.dtype):
     return model
 
 
-def load_tokenizer(source: ModelSource):
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    """trust_remote_code only for winaconv checkpoints (their config's auto_map names the shipped runtime);
+    without it transformers would ask "run the custom code? [y/N]" on stdout."""
     from transformers import AutoTokenizer
 
+    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
     try:
-        return AutoTokenizer.from_pretrained(source.location, **source.load_kwargs())
+        return AutoTokenizer.from_pretrained(source.location, **source.load_kwargs(), **kwargs)
     except (OSError, ValueError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WinaconvError(f"cannot load the tokenizer of {source.model_id}: {first}") from None
