@@ -174,3 +174,28 @@ def test_calibration_text_that_is_not_text_is_refused(tmp_path):
     fine = tmp_path / "ok.txt"
     fine.write_text("Plain prose, with a tab\tand a few accents: café, naïve.\n")
     assert read_text_file(fine) == [fine.read_text()]
+
+
+def test_source_folder_problems_are_one_line(tmp_path):
+    bad_json = tmp_path / "bad-json"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{not json")
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    out = tmp_path / "out"
+    result = run("convert", bad_json, "--out", out, *TINY)
+    assert_one_line_error(result, "not valid JSON")
+    assert "HF_HUB_OFFLINE" not in result.output
+    assert_one_line_error(run("convert", no_weights, "--out", out, *TINY), "no safetensors weights")
+    assert not out.exists()
+
+
+def test_default_sparsity_follows_the_stored_levels(tmp_path):
+    from winaconv.convert import ConvertOptions, validate
+
+    options = ConvertOptions(model="m", out=tmp_path / "o", sparsity_levels=(0.25, 0.4))
+    assert validate(options) == [0.25, 0.4] and options.default_sparsity == 0.4
+    options = ConvertOptions(model="m", out=tmp_path / "o", sparsity_levels=(0.25, 0.5, 0.65))
+    validate(options)
+    assert options.default_sparsity == 0.5
