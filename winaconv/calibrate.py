@@ -194,18 +194,18 @@ def calibrate_layers(model, family, input_ids, shares, settings, progress=None) 
         hidden = hidden.cpu()  # large calibration sets wait in host memory; micro-batches go to the device
     layers = list(model.model.layers)
     layer_task = progress.add_task("calibrating layers", total=len(layers)) if progress else None
-    step_task = progress.add_task("greedy allocation", total=settings.max_sparsity) if progress else None
+    step_task = progress.add_task("greedy allocation (%)", total=round(100 * settings.max_sparsity)) if progress else None
     results = []
     for idx, layer in enumerate(layers):
         started = time.perf_counter()
         layer.to(settings.device)
         grids, outputs = collect_statistics(layer, family, hidden, layer_kwargs[idx], settings, generator)
         if progress:
-            progress.reset(step_task, total=settings.max_sparsity, description=f"greedy allocation, layer {idx}")
+            progress.reset(step_task, total=round(100 * settings.max_sparsity), description=f"greedy allocation (%), layer {idx}")
         greedy = slice(0, settings.greedy_sequences)
         path = greedy_path(
-            layer, family, grids, hidden[greedy], outputs[greedy], layer_kwargs[idx], shares, settings,
-            on_step=(lambda w: progress.update(step_task, completed=w)) if progress else None,
+            layer, family, grids, hidden[greedy], outputs[greedy], layer_kwargs, shares, settings,
+            on_step=(lambda w: progress.update(step_task, completed=min(round(100 * w), round(100 * settings.max_sparsity)))) if progress else None,
         )
         layer.to("cpu")
         hidden = outputs

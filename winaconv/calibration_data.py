@@ -25,9 +25,7 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise WinaconvError(f"text file not found: {path}")
-    raw = file.read_text(encoding="utf-8", errors="replace")
-    if raw and (raw.count("\ufffd") + raw.count("\x00")) > 0.01 * len(raw):
-        raise WinaconvError(f"{path} is not UTF-8 text (more than 1% of it does not decode)")
+    raw = decode_text(file.read_bytes(), path)
     if file.suffix == ".jsonl":
         texts = []
         for number, line in enumerate(raw.splitlines(), 1):
@@ -44,8 +42,23 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
     if not texts and file.suffix == ".jsonl" and raw.strip():
         raise WinaconvError(f"{path}: no record has a 'text' field (or any string field)")
     if not texts:
+        if file.suffix == ".jsonl" and raw.strip():
+            raise WinaconvError(f"{path}: no record has a 'text' field (or any other string field)")
         raise WinaconvError(f"text file is empty: {path}")
     return texts
+
+
+def decode_text(data: bytes, path) -> str:
+    """UTF-8 text; a file that is mostly undecodable or full of control bytes is not text (a binary file,
+    a wrong encoding) and would calibrate on noise."""
+    text = data.decode("utf-8", errors="replace")
+    if not text:
+        return text
+    bad = text.count("\ufffd") + sum(1 for c in text if c < " " and c not in "\t\n\r\f")
+    if bad > 0.01 * len(text):
+        raise WinaconvError(f"{path} is not UTF-8 text ({bad} of {len(text)} characters undecodable or "
+                            "control bytes)")
+    return text
 
 
 def _record_text(record) -> str:

@@ -3,16 +3,14 @@ that is renamed into place only once complete, so an interrupted run never leave
 that looks finished.  `--overwrite` only ever replaces a previous winaconv checkpoint."""
 
 import contextlib
+import fnmatch
 import json
 import os
+import re
+import secrets
 import shutil
-import signal
-import threading
 from pathlib import Path
 
-from huggingface_hub import split_torch_state_dict_into_shards
-from huggingface_hub.serialization._base import parse_size_to_int
-from safetensors.torch import save_file
 
 import winaconv_runtime
 from winaconv_runtime.checkpoint_format import SAFETENSORS_METADATA
@@ -23,8 +21,25 @@ from .errors import WinaconvError
 RUNTIME_DIR = Path(winaconv_runtime.__file__).parent
 
 
+# What a winaconv checkpoint folder holds; --overwrite replaces a folder only if it holds nothing else.
+CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "*.py", "*.jinja", "*.txt", "*.model", "*.tiktoken", "README.md",
+                       ".gitattributes")
+CHECKPOINT_SUBFOLDERS = (".cache", "__pycache__")  # hf download --local-dir, trust_remote_code imports
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+STAGING_MARKER = ".winaconv-staging"
+
+
+def parse_shard_size(value) -> int:
+    """--max-shard-size: bytes, or a number with a unit (5GB, 500MB, 2GiB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(value), flags=re.IGNORECASE)
+    unit = match and match.group(2).upper()
+    if not match or unit not in SIZE_UNITS or float(match.group(1)) * SIZE_UNITS[unit] < 1:
+        raise WinaconvError(f"--max-shard-size must be a size such as 5GB, 500MB or 2GiB; got {value!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
 def is_winaconv_checkpoint(folder: Path) -> bool:
-    """A folder winaconv wrote: its config.json carries the `winaconv` section."""
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
@@ -32,58 +47,64 @@ def is_winaconv_checkpoint(folder: Path) -> bool:
     return isinstance(config, dict) and isinstance(config.get("winaconv"), dict)
 
 
+def foreign_entries(folder: Path) -> list[str]:
+    """Entries of `folder` that a winaconv checkpoint does not hold."""
+    return sorted(
+        entry.name for entry in folder.iterdir()
+        if not (entry.is_dir() and not entry.is_symlink() and entry.name in CHECKPOINT_SUBFOLDERS)
+        and not (entry.is_file() and not entry.is_symlink() and any(fnmatch.fnmatch(entry.name, p) for p in CHECKPOINT_PATTERNS))
+    )
+
+
+def nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_output_dir(out: Path, overwrite: bool, source: Path | None = None) -> None:
-    """Refuse, before any work, every --out that would lose data or could not be written."""
-    out = Path(out).resolve()
+    """Everything about --out that can be known before the model loads. --overwrite only ever replaces a
+    previous winaconv checkpoint: never the source model, never a folder with anything else in it."""
+    out = Path(out).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise WinaconvError(f"--out {out} exists and is not a folder")
+    ancestor = nearest_existing(out)
+    if not ancestor.is_dir():
+        raise WinaconvError(f"--out {out} cannot be created: {ancestor} is a file, not a folder")
     if source is not None:
-        source = Path(source).resolve()
-        if out == source or source.is_relative_to(out):
-            raise WinaconvError(f"--out {out} would overwrite the source model {source}: choose another folder")
+        source, resolved = Path(source).resolve(), out.resolve()
+        if resolved == source or resolved in source.parents:
+            raise WinaconvError(f"--out {out} is (or contains) the source model {source}; choose another folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise WinaconvError(f"--out {out} exists and is not empty (pass --overwrite to replace a previous "
-                                f"winaconv checkpoint)")
+                                "winaconv checkpoint there)")
         if not is_winaconv_checkpoint(out):
-            raise WinaconvError(f"--out {out} holds files that are not a winaconv checkpoint; --overwrite only "
-                                f"replaces a previous winaconv checkpoint: choose a new or empty folder")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise WinaconvError(f"--out {out}: {parent} is a file, not a folder")
+            raise WinaconvError(f"--out {out} is not a winaconv checkpoint (no winaconv section in its "
+                                "config.json): --overwrite only replaces one; choose an empty or new folder")
+        foreign = foreign_entries(out)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise WinaconvError(f"--out {out} holds files that are not part of a checkpoint ({shown}): "
+                                "--overwrite does not delete them; move them away first")
+    parent = nearest_existing(out.parent)
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise WinaconvError(f"--out {out}: {parent} is not writable")
+        reason = "is on a read-only file system" if _read_only(parent) else "is not writable"
+        raise WinaconvError(f"--out {out} cannot be written: {parent} {reason}")
 
 
-def check_shard_size(max_shard_size: str) -> int:
+def _read_only(path: Path) -> bool:
     try:
-        size = parse_size_to_int(str(max_shard_size))
-    except (ValueError, TypeError):
-        size = 0
-    if size <= 0:
-        raise WinaconvError(f"--max-shard-size {max_shard_size!r} is not a size such as 5GB or 500MB")
-    return size
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def runtime_files() -> list[Path]:
     return sorted(p for p in RUNTIME_DIR.glob("*.py") if p.name != "__init__.py")
 
 
-def _staging_prefix(out: Path) -> str:
-    return f".{out.name}.partial-"
-
-
-def _remove_stale_staging(out: Path) -> None:
-    """Staging folders of this output left by a killed run (their process is gone)."""
-    for leftover in out.parent.glob(_staging_prefix(out) + "*"):
-        pid = leftover.name[len(_staging_prefix(out)):]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
+def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -93,46 +114,52 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Staging folders of `out` that an earlier run left (killed by SIGKILL, a crash, a power cut):
+    only ours (marker file inside) and only of processes that are gone."""
+    removed = []
+    for entry in out.parent.glob(f".{glob_escape(out.name)}.*-*"):
+        match = re.fullmatch(re.escape(f".{out.name}.") + r"(partial|replaced)-(\d+)(-\w+)?", entry.name)
+        if not match or not entry.is_dir() or not (entry / STAGING_MARKER).is_file() or _pid_alive(int(match.group(2))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """`kill`, `timeout` and job schedulers send SIGTERM: unwind like Ctrl-C so the staging folder goes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+def atomic_folder(out: Path, overwrite: bool, source: Path | None = None):
+    """Yields a temporary folder; on success it replaces `out`, on failure (a write error, SIGINT, SIGTERM)
+    it is removed. The folder gets the usual umask-derived mode, not mkdtemp's 0700."""
+    out = Path(out).expanduser().absolute()
+    check_output_dir(out, overwrite, source)
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def atomic_folder(out: Path, overwrite: bool):
-    """Yields a temporary folder; on success it replaces `out`, on failure it is removed."""
-    out = out.resolve()
-    check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(out)
-    staging = out.with_name(_staging_prefix(out) + str(os.getpid()))
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()  # mode from the umask (mkdtemp's 0700 hid checkpoints from other users)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(out)
+        staging = out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+        staging.mkdir()
+        (staging / STAGING_MARKER).touch()
+    except OSError as exc:
+        raise WinaconvError(f"cannot create {out}: {exc.strerror or exc}") from None
     try:
-        with _sigterm_as_interrupt():
-            yield staging
+        yield staging
+        (staging / STAGING_MARKER).unlink()
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise WinaconvError(f"could not write {out}: {exc.strerror or exc} (nothing was left behind)") from None
+        raise WinaconvError(f"writing {out} failed ({exc.strerror or exc}); the partial output was removed") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     previous = None
     if out.exists():
-        previous = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        check_output_dir(out, overwrite, source)  # it may have changed during a long conversion
+        previous = out.with_name(f".{out.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}")
         os.replace(out, previous)
+        (previous / STAGING_MARKER).touch()  # a crash before the rmtree below leaves it for the next run
     os.replace(staging, out)
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
@@ -154,19 +181,30 @@ def write_checkpoint(model, family, tokenizer, folder: Path, max_shard_size: str
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    write_weights(state, folder, max_shard_size)
+    save_sharded(state, folder, parse_shard_size(max_shard_size))
     for source in runtime_files():
         shutil.copyfile(source, folder / source.name)
     if not any(folder.glob("*.safetensors")):
         raise WinaconvError("no weights were written")
 
 
-def write_weights(state: dict, folder: Path, max_shard_size: str) -> None:
-    """Safetensors shards, each with winaconv's metadata (huggingface_hub's writer puts custom
-    metadata only into an unsharded file), plus transformers' index when there are several."""
-    split = split_torch_state_dict_into_shards(state, max_shard_size=check_shard_size(max_shard_size))
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_sharded(state: dict, folder: Path, max_shard_bytes: int) -> None:
+    """safetensors shards with the format metadata in every one (huggingface_hub's save_torch_state_dict
+    puts custom metadata only in the index when it shards), plus the standard index."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_bytes)
     for filename, names in split.filename_to_tensors.items():
         save_file({name: state[name] for name in names}, folder / filename, metadata=dict(SAFETENSORS_METADATA))
+        os.chmod(folder / filename, 0o666 & ~current_umask())  # safetensors writes 0600
     if split.is_sharded:
-        index = {"metadata": {**split.metadata, **SAFETENSORS_METADATA}, "weight_map": split.tensor_to_filename}
+        index = {"metadata": {**SAFETENSORS_METADATA, "total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": split.tensor_to_filename}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

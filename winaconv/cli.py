@@ -1,8 +1,10 @@
 """The `winaconv` command line."""
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 from pathlib import Path
 
 import click
@@ -67,7 +69,8 @@ def main():
                    "pca (one, from the calibration activations) or none. Default: pca; none for Gemma 2/3.")
 @click.option("--sparsity-levels", default="0.25,0.4,0.5,0.65", show_default=True, callback=parse_levels,
               help="Model-level sparsities stored in the checkpoint, each in [0, 1).")
-@click.option("--default-sparsity", type=float, default=0.5, show_default=True, help="Level used when loading without sparsity=.")
+@click.option("--default-sparsity", type=float, default=None,
+              help="Level used when loading without sparsity= (default: 0.5 if stored, else the stored level nearest it).")
 @click.option("--calib-file", type=click.Path(), help="Calibration text: .txt, or .jsonl with a 'text' field.")
 @click.option("--calib-dataset", help="Hugging Face dataset for calibration (needs the 'datasets' package and network).")
 @click.option("--calib-tokens", type=int, default=16384, show_default=True, help="Calibration tokens for score statistics.")
@@ -80,7 +83,7 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--revision", help="Hub revision of MODEL.")
 @click.option("--max-shard-size", default="5GB", show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a previous winaconv checkpoint at --out (nothing else is ever replaced).")
 @click.option("--push-to", metavar="REPO_ID", help="After converting, push the checkpoint to this Hub repo (see `winaconv push`).")
 @click.option("--push-private", is_flag=True, help="With --push-to: create the repo private.")
 @one_line_errors
@@ -94,11 +97,28 @@ def convert(model, out, push_to=None, push_private=False, **options):
         check_repo_id(push_to)
         resolve_token(None)
     opts = ConvertOptions(model=model, out=out, **options)
-    with progress_bar() as progress:
+    with terminate_like_interrupt(), progress_bar() as progress:
         report = run_conversion(opts, progress=progress, say=lambda m: console.print(f"[bold]winaconv[/]: {m}"))
     print_summary(report, opts.default_sparsity)
     if push_to:
         push_checkpoint(report.out, push_to, private=push_private)
+
+
+@contextlib.contextmanager
+def terminate_like_interrupt():
+    """SIGTERM (kill, timeout, job schedulers) unwinds like Ctrl-C, so the staging folder is removed."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def print_summary(report, default_sparsity: float) -> None:

@@ -13,7 +13,7 @@ from winaconv_runtime.checkpoint_format import level_key
 from . import sources
 from .calibrate import CalibrationSettings, calibrate_layers
 from .calibration_data import load_calibration_text, token_sequences
-from .checkpoint import atomic_folder, check_output_dir, check_shard_size, write_checkpoint
+from .checkpoint import atomic_folder, check_output_dir, is_winaconv_checkpoint, parse_shard_size, write_checkpoint
 from .errors import WinaconvError
 from .runtime_model import to_runtime_model, winaconv_section
 from .transform import apply_transform, check_transform, default_transform
@@ -32,7 +32,7 @@ class ConvertOptions:
     scoring: str = "paper"
     transform: str | None = None  # None: the family's default (default_transform)
     sparsity_levels: tuple[float, ...] = (0.25, 0.4, 0.5, 0.65)
-    default_sparsity: float = 0.5
+    default_sparsity: float | None = None  # None: 0.5 if stored, else the stored level nearest to it
     calib_file: str | None = None
     calib_dataset: str | None = None
     calib_tokens: int = 16384
@@ -63,40 +63,57 @@ def norm_scored_projections(method: str, scoring: str) -> tuple[str, ...]:
     return REFERENCE_NORM_SCORED if scoring == "reference" else PROJECTIONS
 
 
-def validate(options: ConvertOptions) -> list[float]:
-    levels = sorted({float(s) for s in options.sparsity_levels} - {0.0})
-    bad = [s for s in levels if not 0.0 < s < 1.0]
-    if bad or not levels:
-        raise WinaconvError(f"sparsity levels must lie in [0, 1); got {', '.join(f'{s:g}' for s in bad) or 'none'}")
+def validate(options: ConvertOptions, source_folder: Path | None = None) -> list[float]:
+    """Every check that needs no model: run before anything slow."""
+    given = [float(s) for s in options.sparsity_levels]
+    bad = [s for s in given if not 0.0 <= s < 1.0]
+    if bad:
+        raise WinaconvError(f"sparsity levels must lie in [0, 1); got {', '.join(f'{s:g}' for s in bad)}")
+    levels = sorted(set(given) - {0.0})
+    if not levels:
+        raise WinaconvError("--sparsity-levels needs at least one level above 0 (0, the dense model, is always "
+                            "available); e.g. 0.25,0.5")
+    if options.default_sparsity is None:
+        options.default_sparsity = max(levels) if 0.5 > max(levels) else min(levels, key=lambda s: abs(s - 0.5))
     if options.default_sparsity not in [0.0, *levels]:
-        raise WinaconvError(f"--default-sparsity {options.default_sparsity:g} is not one of the levels {levels}")
+        raise WinaconvError(f"--default-sparsity {options.default_sparsity:g} is not one of the levels "
+                            f"{', '.join(f'{s:g}' for s in levels)} (or 0)")
     if options.seq_len < 8 or options.calib_tokens < options.seq_len:
         raise WinaconvError("--calib-tokens must be at least --seq-len, and --seq-len at least 8")
-    if not options.greedy_step > 0:
-        raise WinaconvError(f"--greedy-step must be > 0; got {options.greedy_step:g}")
-    check_shard_size(options.max_shard_size)
-    source = Path(options.model)
-    check_output_dir(Path(options.out), options.overwrite, source=source if source.exists() else None)
+    if not 0.0 < options.greedy_step < 1.0:
+        raise WinaconvError(f"--greedy-step must lie in (0, 1); got {options.greedy_step:g}")
+    if options.greedy_tokens < 1:
+        raise WinaconvError(f"--greedy-tokens must be at least 1; got {options.greedy_tokens}")
+    parse_shard_size(options.max_shard_size)
+    if source_folder is not None and is_winaconv_checkpoint(source_folder):
+        raise WinaconvError(f"{source_folder} is already a winaconv checkpoint; convert its base model instead")
+    check_output_dir(Path(options.out), options.overwrite, source_folder)
     return levels
 
 
 def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     started = time.perf_counter()
-    levels = validate(options)
-    device = sources.resolve_device(options.device)
     source = sources.resolve_source(options.model, options.revision)
+    local = Path(source.location) if Path(source.location).is_dir() else None
+    default_chosen = options.default_sparsity is None
+    levels = validate(options, local)
+    device = sources.resolve_device(options.device)
+    sources.check_local_folder(source)
     config = sources.load_config(source)
     transform = options.transform or default_transform(family_for_model_type(config.model_type))
     check_transform(family_for_model_type(config.model_type), transform)
     calibration = load_calibration_text(options.calib_file, options.calib_dataset)
     if calibration.note:
         say(calibration.note)
+    if default_chosen and options.default_sparsity != 0.5:
+        say(f"default sparsity: {options.default_sparsity:g} (the level loaded without sparsity=; "
+            "--default-sparsity picks another)")
     save_dtype = sources.source_dtype(config, options.dtype)
     work_dtype = torch.float32 if device == "cpu" else save_dtype
 
     say(f"loading {source.model_id}")
-    base = sources.load_model(source, torch.float32)
     tokenizer = sources.load_tokenizer(source)
+    base = sources.load_model(source, torch.float32)
     norm_scored = norm_scored_projections(options.method, options.scoring)
     section = winaconv_section(options.method, transform, norm_scored)
     model, family = to_runtime_model(base, section)
@@ -146,7 +163,7 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     model.config.dtype = save_dtype
 
     say(f"writing {options.out}")
-    with atomic_folder(Path(options.out), options.overwrite) as staging:
+    with atomic_folder(Path(options.out), options.overwrite, local) as staging:
         write_checkpoint(model, family, tokenizer, staging, options.max_shard_size)
 
     report = ConvertReport(

@@ -143,6 +143,7 @@ def resolve_dtype(requested: str, device: str):
 
 def load_model(ref: ModelRef, device: str = "cpu", dtype="auto") -> LoadedModel:
     """A winaconv checkpoint through trust_remote_code (the runtime code shipped in the folder), else a plain model."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
@@ -153,8 +154,8 @@ def load_model(ref: ModelRef, device: str = "cpu", dtype="auto") -> LoadedModel:
             model = AutoModelForCausalLM.from_pretrained(ref.source.location, dtype=dtype, **ref.source.load_kwargs())
     except CheckpointFormatError:
         raise
-    except (OSError, ValueError) as exc:
-        raise WinaconvError(f"cannot load {ref.name}: {str(exc).splitlines()[0]}") from exc
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupt shard
+        raise WinaconvError(f"cannot load {ref.name}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
     return LoadedModel(model, model.sparsity_settings if ref.section is not None else None)
 

@@ -1,6 +1,8 @@
 """Where a model comes from: a Hub id, a local transformers folder, or a local .gguf file."""
 
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +48,28 @@ def resolve_device(requested: str) -> str:
     """--device: auto picks the GPU when there is one; asking for one that is not there is an error."""
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested != "cpu" and not requested.startswith("cuda"):
-        raise WinaconvError(f"--device {requested!r} is not one of auto, cpu, cuda, cuda:N")
+    if requested != "cpu" and not re.fullmatch(r"cuda(:\d+)?", requested):
+        raise WinaconvError(f"--device must be auto, cpu, cuda or cuda:N; got {requested!r}")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise WinaconvError(f"--device {requested} asked for, but no CUDA GPU is available")
+    if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+        raise WinaconvError(f"--device {requested}: there are only {torch.cuda.device_count()} CUDA GPU(s)")
     return requested
+
+
+def check_local_folder(source: ModelSource) -> None:
+    """A local folder's config must be JSON and its weights must be there: found before anything loads."""
+    folder = Path(source.location)
+    if source.gguf_file or not folder.is_dir():
+        return
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise WinaconvError(f"{folder / 'config.json'} is not valid JSON: {exc}") from None
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.safetensors.index.json")):
+        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        hint = f" (only pickle files: {', '.join(pickles[:3])}; winaconv loads safetensors only)" if pickles else ""
+        raise WinaconvError(f"{folder} has a config.json but no safetensors weights{hint}")
 
 
 def load_config(source: ModelSource):
@@ -74,20 +93,25 @@ def load_config(source: ModelSource):
 def load_model(source: ModelSource, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.load_kwargs())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.load_kwargs())
+    except (OSError, ValueError) as exc:
+        raise WinaconvError(f"cannot load the weights of {source.model_id}: {str(exc).splitlines()[0]}") from None
     model.eval()
     return model
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
-    """trust_remote_code for winaconv checkpoints (their config class ships in the folder): without it
-    transformers asks on stdout whether to run that code, which breaks --json and waits for input."""
+    """trust_remote_code only for winaconv checkpoints (their config's auto_map names the shipped runtime);
+    without it transformers would ask "run the custom code? [y/N]" on stdout."""
     from transformers import AutoTokenizer
 
-    kwargs = dict(source.load_kwargs())
-    if trust_remote_code:
-        kwargs["trust_remote_code"] = True
-    return AutoTokenizer.from_pretrained(source.location, **kwargs)
+    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
+    try:
+        return AutoTokenizer.from_pretrained(source.location, **source.load_kwargs(), **kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WinaconvError(f"cannot load the tokenizer of {source.model_id}: {first}") from None
 
 
 def source_dtype(config, requested: str) -> torch.dtype:

@@ -1,0 +1,201 @@
+"""Issue 10: convert never deletes what is not its own old checkpoint, and checks its output before loading."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from winaconv.checkpoint import STAGING_MARKER, check_output_dir, parse_shard_size, remove_stale_staging
+from winaconv.cli import main
+from winaconv.errors import WinaconvError
+from winaconv.inspect_checkpoint import inspect_checkpoint
+
+from test_convert_cli import TINY, assert_one_line_error, calib_file, tiny_folder  # noqa: F401 (fixtures)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fake_checkpoint(folder):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "winaconv": {"format_version": 1}}))
+    (folder / "model.safetensors").write_bytes(b"old")
+    return folder
+
+
+def test_overwrite_refuses_everything_but_an_old_checkpoint(tmp_path, tiny_folder):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "main.py").write_text("print('user code')")
+    (project / "data").mkdir()
+    (project / "data" / "notes.txt").write_text("user data")
+    with_extra = fake_checkpoint(tmp_path / "ckpt-with-notes")
+    (with_extra / "my-notes.md").write_text("keep me")
+    source = tiny_folder("llama")
+    before = {f: snapshot(f) for f in (project, with_extra, source)}
+
+    for out, words in ((project, "not a winaconv checkpoint"), (with_extra, "my-notes.md"), (source, "source model"),
+                       (source.parent, "source model")):
+        assert_one_line_error(run("convert", source, "--out", out, "--overwrite", *TINY), *words)
+    with pytest.raises(WinaconvError, match="source model"):
+        check_output_dir(source, overwrite=True, source=source)
+    assert {f: snapshot(f) for f in (project, with_extra, source)} == before
+    check_output_dir(fake_checkpoint(tmp_path / "old"), overwrite=True, source=source)  # the one thing it replaces
+
+
+def test_output_problems_found_before_loading(tmp_path, tiny_folder):
+    source = tiny_folder("llama")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [
+        (["--out", a_file / "ckpt"], ["is a file"]),
+        (["--out", tmp_path / "o", "--max-shard-size", "abc"], ["--max-shard-size"]),
+        (["--out", tmp_path / "o", "--greedy-step", "0"], ["--greedy-step"]),
+        (["--out", tmp_path / "o", "--greedy-step", "-0.5"], ["--greedy-step"]),
+        (["--out", tmp_path / "o", "--device", "tpu"], ["--device"]),
+        (["--out", tmp_path / "o", "--sparsity-levels", "0"], ["at least one level above 0"]),
+    ]
+    for extra, words in cases:
+        assert_one_line_error(run("convert", source, *TINY, *extra), *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert parse_shard_size("5MB") == 5 * 10**6 and parse_shard_size("2GiB") == 2 * 2**30
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_unwritable_parent_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(WinaconvError, match="not writable"):
+        check_output_dir(locked / "ckpt", overwrite=False)
+
+
+def test_converting_a_checkpoint_again_is_refused(tmp_path):
+    old = fake_checkpoint(tmp_path / "old")
+    assert_one_line_error(run("convert", old, "--out", tmp_path / "new", *TINY), "already a winaconv checkpoint")
+
+
+def test_sharded_checkpoint_is_whole_readable_and_replaceable(tmp_path, tiny_folder, calib_file):
+    out = tmp_path / "ckpt"
+    args = ["convert", tiny_folder("llama"), "--out", out, "--calib-file", calib_file, "--device", "cpu",
+            *TINY, "--max-shard-size", "5MB"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert inspect_checkpoint(str(out)).problems == []
+    assert run("inspect", out).exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask for p in shards)
+
+    result = run(*args, "--overwrite")  # a previous winaconv checkpoint: replaced
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_stale_staging_of_dead_runs_is_removed(tmp_path):
+    out = tmp_path / "ckpt"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".ckpt.partial-{dead.stdout.strip()}-abcd"
+    stale.mkdir()
+    (stale / STAGING_MARKER).touch()
+    live = tmp_path / f".ckpt.partial-{os.getpid()}-abcd"
+    live.mkdir()
+    (live / STAGING_MARKER).touch()
+    not_ours = tmp_path / ".ckpt.partial-1-user"
+    not_ours.mkdir()
+    assert remove_stale_staging(out) == [stale]
+    assert live.is_dir() and not_ours.is_dir()
+
+
+def _run_staged(tmp_path, body):
+    script = textwrap.dedent(f"""
+        import os, resource, signal, sys
+        from pathlib import Path
+        from winaconv.checkpoint import atomic_folder
+        from winaconv.cli import terminate_like_interrupt
+        from winaconv.errors import WinaconvError
+        out = Path({str(tmp_path / 'ckpt')!r})
+        try:
+            with terminate_like_interrupt(), atomic_folder(out, False) as staging:
+        {textwrap.indent(textwrap.dedent(body), ' ' * 16)}
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except WinaconvError as exc:
+            print(exc)
+            sys.exit(1)
+    """)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ)
+
+
+def test_sigterm_removes_the_staging_folder(tmp_path):
+    done = _run_staged(tmp_path, """
+        (staging / "model.safetensors").write_bytes(b"x" * 1000)
+        os.kill(os.getpid(), signal.SIGTERM)
+    """)
+    assert done.returncode == 130, done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_failure_is_one_line_and_removes_staging(tmp_path):
+    # a real write failure (EFBIG from a file size limit) stands in for a full disk
+    done = _run_staged(tmp_path, """
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        (staging / "model.safetensors").write_bytes(b"x" * 1_000_000)
+    """)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.strip().startswith("writing") and "partial output was removed" in done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_text_that_is_not_text_is_refused(tmp_path):
+    from winaconv.calibration_data import read_text_file
+
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(WinaconvError, match="not UTF-8 text"):
+        read_text_file(binary)
+    no_text = tmp_path / "rows.jsonl"
+    no_text.write_text('{"id": 1}\n{"id": 2}\n')
+    with pytest.raises(WinaconvError, match="'text' field"):
+        read_text_file(no_text)
+    fine = tmp_path / "ok.txt"
+    fine.write_text("Plain prose, with a tab\tand a few accents: café, naïve.\n")
+    assert read_text_file(fine) == [fine.read_text()]
+
+
+def test_source_folder_problems_are_one_line(tmp_path):
+    bad_json = tmp_path / "bad-json"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{not json")
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    out = tmp_path / "out"
+    result = run("convert", bad_json, "--out", out, *TINY)
+    assert_one_line_error(result, "not valid JSON")
+    assert "HF_HUB_OFFLINE" not in result.output
+    assert_one_line_error(run("convert", no_weights, "--out", out, *TINY), "no safetensors weights")
+    assert not out.exists()
+
+
+def test_default_sparsity_follows_the_stored_levels(tmp_path):
+    from winaconv.convert import ConvertOptions, validate
+
+    options = ConvertOptions(model="m", out=tmp_path / "o", sparsity_levels=(0.25, 0.4))
+    assert validate(options) == [0.25, 0.4] and options.default_sparsity == 0.4
+    options = ConvertOptions(model="m", out=tmp_path / "o", sparsity_levels=(0.25, 0.5, 0.65))
+    validate(options)
+    assert options.default_sparsity == 0.5
