@@ -285,7 +285,7 @@ def decode(work: Path, out: Path, new_tokens: int, checkpoints: list[str], synth
     print(json.dumps(results, indent=1))
 
 
-def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4)) -> None:
+def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baselines: bool = True) -> None:
     """model.generate() greedy and sampling (temperature 0.7, top-p 0.9) at each level and batch size, next to
     the GreedyDecoder front of the same engine and transformers' static cache + compile on the base model."""
     import transformers
@@ -305,7 +305,7 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4)) -> None:
 
     base = random_base()
     prompts = {b: torch.randint(100, 40000, (b, 128), device="cuda") for b in batches}
-    for b in batches:  # transformers' own generate on the base model: the dense reference
+    for b in batches if baselines else ():  # transformers' own generate on the base model: the dense reference
         results[f"transformers_static_compile_ms_b{b}"] = _time_generate(base, prompts[b], new_tokens)
         print(f"transformers static+compile batch {b}: {results[f'transformers_static_compile_ms_b{b}']:.2f}", flush=True)
         save()
@@ -354,6 +354,7 @@ def main():
     parser.add_argument("--synthetic", default="", help="transforms to time with uniform levels and no conversion")
     parser.add_argument("--fast", action="store_true", help="small calibration budget (speed runs only)")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--batches", default="1,4", help="batch sizes of the generate stage")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--levels", default=",".join(f"{x:g}" for x in LEVELS))
     parser.add_argument("--profile-levels", default="0,0.5", help="levels whose decode step is profiled")
@@ -365,7 +366,8 @@ def main():
     elif args.stage == "convert":
         convert(args.work, args.transform, args.fast)
     elif args.stage == "generate":
-        generate_speeds(args.out, args.new_tokens, [float(x) for x in args.levels.split(",")])
+        generate_speeds(args.out, args.new_tokens, [float(x) for x in args.levels.split(",")],
+                        tuple(int(b) for b in args.batches.split(",")), not args.no_baselines)
     else:
         names = lambda text: [t for t in text.split(",") if t]  # noqa: E731
         levels = [float(x) for x in args.levels.split(",")]

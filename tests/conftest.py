@@ -78,6 +78,39 @@ def converted_smollm2(smollm2_folder, tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    from winaconv.calibration_data import builtin_texts
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n\n".join(builtin_texts()[:20]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """Small random model folders, with the SmolLM2 tokenizer (its vocabulary is large enough)."""
+    from transformers import AutoTokenizer
+
+    from random_models import random_model
+
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    made = {}
+
+    def make(family):
+        if family not in made:
+            model = random_model(family)
+            model.resize_token_embeddings(len(tokenizer))
+            folder = tmp_path_factory.mktemp(family) / "model"
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            made[family] = folder
+        return made[family]
+
+    return make
+
+
 @pytest.fixture(autouse=True)
 def interpreted_kernels_stay_in_bounds():
     """Every test: a Triton kernel run by the CPU interpreter that touches memory outside its tensor

@@ -10,42 +10,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from winaconv.cli import main
 from winaconv_runtime.checkpoint_format import FORMAT_VERSION
 
-from random_models import random_model
 
-TINY = ["--calib-tokens", "256", "--seq-len", "32", "--greedy-tokens", "64", "--sparsity-levels", "0.25,0.5"]
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    from winaconv.calibration_data import builtin_texts
-
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("\n\n".join(builtin_texts()[:20]))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """Small random model folders, with the SmolLM2 tokenizer (its vocabulary is large enough)."""
-    from transformers import AutoTokenizer
-
-    from conftest import smollm2_gguf
-
-    gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    made = {}
-
-    def make(family):
-        if family not in made:
-            model = random_model(family)
-            model.resize_token_embeddings(len(tokenizer))
-            folder = tmp_path_factory.mktemp(family) / "model"
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            made[family] = folder
-        return made[family]
-
-    return make
+from cli_support import TINY, assert_one_line_error
 
 
 def run(*args):
@@ -90,13 +56,6 @@ def test_convert_loads_dense_with_original_logits(tiny_folder, calib_file, tmp_p
             assert not any(v for k, v in info.items() if k != "error_msgs")
             assert torch.allclose(plain(ids).logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
-
-def assert_one_line_error(result, *words):
-    assert result.exit_code != 0
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def test_bad_input_gives_one_line_and_no_output(tiny_folder, calib_file, tmp_path):

@@ -15,7 +15,7 @@ from winaconv.cli import main
 from winaconv.errors import WinaconvError
 from winaconv.inspect_checkpoint import inspect_checkpoint
 
-from test_convert_cli import TINY, assert_one_line_error, calib_file, tiny_folder  # noqa: F401 (fixtures)
+from cli_support import TINY, assert_one_line_error
 
 
 def run(*args):
@@ -199,3 +199,20 @@ def test_default_sparsity_follows_the_stored_levels(tmp_path):
     options = ConvertOptions(model="m", out=tmp_path / "o", sparsity_levels=(0.25, 0.5, 0.65))
     validate(options)
     assert options.default_sparsity == 0.5
+
+
+def test_eval_of_an_exact_checkpoint_never_prompts(tiny_folder, calib_file, tmp_path):
+    """Case 5: its tokenizer was loaded without trust_remote_code, so transformers asked on stdout whether
+    to run the folder's code: --json stopped parsing, and a terminal waited for input."""
+    out = tmp_path / "ckpt"
+    result = run("convert", tiny_folder("llama"), "--out", out, "--calib-file", calib_file, "--device", "cpu",
+                 *TINY, "--transform", "exact")
+    assert result.exit_code == 0, result.output
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n\n".join(["The quick brown fox jumps over the lazy dog."] * 40))
+    done = subprocess.run([sys.executable, "-m", "winaconv.cli", "eval", str(out), "--text-file", str(text),
+                           "--window", "64", "--max-tokens", "256", "--sparsity", "0,0.5", "--json"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["transform"] == "exact" and len(report["results"]) == 2
