@@ -216,3 +216,14 @@ def test_eval_of_an_exact_checkpoint_never_prompts(tiny_folder, calib_file, tmp_
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["transform"] == "exact" and len(report["results"]) == 2
+
+
+def test_help_does_not_import_torch():
+    """Case 10: every command, --help included, took 5-7 s because torch, transformers and every model
+    family were imported up front."""
+    probe = "import sys, winaconv.cli; sys.exit(sorted({'torch', 'transformers'} & set(sys.modules)) != [])"
+    assert subprocess.run([sys.executable, "-c", probe], timeout=120).returncode == 0
+    for command in ("convert", "eval", "inspect", "push", "generate", "bench"):
+        done = subprocess.run([sys.executable, "-m", "winaconv.cli", command, "--help"], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0 and "Usage:" in done.stdout, (command, done.stderr[-500:])

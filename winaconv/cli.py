@@ -308,10 +308,9 @@ def print_inspection(inspection, sparsity, show_thresholds) -> None:
     out.print(table)
 
 
-if __name__ == "__main__":
-    main()
-
-
 from .generate_cli import register as _register_generate_commands  # noqa: E402
 
 _register_generate_commands(main, one_line_errors)
+
+if __name__ == "__main__":
+    main()

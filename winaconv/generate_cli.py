@@ -7,24 +7,24 @@ import warnings
 from pathlib import Path
 
 import click
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from .errors import WinaconvError
-from .evaluate import find_model, load_model, load_tokenizer, parse_levels
 
 console = Console(stderr=True)
 
 
 def _device(requested: str) -> str:
+    import torch  # torch, transformers and the runtime load only when a command runs: --help stays fast
+
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
 
 
 def _load(model: str, device: str, dtype: str):
-    from .evaluate import resolve_dtype
+    from .evaluate import find_model, load_model, load_tokenizer, resolve_dtype
 
     ref = find_model(model)
     loaded = load_model(ref, device, resolve_dtype(dtype, device))
@@ -32,12 +32,16 @@ def _load(model: str, device: str, dtype: str):
 
 
 def _sync(device: str) -> None:
+    import torch
+
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def run_generate(model, prompt, sparsity, max_new_tokens, sample, temperature, top_p, chat, device, dtype, say=print):
     from transformers import TextStreamer
+
+    from .evaluate import parse_levels
 
     device = _device(device)
     ref, loaded, tokenizer = _load(model, device, dtype)
@@ -64,6 +68,8 @@ def run_generate(model, prompt, sparsity, max_new_tokens, sample, temperature, t
 
 
 def _timed_generate(generate, ids, new_tokens, device) -> float:
+    import torch
+
     _sync(device)
     start = time.perf_counter()
     generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -81,7 +87,10 @@ def decode_ms_per_token(generate, ids, new_tokens, device, repeats: int = 2) -> 
 
 
 def run_bench(model, levels, new_tokens, prompt_tokens, batch, device, dtype, save):
+    import torch
     from transformers import GenerationMixin
+
+    from .evaluate import parse_levels
 
     device = _device(device)
     ref, loaded, _ = _load(model, device, dtype)
