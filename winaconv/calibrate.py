@@ -204,7 +204,7 @@ def calibrate_layers(model, family, input_ids, shares, settings, progress=None) 
             progress.reset(step_task, total=round(100 * settings.max_sparsity), description=f"greedy allocation (%), layer {idx}")
         greedy = slice(0, settings.greedy_sequences)
         path = greedy_path(
-            layer, family, grids, hidden[greedy], outputs[greedy], layer_kwargs, shares, settings,
+            layer, family, grids, hidden[greedy], outputs[greedy], layer_kwargs[idx], shares, settings,
             on_step=(lambda w: progress.update(step_task, completed=min(round(100 * w), round(100 * settings.max_sparsity)))) if progress else None,
         )
         layer.to("cpu")
