@@ -39,8 +39,6 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
     else:
         texts = [raw]
     texts = [t for t in texts if t.strip()]
-    if not texts and file.suffix == ".jsonl" and raw.strip():
-        raise WinaconvError(f"{path}: no record has a 'text' field (or any string field)")
     if not texts:
         if file.suffix == ".jsonl" and raw.strip():
             raise WinaconvError(f"{path}: no record has a 'text' field (or any other string field)")
