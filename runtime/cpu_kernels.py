@@ -77,7 +77,8 @@ def gather_rows_product(x_row_major: torch.Tensor, keep: torch.Tensor, weight_t:
     offsets[1:] = counts.cumsum(0)[:-1]
     out = F.embedding_bag(channel_ids, weight_t, offsets, mode="sum",
                           per_sample_weights=x_row_major[token_ids, channel_ids])
-    return out.view(tokens, bags_per_token, -1).sum(1, dtype=torch.float32).to(weight_t.dtype)
+    accumulate = torch.promote_types(weight_t.dtype, torch.float32)  # bf16 partial sums added in fp32
+    return out.view(tokens, bags_per_token, -1).sum(1, dtype=accumulate).to(weight_t.dtype)
 
 
 def sparse_linear_cpu(flat: torch.Tensor, keep: torch.Tensor, segment_weights_t, bias) -> torch.Tensor:

@@ -93,11 +93,9 @@ def test_sparse_linear_takes_the_gather_for_decode_and_dense_for_prefill(dtype, 
     assert (dtype == torch.float32) == (linear.weight.stride(0) == 1), "fp32 keeps one copy, laid out as W^T"
 
 
-@pytest.mark.xfail(reason="failed in the merged suite of 2026-12-01 (it never completed on its branch either: the "
-                          "machine was saturated); not yet diagnosed, see issue 13's note", strict=False)
 def test_smollm2_logits_through_the_gather_equal_the_masked_dense_path(converted_smollm2, monkeypatch):
     folder = converted_smollm2("wina", "global")
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float64,
                                                  sparsity=0.5).eval()
     # the checkpoint's own copy of the runtime, as loaded through trust_remote_code
     package = type(model).__module__.rsplit(".", 1)[0]
@@ -109,22 +107,28 @@ def test_smollm2_logits_through_the_gather_equal_the_masked_dense_path(converted
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 253, 1345, 1789, 30]])
 
     def decode_logits():
+        """Logits of the last 3 positions, decoded one by one after a 7-token prefill; and how many
+        products of those decode steps took the gather."""
         with torch.no_grad():
             out = model(ids[:, :-3], use_cache=True)
             cache, steps = out.past_key_values, []
+            calls.clear()
             for t in range(ids.shape[1] - 3, ids.shape[1]):
                 out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
                 steps.append(out.logits[:, -1].double())
-        return torch.stack(steps)
+        return torch.stack(steps), len(calls)
 
-    monkeypatch.setattr(kernels, "GATHER_MAX_ROW_FRACTION", {torch.float32: 1.0})  # every decode product gathered
-    gathered = decode_logits()
-    # the 7-token prefill is a small batch too (GATHER_MAX_TOKENS): 4 calls of every product
-    assert len(calls) == 4 * model.config.num_hidden_layers * 7, "every product must take the row gather"
+    # float64, the gather allowed for it: in float32 the two paths' last-bit differences move a channel
+    # across its threshold now and then, and one such flip grows through 30 layers into a different
+    # prediction; in float64 the products agree to ~1e-13 and no decision sits that close.
+    monkeypatch.setattr(kernels, "GATHER_MAX_ROW_FRACTION", {torch.float64: 1.0})  # every decode product gathered
+    gathered, gather_calls = decode_logits()
+    assert gather_calls == 3 * model.config.num_hidden_layers * 7, "every decode product must take the row gather"
     monkeypatch.setattr(kernels, "GATHER_MAX_TOKENS", 0)  # every product masked dense
-    masked = decode_logits()
+    masked, gather_calls = decode_logits()
+    assert gather_calls == 0
     scale = masked.abs().max()
-    assert (gathered - masked).abs().max() / scale < 1e-4
+    assert (gathered - masked).abs().max() / scale < 1e-6
     model.set_sparsity(0)
-    dense = decode_logits()
+    dense, _ = decode_logits()
     assert (dense - masked).abs().max() / scale > 1e-2, "sparsity 0.5 must change the logits"

@@ -14,8 +14,8 @@ from winaconv_runtime.architectures import PROJECTIONS
 PROMPTS = ["The capital of France is", "Water boils at a temperature of"]
 
 
-def load(folder, **kwargs):
-    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32, **kwargs).eval()
+def load(folder, dtype=torch.float32, **kwargs):
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype, **kwargs).eval()
 
 
 def reference_rule_logits(folder, ids, sparsity):
@@ -84,7 +84,10 @@ def test_dense_generation_equals_the_original_model(wina_folder, smollm2_folder,
 
 
 def test_batched_padded_generation_matches_single_prompts(wina_folder, tokenizer):
-    model = load(wina_folder, sparsity=0.5)
+    # float64: a padded batch changes the shapes of the attention's reductions, hence the last bits of
+    # every activation; in float32 one such bit can move a channel across its threshold and the rows'
+    # continuations drift apart (seen at layer 12 of 30). In float64 no decision sits that close.
+    model = load(wina_folder, dtype=torch.float64, sparsity=0.5)
     tokenizer.padding_side = "left"
     singles = [model.generate(**tokenizer(p, return_tensors="pt"), max_new_tokens=8, do_sample=False)[0, -8:]
                for p in PROMPTS]
