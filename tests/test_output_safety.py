@@ -6,11 +6,12 @@ import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from winaconv.checkpoint import STAGING_MARKER, check_output_dir, parse_shard_size, remove_stale_staging
+from winaconv.checkpoint import STAGING_MARKER, atomic_folder, check_output_dir, parse_shard_size, remove_stale_staging
 from winaconv.cli import main
 from winaconv.errors import WinaconvError
 from winaconv.inspect_checkpoint import inspect_checkpoint
@@ -39,17 +40,25 @@ def test_overwrite_refuses_everything_but_an_old_checkpoint(tmp_path, tiny_folde
     (project / "main.py").write_text("print('user code')")
     (project / "data").mkdir()
     (project / "data" / "notes.txt").write_text("user data")
-    with_extra = fake_checkpoint(tmp_path / "ckpt-with-notes")
-    (with_extra / "my-notes.md").write_text("keep me")
+    # an old checkpoint with one user file in it, of the kinds a checkpoint also holds (.txt, .json, .py)
+    user_files = {"my-notes.md": "keep me", "notes.txt": "keep me", "results.json": "{}", "train.py": "pass",
+                  "__pycache__/notes.txt": "not bytecode", "data/rows.csv": "1,2"}
+    with_extra = []
+    for i, (name, text) in enumerate(user_files.items()):
+        folder = fake_checkpoint(tmp_path / f"ckpt-with-user-file-{i}")
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(text)
+        with_extra.append((folder, name.split("/")[0]))
     source = tiny_folder("llama")
-    before = {f: snapshot(f) for f in (project, with_extra, source)}
+    guarded = [project, source] + [folder for folder, _ in with_extra]
+    before = {f: snapshot(f) for f in guarded}
 
-    for out, words in ((project, "not a winaconv checkpoint"), (with_extra, "my-notes.md"), (source, "source model"),
-                       (source.parent, "source model")):
+    cases = [(project, "not a winaconv checkpoint"), (source, "source model"), (source.parent, "source model")]
+    for out, words in cases + with_extra:
         assert_one_line_error(run("convert", source, "--out", out, "--overwrite", *TINY), *words)
     with pytest.raises(WinaconvError, match="source model"):
         check_output_dir(source, overwrite=True, source=source)
-    assert {f: snapshot(f) for f in (project, with_extra, source)} == before
+    assert {f: snapshot(f) for f in guarded} == before
     check_output_dir(fake_checkpoint(tmp_path / "old"), overwrite=True, source=source)  # the one thing it replaces
 
 
@@ -148,16 +157,36 @@ def test_sigterm_removes_the_staging_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_write_failure_is_one_line_and_removes_staging(tmp_path):
-    # a real write failure (EFBIG from a file size limit) stands in for a full disk
-    done = _run_staged(tmp_path, """
+@pytest.mark.parametrize("writer", ["python", "safetensors"])
+def test_write_failure_is_one_line_and_removes_staging(tmp_path, writer):
+    # a real write failure (EFBIG from a file size limit) stands in for a full disk; safetensors, which
+    # writes the shards, reports it as a SafetensorError, Python as an OSError
+    write = {"python": '(staging / "config.json").write_bytes(b"x" * 1_000_000)',
+             "safetensors": 'save_sharded({"w": torch.zeros(250_000)}, staging, 10**9)'}[writer]
+    done = _run_staged(tmp_path, f"""
+        import torch
+        from winaconv.checkpoint import save_sharded
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-        (staging / "model.safetensors").write_bytes(b"x" * 1_000_000)
+        {write}
     """)
     assert done.returncode == 1, done.stderr
     assert done.stdout.strip().startswith("writing") and "partial output was removed" in done.stdout
+    assert len(done.stdout.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_that_changed_during_the_conversion_is_left_alone(tmp_path):
+    """The final check (--out may have changed during hours of conversion) refuses to replace a folder
+    that now holds user files, and keeps the finished checkpoint where the message says."""
+    out = fake_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(WinaconvError, match="finished checkpoint was left in") as error:
+        with atomic_folder(out, overwrite=True) as staging:
+            (staging / "config.json").write_text("{}")
+            (out / "thesis.tex").write_text("user data")  # arrives while the conversion runs
+    assert (out / "thesis.tex").read_text() == "user data" and (out / "model.safetensors").read_bytes() == b"old"
+    left = Path(str(error.value).rsplit(" ", 1)[-1])
+    assert (left / "config.json").is_file() and not (left / STAGING_MARKER).exists()
 
 
 def test_calibration_text_that_is_not_text_is_refused(tmp_path):
@@ -191,6 +220,27 @@ def test_source_folder_problems_are_one_line(tmp_path):
     assert not out.exists()
 
 
+def test_source_without_tokenizer_and_corrupt_weights_are_one_line(tmp_path, tiny_folder):
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((tiny_folder("llama") / name).read_bytes())
+    assert_one_line_error(run("convert", no_tokenizer, "--out", tmp_path / "out", *TINY), "tokenizer", after_progress=True)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for entry in tiny_folder("llama").iterdir():
+        (corrupt / entry.name).write_bytes(entry.read_bytes())
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a download cut in half
+    text = tmp_path / "held_out.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 50)
+    assert_one_line_error(run("eval", corrupt, "--text-file", text, "--window", "32", "--max-tokens", "64"), "cannot load",
+                          after_progress=True)
+    assert_one_line_error(run("convert", corrupt, "--out", tmp_path / "out", *TINY), "cannot load the weights",
+                          after_progress=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_default_sparsity_follows_the_stored_levels(tmp_path):
     from winaconv.convert import ConvertOptions, validate
 
@@ -199,6 +249,14 @@ def test_default_sparsity_follows_the_stored_levels(tmp_path):
     options = ConvertOptions(model="m", out=tmp_path / "o", sparsity_levels=(0.25, 0.5, 0.65))
     validate(options)
     assert options.default_sparsity == 0.5
+
+
+def test_chosen_default_sparsity_is_said(tmp_path, tiny_folder, calib_file):
+    result = run("convert", tiny_folder("llama"), "--out", tmp_path / "ckpt", "--calib-file", calib_file,
+                 "--device", "cpu", *TINY[:-1], "0.25,0.4")
+    assert result.exit_code == 0, result.output
+    assert "default sparsity: 0.4" in result.output
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["winaconv"]["default_sparsity"] == 0.4
 
 
 def test_eval_of_an_exact_checkpoint_never_prompts(tiny_folder, calib_file, tmp_path):

@@ -11,8 +11,9 @@ import secrets
 import shutil
 from pathlib import Path
 
-
 import winaconv_runtime
+from safetensors import SafetensorError
+
 from winaconv_runtime.checkpoint_format import SAFETENSORS_METADATA
 from winaconv_runtime.modeling_winaconv import classes_for
 
@@ -21,10 +22,14 @@ from .errors import WinaconvError
 RUNTIME_DIR = Path(winaconv_runtime.__file__).parent
 
 
-# What a winaconv checkpoint folder holds; --overwrite replaces a folder only if it holds nothing else.
-CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "*.py", "*.jinja", "*.txt", "*.model", "*.tiktoken", "README.md",
-                       ".gitattributes")
-CHECKPOINT_SUBFOLDERS = (".cache", "__pycache__")  # hf download --local-dir, trust_remote_code imports
+# What a winaconv checkpoint folder holds, by name; --overwrite replaces a folder only if it holds nothing
+# else. Python files count only if they are this runtime's files or the checkpoint's runtime imports them.
+CHECKPOINT_NAMES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                    "model.safetensors.index.json", "winaconv_results.json", "README.md", ".gitattributes",
+                    "tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                    "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json", "*.tiktoken")
+# hf download --local-dir keeps its bookkeeping in .cache/huggingface; Python writes __pycache__/*.pyc
+CHECKPOINT_SUBFOLDERS = {".cache": "huggingface", "__pycache__": "*.pyc"}
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 STAGING_MARKER = ".winaconv-staging"
@@ -47,13 +52,42 @@ def is_winaconv_checkpoint(folder: Path) -> bool:
     return isinstance(config, dict) and isinstance(config.get("winaconv"), dict)
 
 
+def runtime_module_names(folder: Path) -> set[str]:
+    """The .py files of `folder` that its runtime loads: the modules config.json's auto_map names and,
+    transitively, the sibling modules they import (`from .name import ...`)."""
+    try:
+        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return set()
+    pending = {str(ref).split("--")[-1].split(".")[0] for ref in auto_map.values() if isinstance(ref, str)}
+    found = set()
+    while pending:
+        name = pending.pop()
+        path = folder / f"{name}.py"
+        if name in found or not path.is_file() or path.is_symlink():
+            continue
+        found.add(name)
+        source = path.read_text(errors="replace")
+        pending |= set(re.findall(r"^\s*from \.(\w+) import", source, flags=re.MULTILINE))
+    return {f"{name}.py" for name in found}
+
+
+def _is_checkpoint_entry(entry: Path, runtime_files_here: set[str]) -> bool:
+    if entry.is_symlink():
+        return False
+    if entry.is_dir():
+        pattern = CHECKPOINT_SUBFOLDERS.get(entry.name)
+        return pattern is not None and all(
+            child.name == pattern if not any(c in pattern for c in "*?[") else fnmatch.fnmatch(child.name, pattern)
+            for child in entry.iterdir())
+    return entry.is_file() and (entry.name in runtime_files_here
+                                or any(fnmatch.fnmatch(entry.name, p) for p in CHECKPOINT_NAMES))
+
+
 def foreign_entries(folder: Path) -> list[str]:
     """Entries of `folder` that a winaconv checkpoint does not hold."""
-    return sorted(
-        entry.name for entry in folder.iterdir()
-        if not (entry.is_dir() and not entry.is_symlink() and entry.name in CHECKPOINT_SUBFOLDERS)
-        and not (entry.is_file() and not entry.is_symlink() and any(fnmatch.fnmatch(entry.name, p) for p in CHECKPOINT_PATTERNS))
-    )
+    runtime_files_here = runtime_module_names(folder) | {p.name for p in runtime_files()}
+    return sorted(entry.name for entry in folder.iterdir() if not _is_checkpoint_entry(entry, runtime_files_here))
 
 
 def nearest_existing(path: Path) -> Path:
@@ -148,19 +182,35 @@ def atomic_folder(out: Path, overwrite: bool, source: Path | None = None):
     try:
         yield staging
         (staging / STAGING_MARKER).unlink()
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as SafetensorError
         shutil.rmtree(staging, ignore_errors=True)
-        raise WinaconvError(f"writing {out} failed ({exc.strerror or exc}); the partial output was removed") from None
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise WinaconvError(f"writing {out} failed ({reason}); the partial output was removed") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    try:
+        _move_into_place(staging, out, overwrite, source)
+    except BaseException as exc:
+        # The checkpoint in staging is complete: keep it, and say where, rather than lose the conversion.
+        reason = str(exc).splitlines()[0] if isinstance(exc, WinaconvError) else f"{type(exc).__name__}: {exc}"
+        raise WinaconvError(f"{reason} -- the finished checkpoint was left in {staging}") from None
+
+
+def _move_into_place(staging: Path, out: Path, overwrite: bool, source: Path | None) -> None:
     previous = None
     if out.exists():
         check_output_dir(out, overwrite, source)  # it may have changed during a long conversion
         previous = out.with_name(f".{out.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}")
         os.replace(out, previous)
         (previous / STAGING_MARKER).touch()  # a crash before the rmtree below leaves it for the next run
-    os.replace(staging, out)
+    try:
+        os.replace(staging, out)
+    except OSError:
+        if previous is not None:
+            os.replace(previous, out)  # put the old checkpoint back
+            (out / STAGING_MARKER).unlink(missing_ok=True)
+        raise
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
 

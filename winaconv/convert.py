@@ -63,6 +63,10 @@ def norm_scored_projections(method: str, scoring: str) -> tuple[str, ...]:
     return REFERENCE_NORM_SCORED if scoring == "reference" else PROJECTIONS
 
 
+def refuse_checkpoint_source(name) -> None:
+    raise WinaconvError(f"{name} is already a winaconv checkpoint; convert its base model instead")
+
+
 def validate(options: ConvertOptions, source_folder: Path | None = None) -> list[float]:
     """Every check that needs no model: run before anything slow."""
     given = [float(s) for s in options.sparsity_levels]
@@ -85,8 +89,8 @@ def validate(options: ConvertOptions, source_folder: Path | None = None) -> list
     if options.greedy_tokens < 1:
         raise WinaconvError(f"--greedy-tokens must be at least 1; got {options.greedy_tokens}")
     parse_shard_size(options.max_shard_size)
-    if source_folder is not None and is_winaconv_checkpoint(source_folder):
-        raise WinaconvError(f"{source_folder} is already a winaconv checkpoint; convert its base model instead")
+    if source_folder is not None and is_winaconv_checkpoint(source_folder):  # exact ones included
+        refuse_checkpoint_source(source_folder)
     check_output_dir(Path(options.out), options.overwrite, source_folder)
     return levels
 
@@ -100,6 +104,8 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     device = sources.resolve_device(options.device)
     sources.check_local_folder(source)
     config = sources.load_config(source)
+    if isinstance(getattr(config, "winaconv", None), dict):  # a Hub id (local folders are refused in validate)
+        refuse_checkpoint_source(source.model_id)
     transform = options.transform or default_transform(family_for_model_type(config.model_type))
     check_transform(family_for_model_type(config.model_type), transform)
     calibration = load_calibration_text(options.calib_file, options.calib_dataset)

@@ -91,11 +91,12 @@ def load_config(source: ModelSource):
 
 
 def load_model(source: ModelSource, dtype: torch.dtype):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.load_kwargs())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupt shard
         raise WinaconvError(f"cannot load the weights of {source.model_id}: {str(exc).splitlines()[0]}") from None
     model.eval()
     return model
