@@ -78,6 +78,15 @@ def converted_smollm2(smollm2_folder, tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """checkpoints(transform) -> a tiny converted checkpoint (support.tiny_checkpoint), made once per session."""
+    from support import tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return lambda transform="global": tiny_checkpoint(root, transform)
+
+
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory):
     from winaconv.calibration_data import builtin_texts

@@ -17,10 +17,14 @@ FAMILY_MODELS = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),  # per-head q/k norms
     "phi3": (Phi3Config, Phi3ForCausalLM, {"pad_token_id": 0}),  # fused qkv_proj and gate_up_proj
 }
+ALL_FAMILIES = sorted(FAMILY_MODELS) + ["gemma2", "gemma3_text"]  # GEMMA_MODELS below
 
 
 def random_model(family: str, seed: int = 0, dtype=torch.float32):
-    """A random model whose norm weights and biases are not trivial, so folding them is tested."""
+    """A random model of any supported family whose norm weights and biases are not trivial, so folding
+    them is tested."""
+    if family in GEMMA_MODELS:
+        return _random_gemma(family, seed, dtype)
     config_cls, model_cls, extra = FAMILY_MODELS[family]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**COMMON, **extra)).to(dtype).eval()
@@ -47,7 +51,7 @@ GEMMA_MODELS = {
 }
 
 
-def random_gemma(family: str, seed: int = 0, dtype=torch.float32):
+def _random_gemma(family: str, seed: int, dtype):
     """A random Gemma model whose norm gains (1 + w) are far from 1, so their handling is tested."""
     import transformers
 

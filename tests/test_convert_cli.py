@@ -4,18 +4,14 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from winaconv.cli import main
 from winaconv_runtime.checkpoint_format import FORMAT_VERSION
 
+from support import TINY, assert_one_line_error, run_cli
 
-from cli_support import TINY, assert_one_line_error
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+run = run_cli
 
 
 def convert(model, out, calib_file, *extra):

@@ -9,24 +9,16 @@ import json
 import math
 
 import pytest
-from click.testing import CliRunner
-
-from winaconv.cli import main
 from winaconv.evaluate import EvalOptions, evaluate, windows
+
+from support import assert_one_line_error, run_cli
 
 # Two windows of 512 held-out tokens: small enough for CI's two cores, large enough to rank methods.
 FAST_EVAL = dict(window=512, stride=512, max_tokens=1024, device="cpu", dtype="float32")
 
 
 def run(*args):
-    return CliRunner().invoke(main, ["eval", *(str(a) for a in args)], catch_exceptions=False)
-
-
-def one_line_error(result) -> str:
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    assert "Traceback" not in result.output
-    return lines[0]
+    return run_cli("eval", *args)
 
 
 @pytest.mark.parametrize("num_tokens,window,stride", [(10, 4, 4), (10, 4, 2), (9, 3, 1), (8, 8, 8), (11, 5, 3)])
@@ -116,14 +108,14 @@ def test_eval_bad_input_is_one_line(smollm2_folder, converted_smollm2, tmp_path)
     short = tmp_path / "short.txt"
     short.write_text("Only a few words here.")
 
-    assert "text file not found" in one_line_error(run(checkpoint, "--text-file", tmp_path / "missing.txt"))
-    assert "fewer than one window of 512" in one_line_error(run(checkpoint, "--text-file", short))
-    line = one_line_error(run(checkpoint, "--text-file", short, "--sparsity", "0.3"))
+    assert "text file not found" in assert_one_line_error(run(checkpoint, "--text-file", tmp_path / "missing.txt"))
+    assert "fewer than one window of 512" in assert_one_line_error(run(checkpoint, "--text-file", short))
+    line = assert_one_line_error(run(checkpoint, "--text-file", short, "--sparsity", "0.3"))
     assert "sparsity 0.3 is not stored" in line and "0, 0.25, 0.5" in line
-    assert "plain model" in one_line_error(run(smollm2_folder, "--text-file", short, "--sparsity", "0.5"))
-    assert "--stride" in one_line_error(run(checkpoint, "--text-file", short, "--window", 8, "--stride", 9))
-    assert "--max-tokens" in one_line_error(run(checkpoint, "--max-tokens", 100))
-    assert "model not found" in one_line_error(run(tmp_path / "no-such-model", "--text-file", short))
+    assert "plain model" in assert_one_line_error(run(smollm2_folder, "--text-file", short, "--sparsity", "0.5"))
+    assert "--stride" in assert_one_line_error(run(checkpoint, "--text-file", short, "--window", 8, "--stride", 9))
+    assert "--max-tokens" in assert_one_line_error(run(checkpoint, "--max-tokens", 100))
+    assert "model not found" in assert_one_line_error(run(tmp_path / "no-such-model", "--text-file", short))
 
 
 @pytest.mark.slow

@@ -5,20 +5,19 @@ import copy
 
 import pytest
 import torch
-from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from winaconv.calibrate import capture_layer_inputs, layer_outputs
-from winaconv.cli import main
 from winaconv.errors import WinaconvError
 from winaconv.runtime_model import to_runtime_model, winaconv_section
 from winaconv.transform import apply_transform, available_transforms
 from winaconv_runtime.checkpoint_format import TRANSFORMS
 
-from random_models import GEMMA_MODELS, random_gemma
+from random_models import GEMMA_MODELS, random_model
+from support import assert_one_line_error, run_cli
 
 FAMILIES = sorted(GEMMA_MODELS)
-TINY = ["--calib-tokens", "128", "--seq-len", "16", "--greedy-tokens", "32", "--sparsity-levels", "0.25,0.5"]
+GEMMA_TINY = ["--calib-tokens", "128", "--seq-len", "16", "--greedy-tokens", "32", "--sparsity-levels", "0.25,0.5"]
 
 
 def max_relative_error(out, ref) -> float:
@@ -33,7 +32,7 @@ def runtime_model(base, kind):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_accepted_transforms_keep_logits(family):
-    base = random_gemma(family)
+    base = random_model(family)
     ids = torch.randint(0, base.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(1))
     _, fam = to_runtime_model(copy.deepcopy(base), winaconv_section("wina", "none", ()))
     accepted = available_transforms(fam)
@@ -46,7 +45,7 @@ def test_accepted_transforms_keep_logits(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rotations_are_refused_in_one_line(family):
-    model, fam = to_runtime_model(random_gemma(family), winaconv_section("wina", "none", ()))
+    model, fam = to_runtime_model(random_model(family), winaconv_section("wina", "none", ()))
     for kind in set(TRANSFORMS) - set(available_transforms(fam)):
         with pytest.raises(WinaconvError) as caught:
             apply_transform(model, fam, kind)
@@ -58,7 +57,7 @@ def test_rotations_are_refused_in_one_line(family):
 def test_calibration_replays_each_layer_with_its_own_mask(family):
     """Layer by layer with the captured per-layer arguments gives the model's own last hidden state:
     sliding-window and global layers get their own masks (and, for Gemma 3, rotary tables)."""
-    model, _ = runtime_model(random_gemma(family), "none")
+    model, _ = runtime_model(random_model(family), "none")
     ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         hidden, per_layer = capture_layer_inputs(model, ids, "cpu")
@@ -74,56 +73,22 @@ def test_calibration_replays_each_layer_with_its_own_mask(family):
         assert max_relative_error(model.model.norm(hidden), expected) > 1e-3
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma(tmp_path_factory):
-    """Random Gemma folders with the SmolLM2 tokenizer, and a calibration text file."""
-    from transformers import AutoTokenizer
-
-    from conftest import smollm2_gguf
-    from winaconv.calibration_data import builtin_texts
-
-    gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    root = tmp_path_factory.mktemp("gemma")
-    calib = root / "calib.txt"
-    calib.write_text("\n\n".join(builtin_texts()[:10]))
-    made = {}
-
-    def make(family):
-        if family not in made:
-            model = random_gemma(family)
-            model.resize_token_embeddings(len(tokenizer))
-            folder = root / family
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            made[family] = folder
-        return made[family], calib
-
-    return make
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cli_refuses_rotations_in_one_line(tiny_gemma, tmp_path, family):
-    source, calib = tiny_gemma(family)
+def test_cli_refuses_rotations_in_one_line(tiny_folder, calib_file, tmp_path, family):
     out = tmp_path / "out"
-    result = run("convert", source, "--out", out, "--calib-file", calib, "--device", "cpu", "--transform", "pca", *TINY)
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert result.exit_code != 0 and len(lines) == 1, result.output
-    assert lines[0].startswith("Error:") and "available: none" in lines[0]
+    result = run_cli("convert", tiny_folder(family), "--out", out, "--calib-file", calib_file, "--device", "cpu",
+                     "--transform", "pca", *GEMMA_TINY)
+    assert_one_line_error(result, "available: none")
     assert not out.exists()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_converted_folder_loads_and_generates_like_the_original(tiny_gemma, tmp_path, family):
+def test_converted_folder_loads_and_generates_like_the_original(tiny_folder, calib_file, tmp_path, family):
     import json
 
-    source, calib = tiny_gemma(family)
+    source = tiny_folder(family)
     out = tmp_path / "ckpt"
-    result = run("convert", source, "--out", out, "--calib-file", calib, "--device", "cpu", *TINY)
+    result = run_cli("convert", source, "--out", out, "--calib-file", calib_file, "--device", "cpu", *GEMMA_TINY)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["winaconv"]["transform"] == "none"  # the family default
 
@@ -143,7 +108,7 @@ def test_converted_folder_loads_and_generates_like_the_original(tiny_gemma, tmp_
         assert torch.equal(got, want)
         model.set_sparsity(0.5)
         assert max_relative_error(model(ids).logits, expected) > 1e-3, "sparsity 0.5 must change the logits"
-    inspected = run("inspect", out)
+    inspected = run_cli("inspect", out)
     assert inspected.exit_code == 0 and "problem" not in inspected.output, inspected.output
     plain, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)  # transform none: a plain model
     assert type(plain) is type(original) and not any(v for k, v in info.items() if k != "error_msgs")

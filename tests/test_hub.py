@@ -19,12 +19,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
 from fake_hub import FakeHub
-from test_inspect import CALIB_TEXT, TINY, checkpoints, tiny_source  # noqa: F401 (checkpoints: a fixture)
-from winaconv.cli import main
+from support import CALIB_TEXT, TINY_OPTIONS, assert_one_line_error, one_error_line, run_cli, tiny_source
 from winaconv.model_card import RESULTS_FILE, build_model_card, write_model_card
 from winaconv_runtime.architectures import PROJECTIONS
 
@@ -33,12 +31,6 @@ TOKEN = "hf_fake_token_for_tests"
 
 def folder_files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_error_line(output: str) -> str:
-    lines = [line for line in output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), output
-    return lines[0]
 
 
 @pytest.fixture
@@ -68,8 +60,7 @@ def hub(monkeypatch, tmp_path):
         yield server
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+run = run_cli
 
 
 # ---------------------------------------------------------------- model card
@@ -226,8 +217,8 @@ def test_convert_push_to(hub, tmp_path, checkpoints):
     calib.write_text(CALIB_TEXT)
     out = tmp_path / "converted"
     args = ["convert", source, "--out", out, "--calib-file", calib, "--device", "cpu", "--calib-tokens",
-            TINY["calib_tokens"], "--seq-len", TINY["seq_len"], "--greedy-tokens", TINY["greedy_tokens"],
-            "--greedy-step", TINY["greedy_step"], "--sparsity-levels", "0.25,0.5", "--method", "wina"]
+            TINY_OPTIONS["calib_tokens"], "--seq-len", TINY_OPTIONS["seq_len"], "--greedy-tokens", TINY_OPTIONS["greedy_tokens"],
+            "--greedy-step", TINY_OPTIONS["greedy_step"], "--sparsity-levels", "0.25,0.5", "--method", "wina"]
     result = run(*args, "--push-to", "someone/converted", "--push-private")
     assert result.exit_code == 0, result.output
     assert hub.files("someone/converted") == folder_files(out)
@@ -270,3 +261,28 @@ def test_inspect_a_hub_repo_reads_headers_only(ckpt, hub):
         "problem: model.layers.1.self_attn.o_proj.weight: missing (the config expects a tensor of shape [64, 64])"
     ]
     assert "404" in one_error_line(run("inspect", "someone/absent").output)
+
+
+# ---------------------------------------------------------------- issue 10: shards and re-conversion
+
+
+def test_sharded_checkpoint_pushes_whole(hub, tmp_path, checkpoints):
+    """Every shard carries the format metadata, so push (and convert --push-to) accept a sharded checkpoint."""
+    source = tiny_source(checkpoints().parent)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB_TEXT)
+    out = tmp_path / "sharded"
+    result = run("convert", source, "--out", out, "--calib-file", calib, "--device", "cpu", "--calib-tokens",
+                 TINY_OPTIONS["calib_tokens"], "--seq-len", TINY_OPTIONS["seq_len"], "--greedy-tokens", TINY_OPTIONS["greedy_tokens"],
+                 "--sparsity-levels", "0.5", "--max-shard-size", "40KB", "--push-to", "someone/sharded")
+    assert result.exit_code == 0, result.output
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    assert hub.files("someone/sharded") == folder_files(out)
+
+
+def test_a_checkpoint_given_by_hub_id_is_not_converted_again(ckpt, hub, tmp_path):
+    assert run("push", ckpt, "someone/already-sparse").exit_code == 0
+    out = tmp_path / "again"
+    result = run("convert", "someone/already-sparse", "--out", out, "--calib-file", ckpt / "config.json")
+    assert_one_line_error(result, "already a winaconv checkpoint", after_progress=True)
+    assert not out.exists()

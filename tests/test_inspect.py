@@ -17,61 +17,7 @@ from safetensors.torch import load_file, save_file
 from winaconv.cli import main
 from winaconv_runtime.checkpoint_format import FORMAT_VERSION, SAFETENSORS_METADATA
 
-CALIB_TEXT = "\n\n".join(
-    f"Paragraph {i}: the quick brown fox jumps over the lazy dog while the calibration text keeps on going, "
-    f"with numbers like {i * 37 % 101} and words such as sparsity, threshold, projection and layer."
-    for i in range(60)
-)
-TINY = dict(calib_tokens=256, seq_len=32, greedy_tokens=32, greedy_step=0.05, sparsity_levels=(0.25, 0.5),
-            default_sparsity=0.5)
-_MADE: dict[str, Path] = {}
-
-
-def tiny_source(root: Path) -> Path:
-    """A random Llama (hidden 64, 2 layers) with a small BPE tokenizer, saved as a transformers folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = root / "tiny-llama"
-    if (folder / "config.json").is_file():
-        return folder
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([CALIB_TEXT], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def tiny_checkpoint(root: Path, transform: str = "global") -> Path:
-    """A converted checkpoint (made once per test session and transform); copy it before breaking it."""
-    from winaconv.convert import ConvertOptions, convert
-
-    if transform not in _MADE:
-        calib = root / "calib.txt"
-        calib.write_text(CALIB_TEXT)
-        out = root / f"ckpt-{transform}"
-        convert(ConvertOptions(model=str(tiny_source(root)), out=out, method="wina", transform=transform, calib_file=str(calib),
-                               device="cpu", **TINY), say=lambda m: None)
-        config = json.loads((out / "config.json").read_text())
-        config["winaconv"]["base_model"]["id"] = "example-org/tiny-llama"  # as a Hub-converted model records it
-        (out / "config.json").write_text(json.dumps(config, indent=2))
-        _MADE[transform] = out
-    return _MADE[transform]
-
-
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return lambda transform="global": tiny_checkpoint(root, transform)
-
+from support import assert_one_line_error
 
 @pytest.fixture
 def broken(checkpoints, tmp_path):
@@ -221,17 +167,11 @@ def test_missing_runtime_file_and_not_a_checkpoint(broken, tmp_path):
 def test_unknown_level_and_missing_folder_are_one_line_errors(checkpoints, tmp_path):
     result = inspect(checkpoints(), "--sparsity", "0.3")
     assert result.exit_code != 0 and result.output.strip().splitlines()[-1].startswith("Error: sparsity 0.3")
-    result = inspect(tmp_path / "nope")
-    assert result.exit_code != 0
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: checkpoint not found"), result.output
+    assert_one_line_error(inspect(tmp_path / "nope"), "Error: checkpoint not found")
 
 
 def test_hub_repo_offline_is_one_line(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    result = inspect("some-org/some-model")
-    assert result.exit_code != 0
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "HF_HUB_OFFLINE" in lines[0] and lines[0].startswith("Error:"), result.output
+    assert_one_line_error(inspect("some-org/some-model"), "HF_HUB_OFFLINE")

@@ -9,18 +9,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from winaconv.checkpoint import STAGING_MARKER, atomic_folder, check_output_dir, parse_shard_size, remove_stale_staging
-from winaconv.cli import main
 from winaconv.errors import WinaconvError
 from winaconv.inspect_checkpoint import inspect_checkpoint
 
-from cli_support import TINY, assert_one_line_error
+from support import TINY, assert_one_line_error, run_cli
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+run = run_cli
 
 
 def snapshot(folder):
