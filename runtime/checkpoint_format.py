@@ -1,4 +1,6 @@
-"""The `winaconv` section of a checkpoint's config.json: what it holds and how it is read.
+"""The `winaconv` section of a checkpoint's config.json: what it holds, how it is made, written, checked
+and read. The one owner of the section: the converter, `inspect`, the model card and the runtime all
+go through here (stdlib only, so it ships in every checkpoint).
 
 Example (thresholds and sparsities are [layer][projection], projections in PROJECTIONS order):
 
@@ -27,8 +29,24 @@ METHODS = ("wina", "teal")
 TRANSFORMS = ("exact", "global", "pca", "none")
 
 
+EXACT_MODEL_TYPE_PREFIX = "winaconv_exact_"  # exact-transform checkpoints are not a plain model of the family
+
+
 class CheckpointFormatError(ValueError):
     pass
+
+
+def exact_model_type(family_name: str) -> str:
+    return EXACT_MODEL_TYPE_PREFIX + family_name
+
+
+def base_model_type(model_type: str) -> str:
+    """The family's own model_type for an exact-transform checkpoint's ("winaconv_exact_llama" -> "llama")."""
+    return str(model_type).removeprefix(EXACT_MODEL_TYPE_PREFIX)
+
+
+def is_exact_model_type(model_type: str) -> bool:
+    return str(model_type).startswith(EXACT_MODEL_TYPE_PREFIX)
 
 
 def level_key(sparsity: float) -> str:
@@ -36,8 +54,103 @@ def level_key(sparsity: float) -> str:
     return f"{round(float(sparsity), 4):g}"
 
 
+def new_section(method: str, transform: str, norm_scored, winaconv_version: str) -> dict:
+    """The section of a model with no sparsity levels yet (store_level fills them in after calibration)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "transform": transform,
+        "norm_scored": list(norm_scored),
+        "projections": list(PROJECTIONS),
+        "levels": {},
+        "default_sparsity": 0.0,
+        "winaconv_version": winaconv_version,
+    }
+
+
+def store_level(section: dict, sparsity: float, thresholds, sparsities) -> None:
+    """Write one level: thresholds and realised sparsities, [layer][projection] in PROJECTIONS order."""
+    section["levels"][level_key(sparsity)] = {
+        "thresholds": [[float(t) for t in row] for row in thresholds],
+        "sparsities": [[round(float(s), 6) for s in row] for row in sparsities],
+    }
+
+
+def section_problems(section: dict, num_layers, for_loading: bool = False) -> list[str]:
+    """Every problem of a section, one line each. for_loading: only what the runtime needs to run it (the
+    loader raises the first); otherwise also the metadata a complete checkpoint records (inspect lists all)."""
+    problems = []
+    version = section.get("format_version")
+    if version != FORMAT_VERSION:
+        problems.append(f"winaconv format_version is {version!r}; this winaconv reads {FORMAT_VERSION}")
+    if section.get("method") not in METHODS:
+        problems.append(f"unknown method {section.get('method')!r} (expected one of {', '.join(METHODS)})")
+    if section.get("transform") not in TRANSFORMS:
+        problems.append(f"unknown transform {section.get('transform')!r} (expected one of {', '.join(TRANSFORMS)})")
+    if tuple(section.get("projections") or ()) != PROJECTIONS:
+        problems.append(f"projections must be {list(PROJECTIONS)}")
+    unknown = set(section.get("norm_scored") or ()) - set(PROJECTIONS)
+    if unknown:
+        problems.append(f"norm_scored names unknown projections {sorted(unknown)}")
+    if not for_loading:
+        for key in ("calibration", "base_model", "winaconv_version"):
+            if not section.get(key):
+                problems.append(f"winaconv section lacks '{key}'")
+    levels = section.get("levels")
+    if not isinstance(levels, dict) or (not levels and not for_loading):
+        problems.append("no sparsity levels stored")
+        levels = {}
+    tables = ("thresholds",) if for_loading else ("thresholds", "sparsities")
+    for key, entry in levels.items():
+        level = _float_or_none(key)
+        if level is None:
+            problems.append(f"level key {key!r} is not a number")
+            continue
+        if not 0 < level < 1:
+            problems.append(f"level {key} is outside (0, 1)")
+        if not isinstance(entry, dict):
+            problems.append(f"level {key} is not an object")
+            continue
+        for table_name in tables:
+            problems += _table_problems(entry.get(table_name), table_name, key, num_layers)
+    if not for_loading:
+        default = section.get("default_sparsity")
+        stored = {_float_or_none(k) for k in levels}
+        if not _is_number(default) or (float(default) != 0.0 and float(default) not in stored):
+            problems.append(f"default_sparsity {default!r} is neither 0 nor a stored level")
+    return problems
+
+
+def _table_problems(table, table_name: str, key: str, num_layers) -> list[str]:
+    if (not isinstance(table, list) or (isinstance(num_layers, int) and len(table) != num_layers)
+            or any(not isinstance(row, list) or len(row) != len(PROJECTIONS) for row in table)):
+        return [f"level {key} {table_name} must be {num_layers} layers x {len(PROJECTIONS)} projections"]
+    problems = []
+    for layer, row in enumerate(table):
+        for projection, value in zip(PROJECTIONS, row):
+            where = f"level {key} layer {layer} {projection}"
+            if not _is_number(value) or not math.isfinite(value):
+                problems.append(f"{where}: {table_name[:-1]} {value!r} is not finite")
+            elif value < 0 or (table_name == "sparsities" and value > 1):
+                problems.append(f"{where}: {table_name[:-1]} {value!r} is out of range")
+    return problems
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _float_or_none(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 @dataclass
 class SparsitySettings:
+    """A loaded checkpoint's section, checked for what the runtime needs."""
+
     method: str
     transform: str
     norm_scored: tuple[str, ...]
@@ -50,29 +163,17 @@ class SparsitySettings:
         section = getattr(config, "winaconv", None)
         if not isinstance(section, dict):
             raise CheckpointFormatError("config.json has no 'winaconv' section: not a winaconv checkpoint")
-        version = section.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CheckpointFormatError(
-                f"unknown winaconv format version {version!r}; this runtime reads version {FORMAT_VERSION}"
-            )
-        if tuple(section.get("projections", ())) != PROJECTIONS:
-            raise CheckpointFormatError(f"winaconv projections must be {list(PROJECTIONS)}")
-        method, transform = section.get("method"), section.get("transform")
-        if method not in METHODS:
-            raise CheckpointFormatError(f"unknown winaconv method {method!r}; expected one of {METHODS}")
-        if transform not in TRANSFORMS:
-            raise CheckpointFormatError(f"unknown winaconv transform {transform!r}; expected one of {TRANSFORMS}")
-        settings = cls(
-            method=method,
-            transform=transform,
+        problems = section_problems(section, config.num_hidden_layers, for_loading=True)
+        if problems:
+            raise CheckpointFormatError(f"config.json: {problems[0]}")
+        return cls(
+            method=section["method"],
+            transform=section["transform"],
             norm_scored=tuple(section.get("norm_scored", ())),
             levels=dict(section.get("levels", {})),
             default_sparsity=float(section.get("default_sparsity", 0.0)),
             num_layers=config.num_hidden_layers,
         )
-        for key in settings.levels:
-            settings.thresholds(float(key))  # validates every table
-        return settings
 
     def available(self) -> list[float]:
         return sorted([0.0] + [float(k) for k in self.levels])
@@ -85,15 +186,4 @@ class SparsitySettings:
         if key not in self.levels:
             stored = ", ".join(f"{s:g}" for s in self.available())
             raise CheckpointFormatError(f"sparsity {sparsity:g} is not stored in this checkpoint; stored: {stored}")
-        table = self.levels[key].get("thresholds")
-        if (
-            not isinstance(table, list)
-            or len(table) != self.num_layers
-            or any(not isinstance(row, list) or len(row) != len(PROJECTIONS) for row in table)
-        ):
-            raise CheckpointFormatError(
-                f"thresholds of level {key} must be {self.num_layers} layers x {len(PROJECTIONS)} projections"
-            )
-        if any(not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0 for row in table for t in row):
-            raise CheckpointFormatError(f"thresholds of level {key} must be finite and non-negative")
-        return table
+        return self.levels[key]["thresholds"]

@@ -14,13 +14,9 @@ import transformers
 from torch import nn
 
 from .architectures import FAMILIES, PROJECTIONS, Family, projection_sizes, shared_input_paths
-from .checkpoint_format import CheckpointFormatError, SparsitySettings
+from .checkpoint_format import CheckpointFormatError, SparsitySettings, exact_model_type
 from .sparse_linear import SharedInputGroup, SparseLinear, announce_path
 from .generation import WinaconvGenerationMixin
-
-
-def exact_model_type(family: Family) -> str:
-    return f"winaconv_exact_{family.name}"
 
 
 def _has_output_norms(layer: nn.Module) -> bool:
@@ -132,7 +128,11 @@ class WinaconvMixin:
         return (model, info) if want_info else model
 
 
-def _build_family_classes(family: Family) -> dict[str, type]:
+def _family_classes(family_name: str, exact: bool) -> tuple[type, ...]:
+    """(Model, ForCausalLM) of a family's winaconv checkpoints, subclassing transformers' own classes;
+    with exact, (Config, Model, ForCausalLM) of its exact-transform checkpoints, whose decoder layers
+    carry the shortcut matrices and whose config has a model_type of its own."""
+    family = FAMILIES[family_name]
     prefix = family.class_prefix
     base_prefix = family.base_model_prefix or prefix  # Gemma3TextConfig / Gemma3TextModel, Gemma3ForCausalLM
     modeling = importlib.import_module(family.modeling_module)
@@ -140,6 +140,7 @@ def _build_family_classes(family: Family) -> dict[str, type]:
     base_causal_lm = getattr(transformers, f"{prefix}ForCausalLM")
     base_model = getattr(transformers, f"{base_prefix}Model")
     base_layer = getattr(modeling, f"{prefix}DecoderLayer")
+    name = ("WinaExact" if exact else "Wina") + prefix
 
     class ShortcutDecoderLayer(base_layer):
         """Decoder layer of the exact transform: x @ S + block(norm(x)) for both blocks."""
@@ -153,55 +154,53 @@ def _build_family_classes(family: Family) -> dict[str, type]:
             return mlp_residual(self, attention_residual(self, hidden_states, **kwargs))
 
     class ExactConfig(base_config):
-        model_type = exact_model_type(family)
+        model_type = exact_model_type(family.name)
 
-    def make(config_class, exact: bool):
-        def upgrade(config, decoder):
-            if exact:
-                decoder.layers = nn.ModuleList(
-                    ShortcutDecoderLayer(config, i) for i in range(config.num_hidden_layers)
-                )
+    def upgrade(config, decoder):
+        if exact:
+            decoder.layers = nn.ModuleList(ShortcutDecoderLayer(config, i) for i in range(config.num_hidden_layers))
 
-        class Model(WinaconvMixin, base_model):
-            _keys_to_ignore_on_load_unexpected = ["lm_head."]  # a causal-LM checkpoint loaded as a base model
+    class Model(WinaconvMixin, base_model):
+        _keys_to_ignore_on_load_unexpected = ["lm_head."]  # a causal-LM checkpoint loaded as a base model
 
-            def __init__(self, config):
-                super().__init__(config)
-                upgrade(config, self)
-                self._winaconv_setup(self)
-                self.post_init()
+        def __init__(self, config):
+            super().__init__(config)
+            upgrade(config, self)
+            self._winaconv_setup(self)
+            self.post_init()
 
-        class ForCausalLM(WinaconvGenerationMixin, WinaconvMixin, base_causal_lm):
-            def __init__(self, config):
-                super().__init__(config)
-                upgrade(config, self.model)
-                self._winaconv_setup(self.model)
-                self.post_init()
+    class ForCausalLM(WinaconvGenerationMixin, WinaconvMixin, base_causal_lm):
+        def __init__(self, config):
+            super().__init__(config)
+            upgrade(config, self.model)
+            self._winaconv_setup(self.model)
+            self.post_init()
 
-        for cls in (Model, ForCausalLM):
-            cls.config_class = config_class
-            cls.winaconv_family = family
-        return Model, ForCausalLM
-
-    plain_model, plain_causal = make(base_config, exact=False)
-    classes = {f"Wina{prefix}Model": plain_model, f"Wina{prefix}ForCausalLM": plain_causal}
-    if family.transforms is None or "exact" in family.transforms:
-        exact_model, exact_causal = make(ExactConfig, exact=True)
-        classes.update({
-            f"WinaExact{prefix}Config": ExactConfig,
-            f"WinaExact{prefix}Model": exact_model,
-            f"WinaExact{prefix}ForCausalLM": exact_causal,
-            f"WinaExact{prefix}DecoderLayer": ShortcutDecoderLayer,
-        })
-    for name, cls in classes.items():
-        cls.__name__ = cls.__qualname__ = name
+    config_class = ExactConfig if exact else base_config
+    named = {"Config": ExactConfig, "Model": Model, "ForCausalLM": ForCausalLM, "DecoderLayer": ShortcutDecoderLayer}
+    for suffix, cls in named.items():
+        cls.__name__ = cls.__qualname__ = name + suffix
         cls.__module__ = __name__
-    return classes
+    for cls in (Model, ForCausalLM):
+        cls.config_class = config_class
+        cls.winaconv_family = family
+    return (ExactConfig, Model, ForCausalLM) if exact else (Model, ForCausalLM)
 
 
-# One set of classes per family, as module attributes so config.json's auto_map can name them.
-for _family in FAMILIES.values():
-    globals().update(_build_family_classes(_family))
+# The classes config.json's auto_map names (classes_for below): plain-layout checkpoints (transforms
+# none, global, pca) of every family, and exact-transform checkpoints of the families that accept it.
+WinaLlamaModel, WinaLlamaForCausalLM = _family_classes("llama", exact=False)
+WinaMistralModel, WinaMistralForCausalLM = _family_classes("mistral", exact=False)
+WinaQwen2Model, WinaQwen2ForCausalLM = _family_classes("qwen2", exact=False)
+WinaQwen3Model, WinaQwen3ForCausalLM = _family_classes("qwen3", exact=False)
+WinaPhi3Model, WinaPhi3ForCausalLM = _family_classes("phi3", exact=False)
+WinaGemma2Model, WinaGemma2ForCausalLM = _family_classes("gemma2", exact=False)
+WinaGemma3Model, WinaGemma3ForCausalLM = _family_classes("gemma3_text", exact=False)
+WinaExactLlamaConfig, WinaExactLlamaModel, WinaExactLlamaForCausalLM = _family_classes("llama", exact=True)
+WinaExactMistralConfig, WinaExactMistralModel, WinaExactMistralForCausalLM = _family_classes("mistral", exact=True)
+WinaExactQwen2Config, WinaExactQwen2Model, WinaExactQwen2ForCausalLM = _family_classes("qwen2", exact=True)
+WinaExactQwen3Config, WinaExactQwen3Model, WinaExactQwen3ForCausalLM = _family_classes("qwen3", exact=True)
+WinaExactPhi3Config, WinaExactPhi3Model, WinaExactPhi3ForCausalLM = _family_classes("phi3", exact=True)
 
 
 def classes_for(family: Family, transform: str) -> dict[str, str]:
@@ -214,5 +213,8 @@ def classes_for(family: Family, transform: str) -> dict[str, str]:
 
 
 def model_class(family: Family, transform: str, causal_lm: bool = True) -> type:
-    name = classes_for(family, transform)["AutoModelForCausalLM" if causal_lm else "AutoModel"]
-    return globals()[name.split(".", 1)[1]]
+    name = classes_for(family, transform)["AutoModelForCausalLM" if causal_lm else "AutoModel"].split(".", 1)[1]
+    cls = globals().get(name)
+    if not (isinstance(cls, type) and cls.__name__ == name):
+        raise RuntimeError(f"modeling_winaconv defines no class {name} (family {family.name}, transform {transform})")
+    return cls

@@ -162,4 +162,4 @@ def test_unknown_format_version_and_unstored_level(broken_copy, wina_folder):
     (broken_copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError) as exc:
         load(broken_copy)
-    assert "format version 99" in assert_one_line_exception(exc, *LOAD_ERRORS)
+    assert "format_version is 99" in assert_one_line_exception(exc, *LOAD_ERRORS)

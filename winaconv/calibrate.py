@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from winaconv_runtime.architectures import ATTENTION_PROJECTIONS, PROJECTIONS
-from winaconv_runtime.checkpoint_format import SparsitySettings, level_key
+from winaconv_runtime.checkpoint_format import SparsitySettings, store_level
 from winaconv_runtime.modeling_winaconv import attention_residual, mlp_residual, sparse_linears
 
 from .statistics import ScoreSampler, gating_scores, quantile_grid, threshold_at
@@ -267,11 +267,9 @@ def uniform_levels(model, family, input_ids: torch.Tensor, levels, norm_scored=(
             handle.remove()
     section = model.config.winaconv
     section["norm_scored"] = list(norm_scored)
+    rows = range(len(model.model.layers))
     for level in levels:
-        rows = range(len(model.model.layers))
-        section["levels"][level_key(level)] = {
-            "thresholds": [[threshold_at(grids[i, p], level) for p in PROJECTIONS] for i in rows],
-            "sparsities": [[float(level)] * len(PROJECTIONS) for _ in rows],
-        }
+        store_level(section, level, [[threshold_at(grids[i, p], level) for p in PROJECTIONS] for i in rows],
+                    [[level] * len(PROJECTIONS) for _ in rows])
     model.sparsity_settings = SparsitySettings.from_config(model.config)
     return section["levels"]

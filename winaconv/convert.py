@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from winaconv_runtime.architectures import PROJECTIONS, family_for_model_type, parameter_shares
-from winaconv_runtime.checkpoint_format import level_key
+from winaconv_runtime.checkpoint_format import store_level
 
 from . import sources
 from .calibrate import CalibrationSettings, calibrate_layers
@@ -143,17 +143,14 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
         torch.cuda.reset_peak_memory_stats()
     layers = calibrate_layers(model, family, input_ids, shares, settings, progress)
 
-    table, sparsities = {}, {}
+    sparsities = {}
     for level in levels:
         per_layer = [layer.sparsities_at(level, shares) for layer in layers]
         thresholds = [layer.thresholds_for(s) for layer, s in zip(layers, per_layer)]
-        table[level_key(level)] = {
-            "thresholds": [[t[p] for p in PROJECTIONS] for t in thresholds],
-            "sparsities": [[round(s[p], 6) for p in PROJECTIONS] for s in per_layer],
-        }
+        store_level(model.config.winaconv, level, [[t[p] for p in PROJECTIONS] for t in thresholds],
+                    [[s[p] for p in PROJECTIONS] for s in per_layer])
         sparsities[level] = per_layer
     model.config.winaconv.update(
-        levels=table,
         default_sparsity=float(options.default_sparsity),
         calibration={
             "source": calibration.source,

@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from winaconv_runtime.architectures import PROJECTIONS, FAMILIES
-from winaconv_runtime.checkpoint_format import FORMAT_VERSION, METHODS, SAFETENSORS_METADATA, TRANSFORMS
+from winaconv_runtime.checkpoint_format import (FORMAT_VERSION, SAFETENSORS_METADATA, TRANSFORMS, base_model_type,
+                                                is_exact_model_type, section_problems)
 
 from .errors import WinaconvError
 from .model_card import RESULTS_FILE, is_hub_id, parse_results
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-EXACT_PREFIX = "winaconv_exact_"
 SHORTCUTS = ("attn_shortcut", "mlp_shortcut")
 
 
@@ -134,72 +134,6 @@ class Inspection:
         return sum(math.prod(shape) * sizes.get(dtype.upper(), 0) for shape, dtype in self.tensors.values())
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_section(section: dict, num_layers, problems: list[str]) -> None:
-    version = section.get("format_version")
-    if version != FORMAT_VERSION:
-        problems.append(f"config.json: winaconv format_version is {version!r}; this winaconv reads {FORMAT_VERSION}")
-    if section.get("method") not in METHODS:
-        problems.append(f"config.json: unknown method {section.get('method')!r} (expected one of {', '.join(METHODS)})")
-    if section.get("transform") not in TRANSFORMS:
-        problems.append(
-            f"config.json: unknown transform {section.get('transform')!r} (expected one of {', '.join(TRANSFORMS)})"
-        )
-    if tuple(section.get("projections") or ()) != PROJECTIONS:
-        problems.append(f"config.json: projections must be {list(PROJECTIONS)}")
-    unknown = set(section.get("norm_scored") or ()) - set(PROJECTIONS)
-    if unknown:
-        problems.append(f"config.json: norm_scored names unknown projections {sorted(unknown)}")
-    for key in ("calibration", "base_model", "winaconv_version"):
-        if not section.get(key):
-            problems.append(f"config.json: winaconv section lacks '{key}'")
-
-    levels = section.get("levels")
-    if not isinstance(levels, dict) or not levels:
-        problems.append("config.json: no sparsity levels stored")
-        levels = {}
-    for key, entry in levels.items():
-        try:
-            level = float(key)
-        except ValueError:
-            problems.append(f"config.json: level key {key!r} is not a number")
-            continue
-        if not 0 < level < 1:
-            problems.append(f"config.json: level {key} is outside (0, 1)")
-        if not isinstance(entry, dict):
-            problems.append(f"config.json: level {key} is not an object")
-            continue
-        for table_name in ("thresholds", "sparsities"):
-            table = entry.get(table_name)
-            if (not isinstance(table, list) or (isinstance(num_layers, int) and len(table) != num_layers)
-                    or any(not isinstance(row, list) or len(row) != len(PROJECTIONS) for row in table)):
-                problems.append(
-                    f"config.json: level {key} {table_name} must be {num_layers} layers x {len(PROJECTIONS)} projections"
-                )
-                continue
-            for layer, row in enumerate(table):
-                for projection, value in zip(PROJECTIONS, row):
-                    where = f"config.json: level {key} layer {layer} {projection}"
-                    if not _is_number(value) or not math.isfinite(value):
-                        problems.append(f"{where}: {table_name[:-1]} {value!r} is not finite")
-                    elif value < 0 or (table_name == "sparsities" and value > 1):
-                        problems.append(f"{where}: {table_name[:-1]} {value!r} is out of range")
-    default = section.get("default_sparsity")
-    stored = {float(k) for k in levels if _float_or_none(k) is not None}
-    if not _is_number(default) or (float(default) != 0.0 and float(default) not in stored):
-        problems.append(f"config.json: default_sparsity {default!r} is neither 0 nor a stored level")
-
-
-def _float_or_none(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def expected_tensors(config: dict) -> dict[str, tuple[int, ...]] | None:
     """Tensor names and shapes the runtime model builds from this config (on the meta device, no memory)."""
     import torch
@@ -207,7 +141,7 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]] | None:
     from winaconv_runtime.modeling_winaconv import model_class
 
     model_type = str(config.get("model_type", ""))
-    family = FAMILIES.get(model_type.removeprefix(EXACT_PREFIX))
+    family = FAMILIES.get(base_model_type(model_type))
     if family is None:
         return None
     transform = config["winaconv"].get("transform")
@@ -343,8 +277,8 @@ def inspect_checkpoint(location: str, revision: str | None = None, token: str | 
         inspection.problems.append("config.json: no 'winaconv' section (not a winaconv checkpoint)")
         return inspection
     inspection.section = section
-    check_section(section, config.get("num_hidden_layers"), inspection.problems)
-    exact_type = str(config.get("model_type", "")).startswith(EXACT_PREFIX)
+    inspection.problems += [f"config.json: {p}" for p in section_problems(section, config.get("num_hidden_layers"))]
+    exact_type = is_exact_model_type(config.get("model_type", ""))
     if section.get("transform") in TRANSFORMS and exact_type != (section.get("transform") == "exact"):
         inspection.problems.append(
             f"config.json: model_type {config.get('model_type')!r} does not fit transform {section.get('transform')!r}"

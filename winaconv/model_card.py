@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from winaconv_runtime.architectures import PROJECTIONS, parameter_shares
+from winaconv_runtime.checkpoint_format import base_model_type
 
 from .errors import WinaconvError
 
@@ -231,7 +232,7 @@ def card_data(config: dict, base_model: str | None = None):
     base = base_model or (section.get("base_model") or {}).get("id")
     method = section.get("method", "wina")
     tags = ["winaconv", method, "activation-sparsity", "sparsity", f"transform-{section.get('transform')}"]
-    model_type = str(config.get("model_type", "")).removeprefix("winaconv_exact_")
+    model_type = base_model_type(config.get("model_type", ""))
     if model_type:
         tags.append(model_type)
     return ModelCardData(

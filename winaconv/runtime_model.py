@@ -4,25 +4,16 @@ import copy
 
 import torch
 
-from winaconv_runtime.architectures import PROJECTIONS, family_for_model_type
-from winaconv_runtime.checkpoint_format import FORMAT_VERSION
-from winaconv_runtime.modeling_winaconv import exact_model_type, model_class
+from winaconv_runtime.architectures import family_for_model_type
+from winaconv_runtime.checkpoint_format import exact_model_type, new_section
+from winaconv_runtime.modeling_winaconv import model_class
 
 from . import __version__
 
 
 def winaconv_section(method: str, transform: str, norm_scored) -> dict:
-    """The config section of a model with no sparsity levels yet (filled in after calibration)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "method": method,
-        "transform": transform,
-        "norm_scored": list(norm_scored),
-        "projections": list(PROJECTIONS),
-        "levels": {},
-        "default_sparsity": 0.0,
-        "winaconv_version": __version__,
-    }
+    """A new config section (checkpoint_format.new_section) stamped with this winaconv's version."""
+    return new_section(method, transform, norm_scored, winaconv_version=__version__)
 
 
 def to_runtime_model(base_model, section: dict):
@@ -36,7 +27,7 @@ def to_runtime_model(base_model, section: dict):
     config = cls.config_class.from_dict(values)
     config._attn_implementation = base_model.config._attn_implementation
     if section["transform"] == "exact":
-        config.model_type = exact_model_type(family)
+        config.model_type = exact_model_type(family.name)
 
     with torch.device("meta"):
         model = cls(config)
