@@ -15,36 +15,12 @@ from .calibrate import CalibrationSettings, calibrate_layers
 from .calibration_data import load_calibration_text, token_sequences
 from .checkpoint import atomic_folder, check_output_dir, is_winaconv_checkpoint, parse_shard_size, write_checkpoint
 from .errors import WinaconvError
+from .options import ConvertOptions
 from .runtime_model import to_runtime_model, winaconv_section
 from .transform import apply_transform, check_transform, default_transform
 
 # The reference code scores only these two with column norms; the paper scores all seven.
 REFERENCE_NORM_SCORED = ("k", "gate")
-
-
-@dataclass
-class ConvertOptions:
-    model: str
-    out: Path
-    # WINA with the pca rotation: best at 40/65% on SmolLM2, within 1.3% of TEAL-pca at 25/50%
-    # (benchmarks/accuracy_pca_4k.md); the rotation folds into the weights, so it costs no speed
-    method: str = "wina"
-    scoring: str = "paper"
-    transform: str | None = None  # None: the family's default (default_transform)
-    sparsity_levels: tuple[float, ...] = (0.25, 0.4, 0.5, 0.65)
-    default_sparsity: float | None = None  # None: 0.5 if stored, else the stored level nearest to it
-    calib_file: str | None = None
-    calib_dataset: str | None = None
-    calib_tokens: int = 16384
-    seq_len: int = 512
-    greedy_tokens: int = 2048
-    greedy_step: float = 0.025
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    revision: str | None = None
-    overwrite: bool = False
-    max_shard_size: str = "5GB"
 
 
 @dataclass

@@ -30,23 +30,8 @@ from winaconv_runtime.checkpoint_format import CheckpointFormatError, SparsitySe
 from . import __version__, sources
 from .calibration_data import read_text_file
 from .errors import WinaconvError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class EvalOptions:
-    model: str
-    text_file: str | None = None  # None: the built-in held-out text (winaconv.eval_text)
-    levels: tuple[float, ...] | None = None  # None: every stored level, 0 included
-    window: int = 512
-    stride: int | None = None  # None: the window (non-overlapping windows)
-    max_tokens: int | None = None
-    batch_size: int = 1
-    device: str = "auto"
-    dtype: str = "auto"
-    tasks: tuple[str, ...] = ()
-
+from .options import EvalOptions
+from .sources import DTYPES
 
 @dataclass
 class LevelResult:

@@ -1,26 +1,14 @@
-"""`winaconv generate` (stream text through model.generate()) and `winaconv bench` (decode ms/token
-through model.generate() at each level, next to the same weights run dense by transformers' own loop)."""
+"""Decoding through model.generate() from the command line: a streamed completion (`winaconv generate`)
+and decode ms/token at each stored level next to transformers' own dense loop (`winaconv bench`).
+torch, transformers and the runtime load only when a command runs, so --help stays fast."""
 
 import json
 import time
 import warnings
 from pathlib import Path
 
-import click
-from rich.console import Console
-from rich.table import Table
-
 from .errors import WinaconvError
-
-console = Console(stderr=True)
-
-
-def _device(requested: str) -> str:
-    import torch  # torch, transformers and the runtime load only when a command runs: --help stays fast
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
+from .sources import resolve_device
 
 
 def _load(model: str, device: str, dtype: str):
@@ -43,7 +31,7 @@ def run_generate(model, prompt, sparsity, max_new_tokens, sample, temperature, t
 
     from .evaluate import parse_levels
 
-    device = _device(device)
+    device = resolve_device(device)
     ref, loaded, tokenizer = _load(model, device, dtype)
     level = sparsity if sparsity is not None else (loaded.settings.default_sparsity if loaded.settings else 0.0)
     parse_levels((level,), ref)
@@ -92,7 +80,7 @@ def run_bench(model, levels, new_tokens, prompt_tokens, batch, device, dtype, sa
 
     from .evaluate import parse_levels
 
-    device = _device(device)
+    device = resolve_device(device)
     ref, loaded, _ = _load(model, device, dtype)
     levels = parse_levels(levels, ref) if levels else ref.available()
     if new_tokens < 2:
@@ -127,61 +115,3 @@ def save_speed(report: dict) -> None:
     results["speed_note"] = (f"{report['device']}, {report['dtype']}, batch {report['batch']}, "
                              f"{report['prompt_tokens']}-token prompt, model.generate() (winaconv bench)")
     path.write_text(json.dumps(results, indent=2) + "\n")
-
-
-def print_bench(report: dict) -> None:
-    table = Table(title=f"decode ms/token through generate(), {report['device']}, batch {report['batch']}")
-    for column in ("path", "ms/token", "vs level 0", "vs transformers dense"):
-        table.add_column(column, justify="right")
-    base = report["transformers_dense_ms"]
-    table.add_row("transformers dense", f"{base:.2f}", "", "1.00x")
-    level0 = report["speed"].get("0")
-    for level, ms in report["speed"].items():
-        table.add_row(f"winaconv {level}", f"{ms:.2f}", f"{level0 / ms:.2f}x" if level0 else "", f"{base / ms:.2f}x")
-    Console().print(table)
-
-
-def register(main, one_line_errors) -> None:
-    """Add the two commands to the `winaconv` group."""
-
-    @main.command()
-    @click.argument("model")
-    @click.argument("prompt")
-    @click.option("--sparsity", type=float, help="A stored level (default: the checkpoint's default).")
-    @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-    @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
-    @click.option("--temperature", type=float, default=0.7, show_default=True)
-    @click.option("--top-p", type=float, default=0.9, show_default=True)
-    @click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template to the prompt.")
-    @click.option("--device", default="auto", show_default=True)
-    @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto")
-    @one_line_errors
-    def generate(model, prompt, sparsity, max_new_tokens, sample, temperature, top_p, chat, device, dtype):
-        """Stream a completion of PROMPT through model.generate(), then one line of speed."""
-        run_generate(model, prompt, sparsity, max_new_tokens, sample, temperature, top_p, chat, device, dtype,
-                     say=lambda line: console.print(line))
-
-    @main.command()
-    @click.argument("model")
-    @click.option("--levels", default="", help="Comma-separated levels (default: every stored level, 0 included).")
-    @click.option("--new-tokens", type=int, default=128, show_default=True)
-    @click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-    @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
-    @click.option("--device", default="auto", show_default=True)
-    @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto")
-    @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-    @click.option("--save", is_flag=True, help="Write the speed entries of winaconv_results.json in the folder.")
-    @one_line_errors
-    def bench(model, levels, new_tokens, prompt_tokens, batch, device, dtype, as_json, save):
-        """Decode ms/token through model.generate() at each level, next to transformers' dense loop."""
-        try:
-            wanted = tuple(float(v) for v in levels.split(",") if v.strip())
-        except ValueError:
-            raise click.BadParameter(f"expected numbers such as 0,0.5; got {levels!r}") from None
-        report = run_bench(model, wanted, new_tokens, prompt_tokens, batch, device, dtype, save)
-        if save:
-            save_speed(report)
-        if as_json:
-            click.echo(json.dumps(report, indent=2))
-        else:
-            print_bench(report)

@@ -1,0 +1,69 @@
+"""What each command can be asked, with its defaults and choices, in one place (torch-free, so the
+command line's --help stays fast): the click options read their defaults and choices from here."""
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from winaconv_runtime.checkpoint_format import METHODS, TRANSFORMS  # noqa: F401 (choices of --method, --transform)
+
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # auto: the model's own (convert), float32 on CPU (eval)
+SCORINGS = ("paper", "reference")  # column norms on all seven projections, or on k and gate only
+
+
+@dataclass
+class ConvertOptions:
+    model: str
+    out: Path
+    # WINA with the pca rotation: best at 40/65% on SmolLM2, within 1.3% of TEAL-pca at 25/50%
+    # (benchmarks/accuracy_pca_4k.md); the rotation folds into the weights, so it costs no speed
+    method: str = "wina"
+    scoring: str = "paper"
+    transform: str | None = None  # None: the family's default (transform.default_transform)
+    sparsity_levels: tuple[float, ...] = (0.25, 0.4, 0.5, 0.65)
+    default_sparsity: float | None = None  # None: 0.5 if stored, else the stored level nearest to it
+    calib_file: str | None = None
+    calib_dataset: str | None = None
+    calib_tokens: int = 16384
+    seq_len: int = 512
+    greedy_tokens: int = 2048
+    greedy_step: float = 0.025
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    revision: str | None = None
+    overwrite: bool = False
+    max_shard_size: str = "5GB"
+
+
+@dataclass
+class EvalOptions:
+    model: str
+    text_file: str | None = None  # None: the built-in held-out text (winaconv.eval_text)
+    levels: tuple[float, ...] | None = None  # None: every stored level, 0 included
+    window: int = 512
+    stride: int | None = None  # None: the window (non-overlapping windows)
+    max_tokens: int | None = None
+    batch_size: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    tasks: tuple[str, ...] = ()
+
+
+@dataclass
+class GenerateOptions:
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+
+@dataclass
+class BenchOptions:
+    new_tokens: int = 128
+    prompt_tokens: int = 128
+    batch: int = 1
+
+
+def default(options_class, name: str):
+    """A field's default, as click shows it (a tuple of levels as "0.25,0.5")."""
+    value = next(f.default for f in fields(options_class) if f.name == name)
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) and value else value
