@@ -40,8 +40,7 @@ CONFIGS = [
 def base_model_folder(path: Path, gguf: Path | None = None) -> Path:
     if (path / "config.json").is_file():
         return path
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import export_gguf_as_folder, smollm2_gguf  # the same model CI tests use
+    from winaconv.testing import export_gguf_as_folder, smollm2_gguf  # the same model CI tests use
 
     path.parent.mkdir(parents=True, exist_ok=True)
     return export_gguf_as_folder(gguf or smollm2_gguf(), path)

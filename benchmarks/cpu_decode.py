@@ -14,32 +14,23 @@ interleaved within each repeat; medians over repeats. Threads: torch.get_num_thr
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from common import median_ms, versions
+from winaconv.testing import smollm2_folder
+from winaconv_runtime import cpu_kernels
+from winaconv_runtime.architectures import FAMILIES
+from winaconv_runtime.modeling_winaconv import _sparsify_layer, sparse_linears
 
-from winaconv_runtime import cpu_kernels  # noqa: E402
-from winaconv_runtime.architectures import FAMILIES  # noqa: E402
-from winaconv_runtime.modeling_winaconv import _sparsify_layer, sparse_linears  # noqa: E402
+CACHE = Path(__file__).resolve().parents[1] / ".cache" / "test-models"  # shared with the tests' export
 
 LEVELS = (0.0, 0.25, 0.4, 0.5, 0.65)
 RANDOM_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False)
-
-
-def median_ms(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 # ---------------------------------------------------------------- one linear
@@ -99,21 +90,11 @@ def ops_table(quick):
 # ---------------------------------------------------------------- whole decode
 
 
-def smollm2_folder():
-    from conftest import CACHE, export_gguf_as_folder, smollm2_gguf
-
-    folder = CACHE / "smollm2-135m-instruct"
-    if not (folder / "config.json").is_file():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        export_gguf_as_folder(smollm2_gguf(), folder)
-    return folder
-
-
 def load_plain(name, dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if name == "smollm2-135m":
-        return AutoModelForCausalLM.from_pretrained(smollm2_folder(), dtype=dtype).eval()
+        return AutoModelForCausalLM.from_pretrained(smollm2_folder(CACHE), dtype=dtype).eval()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**RANDOM_1B)).to(dtype).eval()
     return model
@@ -199,10 +180,7 @@ def main():
     parser.add_argument("part", choices=("ops", "decode", "all"))
     parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
     args = parser.parse_args()
-    import transformers
-
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"threads {torch.get_num_threads()}", flush=True)
+    print(", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
     if args.part in ("ops", "all"):
         print("\n## One linear, ms and speed-up of the row gather over dense F.linear\n")
         print(ops_table(args.quick), flush=True)

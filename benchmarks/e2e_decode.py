@@ -25,27 +25,18 @@ from pathlib import Path
 
 import torch
 
+from common import copy_bandwidth, random_llama3_8b
+from winaconv.calibration_data import builtin_texts
+
 ASSETS = Path(__file__).resolve().parent / "assets"  # SmolLM2's tokenizer: token ids only matter here
-LLAMA3_8B = dict(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
-    rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False,
-)
 LEVELS = (0.0, 0.25, 0.4, 0.5, 0.65)
 
 
 def make(work: Path) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     folder = work / "llama3-8b-random"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B, dtype="bfloat16")).to(torch.bfloat16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.8, 1.2)  # non-trivial norms, so folding them is real work
-    model.save_pretrained(folder)
+    random_llama3_8b("cuda", norms=(0.8, 1.2)).save_pretrained(folder)  # non-trivial norms: folding is real work
     AutoTokenizer.from_pretrained(ASSETS).save_pretrained(folder)
     print(f"made {folder}")
 
@@ -56,7 +47,7 @@ def convert(work: Path, transform: str, fast: bool) -> None:
                "--device", "cuda", "--dtype", "bfloat16", "--overwrite", "--calib-file", str(work / "calib.txt")]
     if fast:
         command += ["--calib-tokens", "4096", "--greedy-tokens", "1024"]
-    (work / "calib.txt").write_text(_calibration_text())
+    (work / "calib.txt").write_text("\n\n".join(builtin_texts()))
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -67,12 +58,6 @@ def convert(work: Path, transform: str, fast: bool) -> None:
               "summary": [line for line in result.stderr.splitlines() if line.startswith("wrote")]}
     (work / f"convert-{transform}.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record))
-
-
-def _calibration_text() -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def _ms_per_token(generate, new_tokens: int, repeats: int = 3, warm_tokens: int | None = None):
@@ -168,32 +153,6 @@ def realized_sparsity(model, prompt, steps: int = 16) -> float:
     return dropped[0] / total[0] if total[0] else 0.0
 
 
-def copy_bandwidth() -> float:
-    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * src.numel() * 10 / (start.elapsed_time(end) / 1000)  # bytes read + written per second
-
-
-def random_base():
-    """The Llama-3-8B config with random bf16 weights, built on the GPU (synthetic runs)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B, dtype="bfloat16")).to(torch.bfloat16)
-    return model.eval()
-
-
 def synthetic_runtime(base, transform: str, prompt, levels):
     """A runtime model sharing base's weights, every projection at the level's sparsity (uniform
     allocation from the prompt's own activations): speed runs without a 5-minute conversion. The
@@ -231,7 +190,7 @@ def decode(work: Path, out: Path, new_tokens: int, checkpoints: list[str], synth
     def save():
         out.write_text(json.dumps(results, indent=1))
 
-    base = random_base() if synthetic else None
+    base = random_llama3_8b("cuda") if synthetic else None
     if baselines:
         if base is None:
             base = AutoModelForCausalLM.from_pretrained(work / "llama3-8b-random", dtype=torch.bfloat16,
@@ -303,7 +262,7 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
     def save():
         out.write_text(json.dumps(results, indent=1))
 
-    base = random_base()
+    base = random_llama3_8b("cuda")
     prompts = {b: torch.randint(100, 40000, (b, 128), device="cuda") for b in batches}
     for b in batches if baselines else ():  # transformers' own generate on the base model: the dense reference
         results[f"transformers_static_compile_ms_b{b}"] = _time_generate(base, prompts[b], new_tokens)

@@ -13,11 +13,9 @@ as the exact transform's shortcuts on Llama. Embeddings stay tied and the final 
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_study import exact_cost  # noqa: E402  (same byte model as the Llama exact transform's row)
+from accuracy_study import exact_cost  # same byte model as the Llama exact transform's row
 
 
 def main():

@@ -28,12 +28,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+import triton
+import triton.language as tl
+from triton.testing import do_bench
 
-from runtime import kernels as K  # noqa: E402
+from common import capture_graph
+from winaconv_runtime import kernels as K
 
 SHAPES = {  # name: (in, segment_ends)
     "qkv": (4096, (4096, 5120, 6144)),
@@ -130,17 +130,7 @@ def bench(fn, warmup=10, rep=40):
 
 def graph_time(make_call, n_copies, loop=24, replays=15):
     """Capture `loop` launches cycling over weight copies; median replay time / loop, in us."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(3):
-            make_call(i % n_copies)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(loop):
-            make_call(i % n_copies)
+    g, _ = capture_graph(lambda: [make_call(i % n_copies) for i in range(loop)])
     g.replay()
     torch.cuda.synchronize()
     ts = []
@@ -171,19 +161,6 @@ def ref64(x, wt, tau, ends, bias):
     return y
 
 
-def captured(f, x):
-    """(CUDA graph of f(x), its output): warmed on a side stream first, as capture requires."""
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        f(x)
-    torch.cuda.current_stream().wait_stream(st)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = f(x)
-    return g, y
-
-
 def relerr(a, r):
     a = a.double()
     if not torch.isfinite(a).all():
@@ -204,7 +181,7 @@ def quick_check():
     ref = ref64(x, wt, tau, ends, b)
     compiled = torch.compile(lambda v: K.sparse_linear_triton(v, wt, tau, ends, b), fullgraph=True)
     e_compiled = relerr(compiled(x), ref)
-    graph, y = captured(compiled, x)
+    graph, y = capture_graph(compiled, x)
     graph.replay()
     torch.cuda.synchronize()
     log(f"default op: compiled {e_compiled:.1e}, graph {relerr(y, ref):.1e}, "
@@ -304,7 +281,7 @@ def correctness(full=False):
     log("torch.compile(fullgraph=True):", res)
     try:
         xs = torch.randn(1, Kd, device=dev).bfloat16()
-        g, yg = captured(f, xs)
+        g, yg = capture_graph(f, xs)
         errs = []
         for _ in range(3):
             xs.copy_(torch.randn(1, Kd, device=dev).bfloat16())

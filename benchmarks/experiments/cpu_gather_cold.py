@@ -1,6 +1,5 @@
 """Probe (issue 13): dense vs the runtime gather, cold cache (128 MiB cycled). Run: python3 benchmarks/experiments/cpu_gather_cold.py THREADS"""
 import torch, time, statistics, sys
-sys.path.insert(0, __import__('os').path.join(__import__('os').path.dirname(__file__), '..', '..'))
 import torch.nn.functional as F
 from winaconv_runtime import cpu_kernels as K
 torch.set_num_threads(int(sys.argv[1]))
