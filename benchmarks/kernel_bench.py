@@ -148,17 +148,7 @@ def graph_time(make_call, n_copies, loop=24, replays=15):
 
 
 def ref64(x, wt, tau, ends, bias):
-    xd = x.double()
-    keep_all = x.float().abs()
-    outs, st = [], 0
-    for si, e in enumerate(ends):
-        xm = torch.where(keep_all > tau[si], xd, torch.zeros((), dtype=torch.float64, device=x.device))
-        outs.append(xm @ wt[:, st:e].double())
-        st = e
-    y = torch.cat(outs, 1)
-    if bias is not None:
-        y = y + bias.double()
-    return y
+    return K.sparse_linear_reference(x, wt, tau, ends, bias, accumulate=torch.float64)
 
 
 def relerr(a, r):

@@ -85,22 +85,24 @@ def _check_args(x, weight_t, tau, segment_ends, bias):
     return ends
 
 
-def sparse_linear_reference(x, weight_t, tau, segment_ends, bias=None):
-    """Exact rule in plain torch (any device / dtype); fp32 accumulation, returns x.dtype."""
+def sparse_linear_reference(x, weight_t, tau, segment_ends, bias=None, accumulate=torch.float32):
+    """Exact rule in plain torch (any device / dtype): the keep decisions in float32, as the kernels make
+    them, the products in `accumulate`. Returns x.dtype, or float64 when accumulating in float64 (the
+    reference benchmarks compare against)."""
     ends = _check_args(x, weight_t, tau, segment_ends, bias)
-    xf = x.float()
-    ax = xf.abs()
+    xf = x.to(accumulate)
+    ax = x.float().abs()
     tau = tau.to(device=x.device, dtype=torch.float32)
     outs = []
     start = 0
     for s, end in enumerate(ends):
         xm = torch.where(ax > tau[s], xf, torch.zeros((), dtype=xf.dtype, device=xf.device))
-        outs.append(xm @ weight_t[:, start:end].float())
+        outs.append(xm @ weight_t[:, start:end].to(accumulate))
         start = end
     y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+        y = y + bias.to(accumulate)
+    return y if accumulate == torch.float64 else y.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Helpers shared by the tests (not a test module): running the CLI, the one-line-error assertions, and
-the tiny random Llama with its own byte-level BPE tokenizer that the inspect and Hub tests convert."""
+"""Helpers shared by the tests (not a test module): running the CLI, the one-line-error assertions, the
+float64 reference of the sparsity rule, and the tiny random Llama with its own byte-level BPE tokenizer that the inspect and Hub tests convert."""
 
 import json
 from pathlib import Path
@@ -56,6 +56,19 @@ def assert_one_line_exception(exc_info, *class_names) -> str:
     message = str(exc_info.value)
     assert "\n" not in message.strip(), message
     return message
+
+
+def masked_product_float64(x, weight_t, tau, ends, bias=None):
+    """The sparsity rule in float64, independent of the runtime: channel i of token t feeds segment s
+    (output columns up to ends[s]) iff |x[t, i]| > tau[s, i], compared in float32 as the kernels do."""
+    kept_abs = x.float().abs()
+    cols, start = [], 0
+    for s, end in enumerate(ends):
+        xm = torch.where(kept_abs > tau[s], x.double(), torch.zeros((), dtype=torch.float64, device=x.device))
+        cols.append(xm @ weight_t[:, start:end].double())
+        start = end
+    y = torch.cat(cols, dim=1)
+    return y if bias is None else y + bias.double()
 
 
 def tiny_source(root: Path) -> Path:

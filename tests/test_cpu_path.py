@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM
 from winaconv_runtime import cpu_kernels, sparse_linear
 from winaconv_runtime.sparse_linear import SparseLinear
 
+from support import masked_product_float64
+
 # (in, segment sizes): the odd shapes of the issue, and fused segments with their own thresholds
 SHAPES = [(576, (1536,)), (1000, (3000,)), (576, (576, 192, 192)), (1000, (700, 1300))]
 SPARSITIES = (0.0, 0.5, 0.9)
@@ -28,13 +30,8 @@ def make_case(in_features, segments, tokens, sparsity, dtype, seed):
 
 
 def masked_reference(x, weight, bias, tau, segments):
-    """float64: channel i of token t feeds segment s iff |x[t, i]| > tau[s, i]."""
-    outputs, start = [], 0
-    for s, size in enumerate(segments):
-        xm = torch.where(x.float().abs() > tau[s], x.double(), torch.zeros((), dtype=torch.float64))
-        outputs.append(xm @ weight[start:start + size].double().t())
-        start += size
-    return torch.cat(outputs, dim=1) + bias.double()
+    ends = torch.tensor(segments).cumsum(0).tolist()
+    return masked_product_float64(x, weight.t(), tau, ends, bias)
 
 
 def relative_error(y, reference):

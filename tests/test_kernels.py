@@ -22,6 +22,8 @@ import torch  # noqa: E402
 
 from winaconv_runtime import kernels as K  # noqa: E402
 
+from support import masked_product_float64  # noqa: E402
+
 _INTERPRETED = K.HAS_TRITON and type(getattr(K, "_wina_tile_kernel", None)).__name__ == "InterpretedFunction"
 _IN_SUBPROCESS = os.environ.get("WINACONV_KERNEL_TEST_SUBPROCESS") == "1"
 needs_interp = pytest.mark.skipif(
@@ -65,20 +67,6 @@ def _make(in_f, ends, T, sparsity, dtype, bias, seed, inf_every=7):
     return x, w, tau.float(), b
 
 
-def _ref64(x, w, tau, ends, bias):
-    """float64 masked product: channel i kept for token t in segment s iff |x[t,i]| > tau[s,i]."""
-    ax = x.float().abs()
-    cols, start = [], 0
-    for s, end in enumerate(ends):
-        xm = torch.where(ax > tau[s], x.double(), torch.zeros((), dtype=torch.float64))
-        cols.append(xm @ w[:, start:end].double())
-        start = end
-    y = torch.cat(cols, dim=1)
-    if bias is not None:
-        y = y + bias.double()
-    return y
-
-
 def _rel(y, r):
     assert torch.isfinite(y).all(), "non-finite output (unwritten or poisoned element)"
     return float((y.double() - r).norm() / r.norm().clamp_min(1e-30))
@@ -117,7 +105,7 @@ def test_reference_matches_float64(in_f, ends, dtype):
             x, w, tau, b = _make(in_f, ends, T, sp, dtype, bias, seed)
             y = K.sparse_linear_reference(x, w, tau, ends, b)
             assert y.dtype == dtype and y.shape == (T, ends[-1])
-            assert _rel(y, _ref64(x, w, tau, ends, b)) < _tol(dtype)
+            assert _rel(y, masked_product_float64(x, w, tau, ends, b)) < _tol(dtype)
 
 
 def test_reference_rule_edges():
@@ -161,7 +149,7 @@ def test_triton_matches_float64(in_f, ends, dtype, poisoned_empty):
         x, w, tau, b = _make(in_f, ends, T, sp, dtype, bias, seed)
         y = K.sparse_linear_triton(x, w, tau, ends, b)
         assert y.dtype == dtype and y.shape == (T, ends[-1])
-        err = _rel(y, _ref64(x, w, tau, ends, b))
+        err = _rel(y, masked_product_float64(x, w, tau, ends, b))
         assert err < _tol(dtype), (T, sp, bias, err)
 
 
@@ -210,7 +198,7 @@ def test_triton_configs(cfg, poisoned_empty):
             y = K._launch(x, w, tau, ends, b, cfg)
             y2 = K._launch(x, w, tau, ends, b, cfg)
             assert torch.equal(y, y2), "not deterministic"
-            assert _rel(y, _ref64(x, w, tau, ends, b)) < _tol(dtype)
+            assert _rel(y, masked_product_float64(x, w, tau, ends, b)) < _tol(dtype)
 
 
 @needs_interp
@@ -226,7 +214,7 @@ def test_triton_inf_and_zero_thresholds(poisoned_empty):
     tau[1] = float("inf")
     y = K.sparse_linear_triton(x, w, tau, ends, b)
     assert torch.equal(y[:, 100:250], b[100:250].expand(3, -1))
-    assert _rel(y, _ref64(x, w, tau, ends, b)) < 1e-5
+    assert _rel(y, masked_product_float64(x, w, tau, ends, b)) < 1e-5
     # everything dropped, no bias: exact zeros (no partial is read unwritten)
     y = K.sparse_linear_triton(x, w, torch.full((3, in_f), float("inf")), ends)
     assert torch.equal(y, torch.zeros_like(y))
@@ -237,7 +225,7 @@ def test_triton_more_than_16_tokens():
     in_f, ends = 300, (200, 450)
     x, w, tau, b = _make(in_f, ends, 19, 0.5, torch.float32, True, 11)
     y = K.sparse_linear_triton(x, w, tau, ends, b)
-    assert _rel(y, _ref64(x, w, tau, ends, b)) < 1e-5
+    assert _rel(y, masked_product_float64(x, w, tau, ends, b)) < 1e-5
 
 
 @needs_interp
@@ -252,7 +240,7 @@ def test_compile_fullgraph_and_fake():
     cf = torch.compile(f, fullgraph=True, backend="aot_eager")
     for seed, T in ((1, 1), (2, 4)):
         xi = torch.randn(T, in_f, generator=_gen(seed))
-        assert _rel(cf(xi) / 2, _ref64(xi, w, tau, ends, b)) < 1e-5
+        assert _rel(cf(xi) / 2, masked_product_float64(xi, w, tau, ends, b)) < 1e-5
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         fx = torch.empty(3, in_f, dtype=torch.bfloat16)
