@@ -22,12 +22,13 @@ gather (twice the weight memory, said in the one-line notice).
 import torch
 import torch.nn.functional as F
 
-# Crossovers (benchmarks/cpu.md, cold-cache timings of one linear): embedding_bag moves a kept row
-# about half as fast per byte as the dense GEMV (single thread: 2.1x dense time at 0% in fp32, 1.5x
-# in bf16), so the gather wins only while the rows it reads, kept channels summed over the tokens of
-# the call, stay under this fraction of the rows one dense product reads. Above it (low sparsity,
-# prefill, batches whose tokens keep many rows) the masked dense product runs.
-GATHER_MAX_ROW_FRACTION = {torch.float32: 0.45, torch.bfloat16: 0.35}
+# Crossovers (benchmarks/cpu.md, one linear with cold caches, on an idle 2-core machine): embedding_bag
+# streams the rows of W^T at least as fast per byte as torch's dense GEMV at batch 1 (fp32: 1.1-2.2x
+# the dense speed with every row kept on shapes from 576x1536 up; bf16: 1.1-1.2x on the 1B shapes), so
+# the gather runs while the rows it reads, kept channels summed over the tokens of the call, stay under
+# one dense pass. Above it (prefill, batches whose tokens keep many rows) the masked dense product runs.
+# An earlier, lower crossover (0.45 / 0.35) came from timings on a machine saturated by other jobs.
+GATHER_MAX_ROW_FRACTION = {torch.float32: 1.0, torch.bfloat16: 1.0}
 # Small matrices: the fixed cost of mask + nonzero + the call dominates; the dense product wins.
 GATHER_MIN_WEIGHTS = 1 << 16
 GATHER_MAX_TOKENS = 8
@@ -59,6 +60,8 @@ def kept_channels(flat: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
 def gather_pays_off(keep: torch.Tensor, dtype: torch.dtype) -> bool:
     """Data-level part: the rows the gather would read, as a fraction of one dense pass."""
     segments, tokens, in_features = keep.shape
+    if tokens <= GATHER_MAX_ROW_FRACTION[dtype]:
+        return True  # even every row of every token stays under the crossover: no need to count
     return int(keep.sum()) <= GATHER_MAX_ROW_FRACTION[dtype] * segments * in_features
 
 
@@ -68,6 +71,8 @@ def gather_rows_product(x_row_major: torch.Tensor, keep: torch.Tensor, weight_t:
 
     weight_t: [in, out] with unit stride along out (a column slice of a wider W^T is fine).
     """
+    if keep.shape[0] == 1:
+        return _one_token_product(x_row_major[0], keep[0], weight_t, bags_per_token)
     tokens, in_features = keep.shape
     token_ids, channel_ids = keep.nonzero(as_tuple=True)  # row-major: grouped by token, channels ascending
     # Split every token's channels into `bags_per_token` ranges: one bag per thread.
@@ -77,8 +82,23 @@ def gather_rows_product(x_row_major: torch.Tensor, keep: torch.Tensor, weight_t:
     offsets[1:] = counts.cumsum(0)[:-1]
     out = F.embedding_bag(channel_ids, weight_t, offsets, mode="sum",
                           per_sample_weights=x_row_major[token_ids, channel_ids])
-    accumulate = torch.promote_types(weight_t.dtype, torch.float32)  # bf16 partial sums added in fp32
-    return out.view(tokens, bags_per_token, -1).sum(1, dtype=accumulate).to(weight_t.dtype)
+    return out.view(tokens, bags_per_token, -1).sum(1, dtype=_accumulation(weight_t.dtype)).to(weight_t.dtype)
+
+
+def _one_token_product(x: torch.Tensor, keep: torch.Tensor, weight_t: torch.Tensor, bags: int) -> torch.Tensor:
+    """Decode's case, in as few torch calls as possible (each costs microseconds, and a decode step makes
+    hundreds): the kept channels split into `bags` runs of equal length, one per thread."""
+    channels = keep.nonzero().squeeze(1)
+    kept = channels.numel()
+    offsets = torch.tensor([kept * b // bags for b in range(bags)], dtype=torch.long)
+    out = F.embedding_bag(channels, weight_t, offsets, mode="sum", per_sample_weights=x.index_select(0, channels))
+    if bags == 1:
+        return out
+    return out.sum(0, keepdim=True, dtype=_accumulation(weight_t.dtype)).to(weight_t.dtype)
+
+
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # bf16 partial sums added in fp32
 
 
 def sparse_linear_cpu(flat: torch.Tensor, keep: torch.Tensor, segment_weights_t, bias) -> torch.Tensor:

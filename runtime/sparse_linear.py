@@ -51,12 +51,15 @@ def channel_thresholds(weight: torch.Tensor, threshold: float, scored_with_norm:
     return torch.where(norms > 0, threshold / norms, inf)
 
 
-def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, tau: torch.Tensor, segment_sizes) -> torch.Tensor:
-    """The reference rule in plain torch: mask the input per segment, then a dense product."""
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, tau: torch.Tensor, segment_sizes,
+                  keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference rule in plain torch: mask the input per segment, then a dense product. keep: the
+    [segments, tokens, in] decisions when already made (cpu_kernels.kept_channels), else from tau."""
     outputs = []
     biases = bias.split(segment_sizes) if bias is not None else [None] * len(segment_sizes)
-    for w, b, t in zip(weight.split(segment_sizes, dim=0), biases, tau):
-        outputs.append(F.linear(x * (x.abs() > t).to(x.dtype), w, b))
+    for s, (w, b, t) in enumerate(zip(weight.split(segment_sizes, dim=0), biases, tau)):
+        kept = keep[s] if keep is not None else x.abs() > t
+        outputs.append(F.linear(x * kept.to(x.dtype), w, b))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
@@ -158,11 +161,12 @@ class SparseLinear(nn.Linear):
 
     def _cpu_forward(self, flat: torch.Tensor) -> torch.Tensor:
         """Row gather where cpu_kernels' measured policy says it beats the masked dense product."""
-        if gather_may_win(flat.shape[0], self.in_features, self.out_features, flat.dtype):
-            keep = kept_channels(flat, self.tau)
-            if gather_pays_off(keep, flat.dtype):
-                return sparse_linear_cpu(flat, keep, self._cpu_rows.for_weight(self), self.bias)
-        return masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
+        if not gather_may_win(flat.shape[0], self.in_features, self.out_features, flat.dtype):
+            return masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
+        keep = kept_channels(flat, self.tau)
+        if gather_pays_off(keep, flat.dtype):
+            return sparse_linear_cpu(flat, keep, self._cpu_rows.for_weight(self), self.bias)
+        return masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes, keep)  # decided once
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, segments={self.segment_sizes}, sparse={self.is_sparse}"

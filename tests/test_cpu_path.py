@@ -59,10 +59,22 @@ def test_gather_equals_masked_reference(in_features, segments, dtype):
 
 
 def test_every_threshold_infinite_gives_the_bias():
-    x, weight, bias, tau = make_case(1000, (700, 1300), 2, 0.5, torch.float32, seed=0)
-    keep = cpu_kernels.kept_channels(x, torch.full_like(tau, float("inf")))
-    y = cpu_kernels.sparse_linear_cpu(x, keep, [weight[:700].t(), weight[700:].t()], bias)
-    assert torch.equal(y, bias.expand(2, -1))
+    for tokens in (1, 2):  # the one-token path and the general one
+        x, weight, bias, tau = make_case(1000, (700, 1300), tokens, 0.5, torch.float32, seed=0)
+        keep = cpu_kernels.kept_channels(x, torch.full_like(tau, float("inf")))
+        y = cpu_kernels.sparse_linear_cpu(x, keep, [weight[:700].t(), weight[700:].t()], bias)
+        assert torch.equal(y, bias.expand(tokens, -1))
+
+
+@pytest.mark.parametrize("bags", [1, 2, 3, 7])
+def test_any_number_of_bags_gives_the_same_product(bags):
+    """The kept channels are split into one bag per thread: any split, more bags than kept channels
+    included, must give the masked product."""
+    for tokens, sparsity in ((1, 0.5), (1, 0.995), (3, 0.5)):
+        x, weight, bias, tau = make_case(576, (1536,), tokens, sparsity, torch.float32, seed=bags)
+        keep = cpu_kernels.kept_channels(x, tau)
+        y = cpu_kernels.gather_rows_product(x, keep[0], weight.t().contiguous(), bags) + bias
+        assert relative_error(y, masked_reference(x, weight, bias, tau, (1536,))) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
