@@ -85,6 +85,26 @@ def test_unwritable_parent_is_refused(tmp_path):
         check_output_dir(locked / "ckpt", overwrite=False)
 
 
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A real read-only file system (a tmpfs mounted ro): EROFS, which root cannot write past either."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_file_system_is_refused_before_loading(read_only_folder, tiny_folder):
+    result = run("convert", tiny_folder("llama"), "--out", read_only_folder / "ckpt", *TINY)
+    assert_one_line_error(result, "read-only file system")
+    assert "loading" not in result.output
+
+
 def test_converting_a_checkpoint_again_is_refused(tmp_path):
     old = fake_checkpoint(tmp_path / "old")
     assert_one_line_error(run("convert", old, "--out", tmp_path / "new", *TINY), "already a winaconv checkpoint")
