@@ -26,25 +26,23 @@ def progress_bar() -> Progress:
     )
 
 
-def _projection_table(title: str, rows, cell, extra_column: str | None = None) -> Table:
+def _projection_table(title: str, extra_column: str | None = None) -> Table:
+    """A table with a row per layer and a column per projection (rows added by the caller)."""
     table = Table(title=title)
     table.add_column("layer", justify="right")
     for p in PROJECTIONS:
         table.add_column(p, justify="right")
     if extra_column:
         table.add_column(extra_column, justify="right")
-    for idx, row in enumerate(rows):
-        table.add_row(str(idx), *(cell(v) for v in row))
     return table
 
 
 def print_summary(report, default_sparsity: float) -> None:
     """convert: per-projection sparsities of the default level, time and peak memory."""
     level = default_sparsity if default_sparsity in report.levels else max(report.levels)
-    rows = [[row[p] for p in PROJECTIONS] for row in report.levels[level]]
-    table = _projection_table(f"per-projection sparsity at level {level:g}", [], None, "seconds")
-    for idx, (row, seconds) in enumerate(zip(rows, report.layer_seconds)):
-        table.add_row(str(idx), *(f"{v:.2f}" for v in row), f"{seconds:.1f}")
+    table = _projection_table(f"per-projection sparsity at level {level:g}", "seconds")
+    for idx, (row, seconds) in enumerate(zip(report.levels[level], report.layer_seconds)):
+        table.add_row(str(idx), *(f"{row[p]:.2f}" for p in PROJECTIONS), f"{seconds:.1f}")
     err.print(table)
     gpu = f", peak GPU memory {report.peak_gpu_bytes / 2**30:.2f} GiB" if report.peak_gpu_bytes is not None else ""
     err.print(f"wrote {report.out} in {report.seconds:.0f} s, peak host memory {report.peak_host_bytes / 2**30:.2f} GiB{gpu}")
@@ -113,8 +111,9 @@ def print_inspection(inspection, sparsity, show_thresholds) -> None:
     if not isinstance(rows, list) or any(not isinstance(r, list) or len(r) != len(PROJECTIONS) for r in rows):
         return  # reported as a problem
     fmt = (lambda v: f"{v:.4g}") if show_thresholds else (lambda v: f"{v:.3f}")
-    table = _projection_table(f"{table_name} at level {key}", rows,
-                              lambda v: fmt(v) if isinstance(v, (int, float)) else repr(v))
+    table = _projection_table(f"{table_name} at level {key}")
+    for idx, row in enumerate(rows):
+        table.add_row(str(idx), *(fmt(v) if isinstance(v, (int, float)) else repr(v) for v in row))
     if not show_thresholds and rows:
         try:
             table.add_row("mean", *(f"{sum(r[i] for r in rows) / len(rows):.3f}" for i in range(len(PROJECTIONS))))
