@@ -274,16 +274,27 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
         return lambda n: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                         min_new_tokens=n, pad_token_id=0, **options)
 
+    started = time.perf_counter()
+
+    def stage(name, timed):
+        """Run one timing and say when it starts and ends: a stage that never ends shows where it hangs."""
+        print(f"[{time.perf_counter() - started:7.1f} s] {name} ...", flush=True)
+        value = timed()
+        print(f"[{time.perf_counter() - started:7.1f} s] {name}: {value:.3f} ms/token", flush=True)
+        return value
+
     for b in batches:
         decoder = GreedyDecoder(model, 128 + new_tokens + 8, batch_size=b)
         for level in levels:
             model.set_sparsity(level)
             key = f"b{b}_{level:g}"
-            results[f"graph_decoder_ms_{key}"] = _time_graph_decoder(decoder, prompts[b], new_tokens)[0]
-            results[f"generate_greedy_ms_{key}"] = _ms_per_token(ours(prompts[b], do_sample=False), new_tokens)[0]
+            results[f"graph_decoder_ms_{key}"] = stage(
+                f"{key} graph decoder", lambda: _time_graph_decoder(decoder, prompts[b], new_tokens)[0])
+            results[f"generate_greedy_ms_{key}"] = stage(
+                f"{key} generate greedy", lambda: _ms_per_token(ours(prompts[b], do_sample=False), new_tokens)[0])
             torch.manual_seed(0)
-            results[f"generate_sample_ms_{key}"] = _ms_per_token(
-                ours(prompts[b], do_sample=True, temperature=0.7, top_p=0.9), new_tokens)[0]
+            results[f"generate_sample_ms_{key}"] = stage(f"{key} generate sampling", lambda: _ms_per_token(
+                ours(prompts[b], do_sample=True, temperature=0.7, top_p=0.9), new_tokens)[0])
             if level == 0.5:  # the greedy tokens of generate() and the transformers loop on the same model
                 reference = GenerationMixin.generate(model, prompts[b][:1], attention_mask=torch.ones_like(prompts[b][:1]),
                                                      max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
