@@ -20,6 +20,7 @@ at most MAX_ENGINES KV caches of the requested size rounded up to a power of two
 """
 
 import copy
+import inspect
 import warnings
 from collections import OrderedDict
 
@@ -151,6 +152,12 @@ def choose_tokens(scores, settings: DecodeSettings):
     return (probs / noise).argmax(dim=-1)
 
 
+def cache_keyword(model) -> str:
+    """The forward keyword of the KV cache: transformers renamed past_key_values to cache (the old name is
+    deprecated from 5.2x and goes in 5.40); older releases (5.17 on the GPU machine) know only the old one."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 class DecodeEngine:
     """Static tensors for one (batch size, cache length): KV cache, token buffer, mask, row positions."""
 
@@ -163,6 +170,7 @@ class DecodeEngine:
         self.use_graph = on_gpu if cuda_graph is None else bool(cuda_graph)
         self.compile = on_gpu if compile is None else bool(compile)
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_length)
+        self._cache_keyword = cache_keyword(model)
         long = dict(dtype=torch.long, device=self.device)
         shape = (self.batch_size, self.max_length)
         self.tokens = torch.zeros(shape, **long)  # prompt (left-padded), then generated ids
@@ -206,7 +214,7 @@ class DecodeEngine:
         positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         logits = self.model(
             input_ids=input_ids, attention_mask=self.attention_mask,
-            position_ids=positions, past_key_values=self.cache,
+            position_ids=positions, **{self._cache_keyword: self.cache},
             cache_position=torch.arange(prompt_length, device=self.device), use_cache=True, logits_to_keep=1,
         ).logits
         self.row_positions.copy_(positions[:, -1:] + 1)
@@ -235,7 +243,7 @@ class DecodeEngine:
         self.attention_mask.index_fill_(1, position, 1)
         logits = self.model(
             input_ids=self.tokens.index_select(1, position), attention_mask=self.attention_mask,
-            position_ids=self.row_positions, past_key_values=self.cache, cache_position=position, use_cache=True,
+            position_ids=self.row_positions, **{self._cache_keyword: self.cache}, cache_position=position, use_cache=True,
         ).logits
         self.row_positions.add_(1)
         self._append(logits[:, -1].float())
