@@ -176,14 +176,15 @@ def _family_classes(family_name: str, exact: bool) -> tuple[type, ...]:
             self._winaconv_setup(self.model)
             self.post_init()
 
-    config_class = ExactConfig if exact else base_config
-    named = {"Config": ExactConfig, "Model": Model, "ForCausalLM": ForCausalLM, "DecoderLayer": ShortcutDecoderLayer}
+    for cls in (Model, ForCausalLM):
+        cls.config_class = ExactConfig if exact else base_config
+        cls.winaconv_family = family
+    named = {"Model": Model, "ForCausalLM": ForCausalLM}
+    if exact:
+        named.update(Config=ExactConfig, DecoderLayer=ShortcutDecoderLayer)
     for suffix, cls in named.items():
         cls.__name__ = cls.__qualname__ = name + suffix
         cls.__module__ = __name__
-    for cls in (Model, ForCausalLM):
-        cls.config_class = config_class
-        cls.winaconv_family = family
     return (ExactConfig, Model, ForCausalLM) if exact else (Model, ForCausalLM)
 
 

@@ -63,6 +63,13 @@ def hub(monkeypatch, tmp_path):
 run = run_cli
 
 
+def tiny_convert_args(source, out, calib):
+    """`winaconv convert` of the tiny model on the CPU with the tiny budget (add levels, flags)."""
+    return ["convert", source, "--out", out, "--calib-file", calib, "--device", "cpu", "--calib-tokens",
+            TINY_OPTIONS["calib_tokens"], "--seq-len", TINY_OPTIONS["seq_len"], "--greedy-tokens",
+            TINY_OPTIONS["greedy_tokens"]]
+
+
 # ---------------------------------------------------------------- model card
 
 
@@ -216,10 +223,8 @@ def test_convert_push_to(hub, tmp_path, checkpoints):
     calib = tmp_path / "calib.txt"
     calib.write_text(CALIB_TEXT)
     out = tmp_path / "converted"
-    args = ["convert", source, "--out", out, "--calib-file", calib, "--device", "cpu", "--calib-tokens",
-            TINY_OPTIONS["calib_tokens"], "--seq-len", TINY_OPTIONS["seq_len"], "--greedy-tokens", TINY_OPTIONS["greedy_tokens"],
-            "--greedy-step", TINY_OPTIONS["greedy_step"], "--sparsity-levels", "0.25,0.5", "--method", "wina"]
-    result = run(*args, "--push-to", "someone/converted", "--push-private")
+    result = run(*tiny_convert_args(source, out, calib), "--greedy-step", TINY_OPTIONS["greedy_step"],
+                 "--sparsity-levels", "0.25,0.5", "--method", "wina", "--push-to", "someone/converted", "--push-private")
     assert result.exit_code == 0, result.output
     assert hub.files("someone/converted") == folder_files(out)
     assert hub.repos["someone/converted"]["private"] is True
@@ -272,9 +277,8 @@ def test_sharded_checkpoint_pushes_whole(hub, tmp_path, checkpoints):
     calib = tmp_path / "calib.txt"
     calib.write_text(CALIB_TEXT)
     out = tmp_path / "sharded"
-    result = run("convert", source, "--out", out, "--calib-file", calib, "--device", "cpu", "--calib-tokens",
-                 TINY_OPTIONS["calib_tokens"], "--seq-len", TINY_OPTIONS["seq_len"], "--greedy-tokens", TINY_OPTIONS["greedy_tokens"],
-                 "--sparsity-levels", "0.5", "--max-shard-size", "40KB", "--push-to", "someone/sharded")
+    result = run(*tiny_convert_args(source, out, calib), "--sparsity-levels", "0.5", "--max-shard-size", "40KB",
+                 "--push-to", "someone/sharded")
     assert result.exit_code == 0, result.output
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
     assert hub.files("someone/sharded") == folder_files(out)

@@ -77,9 +77,7 @@ def _is_checkpoint_entry(entry: Path, runtime_files_here: set[str]) -> bool:
         return False
     if entry.is_dir():
         pattern = CHECKPOINT_SUBFOLDERS.get(entry.name)
-        return pattern is not None and all(
-            child.name == pattern if not any(c in pattern for c in "*?[") else fnmatch.fnmatch(child.name, pattern)
-            for child in entry.iterdir())
+        return pattern is not None and all(fnmatch.fnmatch(child.name, pattern) for child in entry.iterdir())
     return entry.is_file() and (entry.name in runtime_files_here
                                 or any(fnmatch.fnmatch(entry.name, p) for p in CHECKPOINT_NAMES))
 
@@ -191,9 +189,9 @@ def atomic_folder(out: Path, overwrite: bool, source: Path | None = None):
         raise
     try:
         _move_into_place(staging, out, overwrite, source)
-    except BaseException as exc:
+    except (OSError, WinaconvError) as exc:
         # The checkpoint in staging is complete: keep it, and say where, rather than lose the conversion.
-        reason = str(exc).splitlines()[0] if isinstance(exc, WinaconvError) else f"{type(exc).__name__}: {exc}"
+        reason = str(exc) if isinstance(exc, WinaconvError) else f"{type(exc).__name__}: {exc}"
         raise WinaconvError(f"{reason} -- the finished checkpoint was left in {staging}") from None
 
 

@@ -3,11 +3,10 @@
 import contextlib
 import functools
 import logging
+import json
 import os
 import signal
 from pathlib import Path
-
-import json
 
 import click
 

@@ -11,8 +11,9 @@ import torch
 from winaconv_runtime.architectures import UnsupportedArchitecture, family_for_model_type
 
 from .errors import WinaconvError
+from .options import DTYPE_NAMES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES if name != "auto"}
 
 
 @dataclass
