@@ -23,6 +23,7 @@ import copy
 import inspect
 import warnings
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 from transformers import GenerationConfig, StaticCache
@@ -79,8 +80,26 @@ def unsupported_reason(config: GenerationConfig, kwargs: dict) -> str | None:
     return None
 
 
+class LogitsPlan(NamedTuple):
+    """Which of transformers' logits processors a call uses. The compiled step specialises on this plan
+    only; the values (temperature, top-p, penalty, minimum length) live in a device tensor, so a new
+    temperature needs no recompilation and no new CUDA graph."""
+    repetition_penalty: bool
+    min_new_tokens: bool
+    do_sample: bool
+    temperature: bool
+    top_k: int
+    top_p: bool
+
+
+# Rows of the plan's values ("knobs"), one float64 device tensor: transformers divides and compares by
+# Python floats, whose float32 rounding a float64 tensor reproduces exactly.
+KNOB_ROWS = (TEMPERATURE, ONE_MINUS_TOP_P, PENALTY, MIN_NEW_TOKENS) = range(4)
+
+
 class DecodeSettings:
-    """What one generate() call asks for, resolved to plain numbers (transformers' defaults included)."""
+    """What one generate() call asks for, resolved to plain numbers (transformers' defaults included):
+    the LogitsPlan of processors it uses and their values (`knobs`, indexed by KNOB_ROWS)."""
 
     def __init__(self, config: GenerationConfig, prompt_length: int, context: int | None):
         if context is not None and prompt_length > context:
@@ -116,36 +135,43 @@ class DecodeSettings:
             raise GenerationInputError(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.repetition_penalty <= 0:
             raise GenerationInputError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        self.plan = LogitsPlan(
+            repetition_penalty=self.repetition_penalty != 1.0, min_new_tokens=self.min_new_tokens > 0,
+            do_sample=self.do_sample, temperature=self.do_sample and self.temperature != 1.0,
+            top_k=self.top_k if self.do_sample else 0, top_p=self.do_sample and self.top_p < 1.0)
+        self.knobs = [0.0] * len(KNOB_ROWS)
+        self.knobs[TEMPERATURE], self.knobs[ONE_MINUS_TOP_P] = self.temperature, 1 - self.top_p
+        self.knobs[PENALTY], self.knobs[MIN_NEW_TOKENS] = self.repetition_penalty, self.min_new_tokens
 
 
-def process_logits(logits, seen, generated, settings: DecodeSettings, eos_ids):
+def process_logits(logits, seen, generated, plan: LogitsPlan, knobs, eos_ids):
     """transformers' logits processors and warpers, in its order, on [batch, vocab] float32 scores."""
-    if settings.repetition_penalty != 1.0:
-        penalty = settings.repetition_penalty
+    if plan.repetition_penalty:
+        penalty = knobs[PENALTY]
         penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
         logits = torch.where(seen, penalized, logits)
-    if settings.min_new_tokens > 0 and eos_ids is not None:
+    if plan.min_new_tokens and eos_ids is not None:
         is_eos = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill(0, eos_ids, True)
-        logits = logits.masked_fill(is_eos & (generated < settings.min_new_tokens), float("-inf"))
-    if not settings.do_sample:
+        logits = logits.masked_fill(is_eos & (generated < knobs[MIN_NEW_TOKENS]), float("-inf"))
+    if not plan.do_sample:
         return logits
-    if settings.temperature != 1.0:
-        logits = logits / settings.temperature
-    if 0 < settings.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]
+    if plan.temperature:
+        logits = logits / knobs[TEMPERATURE]
+    if 0 < plan.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, plan.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if settings.top_p < 1.0:
+    if plan.top_p:
         sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= 1 - settings.top_p
+        drop = cumulative <= knobs[ONE_MINUS_TOP_P]
         drop[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
 
 
-def choose_tokens(scores, settings: DecodeSettings):
+def choose_tokens(scores, do_sample: bool):
     """Argmax, or a sample drawn on the device without a host sync (exponential race: argmax p / E)."""
-    if not settings.do_sample:
+    if not do_sample:
         return scores.argmax(dim=-1)
     probs = scores.softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_(1)
@@ -181,17 +207,24 @@ class DecodeEngine:
         self.finished = torch.zeros((self.batch_size,), dtype=torch.bool, device=self.device)
         self.finished_at = torch.zeros((self.batch_size,), **long)  # new-token count when the row hit EOS
         self.seen = torch.zeros((self.batch_size, model.config.vocab_size), dtype=torch.bool, device=self.device)
+        self.knobs = torch.zeros((len(KNOB_ROWS),), dtype=torch.float64, device=self.device)
+        self.pad_token = torch.zeros((), **long)
         self.settings: DecodeSettings | None = None
         self._eos = None
         self._eos_tensors: dict = {}
-        self._steps: dict = {}
+        # Compiled once each: the forward specialises on the model (dense or sparse, batch, cache
+        # length), the token choice on the LogitsPlan -- so a new sampling plan recompiles only the
+        # small second function, never the model.
+        self._forward_fn = torch.compile(self._forward, dynamic=False) if self.compile else self._forward
+        self._append_fn = torch.compile(self._append, dynamic=False) if self.compile else self._append
         self._graphs: dict = {}
         self._warm: dict = {}
 
-    def _settings_key(self, settings):
-        return (settings.do_sample, settings.temperature, settings.top_k, settings.top_p,
-                settings.repetition_penalty, settings.min_new_tokens, tuple(settings.eos_token_ids),
-                settings.pad_token_id)
+    def _graph_key(self):
+        """What a captured step depends on besides the engine's own tensors."""
+        settings = self.settings
+        return (settings.plan, tuple(settings.eos_token_ids), settings.pad_token_id is not None,
+                float(getattr(self.model, "sparsity", 0.0)))
 
     def start(self, input_ids, attention_mask, settings: DecodeSettings) -> None:
         """Prefill the prompt and choose the first new token."""
@@ -203,6 +236,8 @@ class DecodeEngine:
             self._eos = self._eos_tensors.get(ids)
             if self._eos is None:
                 self._eos = self._eos_tensors[ids] = torch.tensor(ids, dtype=torch.long, device=self.device)
+        self.knobs.copy_(torch.tensor(settings.knobs, dtype=torch.float64))
+        self.pad_token.fill_(settings.pad_token_id if settings.pad_token_id is not None else 0)
         self.cache.reset()
         for buffer in (self.tokens, self.attention_mask, self.generated, self.finished_at):
             buffer.zero_()
@@ -223,11 +258,11 @@ class DecodeEngine:
 
     def _append(self, logits) -> None:
         """Pick the next token from [batch, vocab] logits and write it at position + 1 (device only)."""
-        settings = self.settings
-        scores = process_logits(logits, self.seen, self.generated, settings, self._eos)
-        token = choose_tokens(scores, settings)
-        if settings.pad_token_id is not None and self._eos is not None:
-            token = torch.where(self.finished, settings.pad_token_id, token)
+        plan = self.settings.plan
+        scores = process_logits(logits, self.seen, self.generated, plan, self.knobs, self._eos)
+        token = choose_tokens(scores, plan.do_sample)
+        if self.settings.pad_token_id is not None and self._eos is not None:
+            token = torch.where(self.finished, self.pad_token, token)
         self.tokens.index_copy_(1, self.position + 1, token[:, None])
         self.seen.scatter_(1, token[:, None], True)
         self.generated.add_(1)
@@ -237,8 +272,8 @@ class DecodeEngine:
             self.finished.logical_or_(hit)
         self.position.add_(1)
 
-    def _step(self) -> None:
-        """Feed tokens[:, position], append the next token: all on the device, no host sync."""
+    def _forward(self):
+        """Feed tokens[:, position]: the next token's [batch, vocab] float32 logits (device only)."""
         position = self.position
         self.attention_mask.index_fill_(1, position, 1)
         logits = self.model(
@@ -246,17 +281,17 @@ class DecodeEngine:
             position_ids=self.row_positions, **{self._cache_keyword: self.cache}, cache_position=position, use_cache=True,
         ).logits
         self.row_positions.add_(1)
-        self._append(logits[:, -1].float())
+        return logits[:, -1].float()
+
+    def _step(self) -> None:
+        """One token: all on the device, no host sync."""
+        self._append_fn(self._forward_fn())
 
     def step(self) -> None:
-        key = self._settings_key(self.settings)
-        step_fn = self._steps.get(key)
-        if step_fn is None:
-            step_fn = self._steps[key] = torch.compile(self._step, dynamic=False) if self.compile else self._step
         if not self.use_graph:
-            step_fn()
+            self._step()
             return
-        graph_key = (key, float(getattr(self.model, "sparsity", 0.0)))
+        graph_key = self._graph_key()
         graph = self._graphs.get(graph_key)
         if graph is not None:
             graph.replay()
@@ -266,13 +301,13 @@ class DecodeEngine:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                step_fn()
+                self._step()
             torch.cuda.current_stream().wait_stream(stream)
             self._warm[graph_key] = self._warm.get(graph_key, 0) + 1
             return
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            step_fn()  # recorded, not run
+            self._step()  # recorded, not run
         self._graphs[graph_key] = graph
         graph.replay()
 

@@ -273,15 +273,15 @@ def _plan(T, K, ends, cfg):
     return groups
 
 
-def _launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = None, wrap=None):
-    """Raw launch (no torch.library wrapper). `wrap` is torch.library.wrap_triton inside the op."""
+def _launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = None):
+    """Raw launch (no torch.library wrapper)."""
     T, K = x.shape
     N = weight_t.shape[1]
     ends = [int(e) for e in segment_ends]
     if cfg is None:
         cfg = choose_config(T, K, N)
     if T > 16:  # decode-sized kernel: larger batches go 16 tokens per launch (callers use dense there)
-        return torch.cat([_launch(x[i:i + 16], weight_t, tau, segment_ends, bias, cfg, wrap)
+        return torch.cat([_launch(x[i:i + 16], weight_t, tau, segment_ends, bias, cfg)
                           for i in range(0, T, 16)], dim=0)
     use_dot = T > 1 or x.dtype == torch.float64
     block_t = 16 if use_dot else 1
@@ -289,7 +289,6 @@ def _launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = 
     y = _new_buffer((T, N), device=x.device, dtype=x.dtype)
     has_bias = bias is not None
     unused = x  # pointer for arguments a launch does not read
-    kernel = _wina_tile_kernel if wrap is None else wrap(_wina_tile_kernel)
     nsplit = -(-K // (cfg.block_k * cfg.iters))
     split = nsplit > 1
     ws = _new_buffer((nsplit, T, N), device=x.device, dtype=torch.float32) if split else y
@@ -299,7 +298,7 @@ def _launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = 
         b_g = (bias if col0 == 0 else bias[col0:]) if has_bias else unused
         y_g = y if col0 == 0 else y[:, col0:]
         ws_g = ws if (col0 == 0 or not split) else ws[:, :, col0:]
-        kernel[(n_prog, nsplit)](
+        _wina_tile_kernel[(n_prog, nsplit)](
             x, w_g, tau_g, b_g, y_g, ws_g, T, K,
             x.stride(0), w_g.stride(0), tau_g.stride(0), y.stride(0), ws.stride(0), ws.stride(1) if split else 0,
             rel_p[0], rel_p[1], rel_p[2], rel_p[3], offs_p[0], offs_p[1], offs_p[2],
@@ -307,10 +306,9 @@ def _launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = 
             BLOCK_T=block_t, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
     if split:
-        reduce_k = _split_reduce_kernel if wrap is None else wrap(_split_reduce_kernel)
         total = T * N
         rb = 1024
-        reduce_k[(-(-total // rb),)](ws, bias if has_bias else unused, y, N, total, ws.stride(0), ws.stride(1),
+        _split_reduce_kernel[(-(-total // rb),)](ws, bias if has_bias else unused, y, N, total, ws.stride(0), ws.stride(1),
                                      y.stride(0), NSPLIT=nsplit, HAS_BIAS=has_bias, BLOCK=rb, num_warps=4)
     return y
 
@@ -319,24 +317,18 @@ _op = None
 if HAS_TRITON:
     _OP_NAME = f"winaconv::sparse_linear_v{_OP_VERSION}"
     try:
-        if not _interpreting():
-            # GPU: triton_op + wrap_triton, so torch.compile traces the launch (and its fake) and
-            # CUDA graphs capture it.
-            @torch.library.triton_op(_OP_NAME, mutates_args=())
-            def _sparse_linear_op(x: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor,
-                                  segment_ends: List[int], bias: Optional[torch.Tensor]) -> torch.Tensor:
-                return _launch(x, weight_t, tau, segment_ends, bias, wrap=torch.library.wrap_triton)
-        else:
-            # TRITON_INTERPRET=1 (CPU tests): wrap_triton cannot trace interpreted kernels, so the op
-            # is an opaque custom op with an explicit fake implementation instead.
-            @torch.library.custom_op(_OP_NAME, mutates_args=())
-            def _sparse_linear_op(x: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor,
-                                  segment_ends: List[int], bias: Optional[torch.Tensor]) -> torch.Tensor:
-                return _launch(x, weight_t, tau, segment_ends, bias)
+        # An opaque custom op with an explicit fake: torch.compile calls it as one extern kernel and a
+        # CUDA graph records its launches. (A triton_op, which lets inductor trace the launch, made
+        # compiling a 32-layer decode step take minutes: inductor analyses every call site of a user
+        # kernel; benchmarks/experiments/gpu_generate_probe.py.)
+        @torch.library.custom_op(_OP_NAME, mutates_args=())
+        def _sparse_linear_op(x: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor,
+                              segment_ends: List[int], bias: Optional[torch.Tensor]) -> torch.Tensor:
+            return _launch(x, weight_t, tau, segment_ends, bias)
 
-            @_sparse_linear_op.register_fake
-            def _(x, weight_t, tau, segment_ends, bias):
-                return x.new_empty((x.shape[0], weight_t.shape[1]))
+        @_sparse_linear_op.register_fake
+        def _(x, weight_t, tau, segment_ends, bias):
+            return x.new_empty((x.shape[0], weight_t.shape[1]))
     except RuntimeError:
         # already registered by another copy of this file (package + model folder): the version
         # number in the name guarantees the same contract, reuse it.

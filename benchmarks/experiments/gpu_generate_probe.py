@@ -3,14 +3,18 @@ run of `e2e_decode.py generate` never finished a sparse-level timing within 5 mi
 
 Runs the engine behind `model.generate()` at one sparse level on the Llama-3-8B shapes (fewer layers, so
 every variant compiles quickly) three ways -- eager, compiled without a CUDA graph, compiled and replayed
-as a CUDA graph -- timing every step with a device sync, then `model.generate()` itself. Python stacks of
-all threads are dumped every 60 s, so a stall shows where it is.
+as a CUDA graph -- timing every step with a device sync (the first compiled step includes compiling), then
+`model.generate()` itself, greedy and sampling. --dtype float32 checks that the compiled and eager loops
+pick the same tokens (in bfloat16 a last-bit difference flips threshold decisions on a random model).
 
-    TORCH_LOGS=recompiles,graph_breaks python benchmarks/experiments/gpu_generate_probe.py --layers 8
+    TORCH_LOGS=recompiles python benchmarks/experiments/gpu_generate_probe.py --layers 8 [--dtype float32]
+
+Outputs: results/gpu_generate_probe_h200.log (first run: the whole step, model included, compiled per
+sampling setting, the kernels a triton_op: compiling took 29 s for 8 layers and the step was compiled again
+for generate()'s EOS setting); results/gpu_generate_probe_h200_custom_op.log (after the fix).
 """
 
 import argparse
-import faulthandler
 import sys
 import time
 from pathlib import Path
@@ -40,8 +44,8 @@ def main():
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--level", type=float, default=0.5)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = parser.parse_args()
-    faulthandler.dump_traceback_later(60, repeat=True, file=sys.stderr)
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     from e2e_decode import synthetic_runtime
@@ -49,8 +53,8 @@ def main():
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        base = LlamaForCausalLM(LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": args.layers}, dtype="bfloat16"))
-    base = base.to(torch.bfloat16).eval()
+        base = LlamaForCausalLM(LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": args.layers}, dtype=args.dtype))
+    base = base.to(getattr(torch, args.dtype)).eval()
     prompt = torch.randint(100, 40000, (1, 128), device="cuda")
     model = synthetic_runtime(base, "none", prompt, [args.level])
     model.set_sparsity(args.level)
@@ -66,15 +70,17 @@ def main():
                       + " ".join(f"{t * 1e3:.1f}" for t in times[1:]), flush=True)
         tokens[name] = engine.tokens[0, 128:128 + args.steps + 1].tolist()
         print(f"{name} tokens {tokens[name]}", flush=True)
-    print("--- model.generate()", flush=True)
-    for run in range(3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-        print(f"generate run {run}: {time.perf_counter() - start:.2f} s, first tokens {out[0, 128:128 + args.steps + 1].tolist()}", flush=True)
+    for name, options in (("greedy", dict(do_sample=False)), ("sampling", dict(do_sample=True, temperature=0.7, top_p=0.9)),
+                          ("sampling, temperature 0.8", dict(do_sample=True, temperature=0.8, top_p=0.9))):
+        print(f"--- model.generate() {name}", flush=True)
+        for run in range(3):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = model.generate(prompt, max_new_tokens=32, min_new_tokens=32, pad_token_id=0, **options)
+            torch.cuda.synchronize()
+            print(f"generate {name} run {run}: {time.perf_counter() - start:.2f} s, first tokens "
+                  f"{out[0, 128:128 + args.steps + 1].tolist()}", flush=True)
     print("same tokens in all variants:", len({tuple(t) for t in tokens.values()}) == 1, flush=True)
-    faulthandler.cancel_dump_traceback_later()
 
 
 if __name__ == "__main__":
