@@ -172,6 +172,7 @@ def decode(work: Path, out: Path, new_tokens: int, checkpoints: list[str], synth
     from transformers import AutoModelForCausalLM
 
     from winaconv_runtime.decoding import GreedyDecoder
+    from winaconv_runtime.generation import cache_bucket
 
     torch._dynamo.config.recompile_limit = 64  # one compiled step per model and level; never fall back to eager
     torch._dynamo.config.cache_size_limit = 64
@@ -284,7 +285,8 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
         return value
 
     for b in batches:
-        decoder = GreedyDecoder(model, 128 + new_tokens + 8, batch_size=b)
+        # the cache length generate() picks for these calls: same shapes, so one compiled step serves both
+        decoder = GreedyDecoder(model, cache_bucket(128 + new_tokens + 1, model.config.max_position_embeddings), batch_size=b)
         for level in levels:
             model.set_sparsity(level)
             key = f"b{b}_{level:g}"
