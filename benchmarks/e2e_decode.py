@@ -172,7 +172,6 @@ def decode(work: Path, out: Path, new_tokens: int, checkpoints: list[str], synth
     from transformers import AutoModelForCausalLM
 
     from winaconv_runtime.decoding import GreedyDecoder
-    from winaconv_runtime.generation import cache_bucket
 
     torch._dynamo.config.recompile_limit = 64  # one compiled step per model and level; never fall back to eager
     torch._dynamo.config.cache_size_limit = 64
@@ -252,6 +251,7 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
     from transformers import GenerationMixin
 
     from winaconv_runtime.decoding import GreedyDecoder
+    from winaconv_runtime.generation import cache_bucket
 
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.cache_size_limit = 64
