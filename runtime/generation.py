@@ -212,11 +212,11 @@ class DecodeEngine:
         self.settings: DecodeSettings | None = None
         self._eos = None
         self._eos_tensors: dict = {}
-        # Compiled once each: the forward specialises on the model (dense or sparse, batch, cache
-        # length), the token choice on the LogitsPlan -- so a new sampling plan recompiles only the
-        # small second function, never the model.
+        # Only the forward is compiled (it specialises on the model: dense or sparse, batch, cache length);
+        # the token choice runs as plain torch ops, recorded in the same CUDA graph, so a new sampling
+        # setting never recompiles the model. (Compiling it too saved nothing measurable and inductor of
+        # torch 2.11 failed on its batch-4 EOS bookkeeping: benchmarks/results/generate_h200_append_compiled.log.)
         self._forward_fn = torch.compile(self._forward, dynamic=False) if self.compile else self._forward
-        self._append_fn = torch.compile(self._append, dynamic=False) if self.compile else self._append
         self._graphs: dict = {}
         self._warm: dict = {}
 
@@ -285,7 +285,7 @@ class DecodeEngine:
 
     def _step(self) -> None:
         """One token: all on the device, no host sync."""
-        self._append_fn(self._forward_fn())
+        self._append(self._forward_fn())
 
     def step(self) -> None:
         if not self.use_graph:
