@@ -9,7 +9,7 @@ change the argmax. This prints, per dtype and level, how many leading greedy tok
 and, as the yardstick, transformers' own compiled static-cache generate against its eager one on the
 base model.
 
-    python benchmarks/experiments/gpu_generate_agreement.py --layers 8
+    python benchmarks/experiments/gpu_generate_agreement.py --layers 8 [--dtypes float64]
 """
 
 import argparse
@@ -30,6 +30,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="float64 rules out rounding: any disagreement is a bug")
     args = parser.parse_args()
     from transformers import GenerationConfig, GenerationMixin, LlamaConfig, LlamaForCausalLM
 
@@ -38,7 +39,7 @@ def main():
 
     n = args.new_tokens
     greedy = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
         torch.manual_seed(0)
         with torch.device("cuda"):
             base = LlamaForCausalLM(LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": args.layers}, dtype=dtype))
