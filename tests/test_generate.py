@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, TextStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GenerationMixin, TextStreamer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from winaconv.calibrate import uniform_levels
 from winaconv.runtime_model import to_runtime_model, winaconv_section
-from winaconv_runtime.generation import GenerationInputError
+from winaconv_runtime.generation import DecodeSettings, GenerationInputError
 
 from random_models import ALL_FAMILIES, random_model
 
@@ -120,23 +120,33 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(llama):
 
 
 def test_temperature_and_top_p_sample_the_expected_distribution(llama):
-    """First new token of 4000 identical rows against the distribution transformers' warpers define.
-    Tolerance per token: 4.5 binomial standard deviations (+0.002), a false failure about once in 10^4 runs;
-    tokens outside the top-p nucleus must never appear."""
-    rows, temperature, top_p = 4000, 0.7, 0.9
+    """First and second new tokens of 4000 identical rows against the distribution transformers' warpers
+    define, at two temperatures that share one logits plan (the values are read from the engine's tensor,
+    so the second call must follow its own temperature). Tolerance per token: 4.5 binomial standard
+    deviations (+0.002), a false failure about once in 10^4 runs; tokens outside the top-p nucleus must
+    never appear."""
+    rows, top_p = 4000, 0.9
     prompt = torch.tensor(random_prompts([5], seed=3)[0])[None]
-    logits = llama(prompt).logits[:, -1].float()
-    scores = TopPLogitsWarper(top_p)(prompt, TemperatureLogitsWarper(temperature)(prompt, logits))
-    expected = scores.softmax(-1)[0]
-    assert 3 <= int((expected > 0).sum()) < VOCAB  # the nucleus really cuts, and there is something to sample
-    torch.manual_seed(0)
-    out = llama.generate(prompt.expand(rows, -1), max_new_tokens=1, do_sample=True, temperature=temperature,
-                         top_p=top_p, top_k=0, pad_token_id=0)
-    counts = torch.bincount(out[:, -1], minlength=VOCAB).double()
-    observed = counts / rows
-    assert counts[expected == 0].sum() == 0
-    tolerance = 4.5 * (expected.double() * (1 - expected.double()) / rows).sqrt() + 0.002
-    assert ((observed - expected.double()).abs() <= tolerance).all()
+    plans = set()
+    for temperature in (0.7, 1.4):
+        options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        plans.add(DecodeSettings(GenerationConfig(max_new_tokens=2, **options), 5, None).plan)
+        torch.manual_seed(0)
+        out = llama.generate(prompt.expand(rows, -1), max_new_tokens=2, pad_token_id=0, **options)
+        for position in (5, 6):  # chosen after the prefill, then by a decode step
+            logits = llama(out[:1, :position]).logits[:, -1].float()
+            # every row's prefix differs after the first sampled token: check the rows that share row 0's
+            rows_alike = (out[:, :position] == out[:1, :position]).all(-1)
+            context = out[:1, :position]
+            scores = TopPLogitsWarper(top_p)(context, TemperatureLogitsWarper(temperature)(context, logits))
+            expected = scores.softmax(-1)[0].double()
+            assert 3 <= int((expected > 0).sum()) < VOCAB  # the nucleus really cuts, and there is something to sample
+            counts = torch.bincount(out[rows_alike, position], minlength=VOCAB).double()
+            observed, n = counts / counts.sum(), counts.sum()
+            assert counts[expected == 0].sum() == 0
+            tolerance = 4.5 * (expected * (1 - expected) / n).sqrt() + 0.002
+            assert ((observed - expected).abs() <= tolerance).all(), (temperature, position)
+    assert len(plans) == 1
 
 
 @pytest.fixture(scope="module")
