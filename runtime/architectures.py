@@ -13,6 +13,11 @@ RESIDUAL_WRITERS = ("o", "down")
 ATTENTION_PROJECTIONS = ("q", "k", "v", "o")
 # Projections that read one input (the normed residual stream): one kernel launch can serve them.
 SHARED_INPUTS = (("q", "k", "v"), ("gate", "up"))
+# The exact transform's two hidden x hidden matrices per decoder layer (winaconv/transform.py): shortcuts
+# of a residual stream whose basis changes between blocks, or, in families with a norm on each block's
+# output (Gemma), rotations applied online to each block's normed input while the stream stays as it is.
+SHORTCUTS = ("attn_shortcut", "mlp_shortcut")
+INPUT_ROTATIONS = ("attn_input_rotation", "mlp_input_rotation")
 
 
 @dataclass(frozen=True)
@@ -24,11 +29,17 @@ class Family:
     module: str = ""  # transformers.models.<module>; the family's name where empty
     base_model_prefix: str = ""  # prefix of the base model and config classes where it differs (Gemma3Text)
     # Transforms that keep this family's function exact; None: all. Gemma puts a norm with a gain on
-    # each block's output, which a rotated residual stream cannot absorb (see winaconv/transform.py).
+    # each block's output, which a rotated residual stream cannot absorb (see winaconv/transform.py):
+    # only "exact", whose rotations act on the blocks' inputs, keeps its function there.
     transforms: tuple[str, ...] | None = None
     # Gemma layout: block outputs pass through post_attention_layernorm / post_feedforward_layernorm
     # before the residual add, and the MLP reads pre_feedforward_layernorm.
     output_norms: bool = False
+
+    @property
+    def exact_matrices(self) -> tuple[str, str]:
+        """Names of the exact transform's (attention, MLP) matrices in this family's decoder layers."""
+        return INPUT_ROTATIONS if self.output_norms else SHORTCUTS
 
     @property
     def modeling_module(self) -> str:
@@ -60,9 +71,9 @@ FAMILIES = {
         Family("qwen2", "Qwen2", ("qwen2",), _SEPARATE),
         Family("qwen3", "Qwen3", ("qwen3",), _SEPARATE),
         Family("phi3", "Phi3", ("phi3",), _FUSED),
-        Family("gemma2", "Gemma2", ("gemma2",), _SEPARATE, transforms=("none",), output_norms=True),
+        Family("gemma2", "Gemma2", ("gemma2",), _SEPARATE, transforms=("none", "exact"), output_norms=True),
         Family("gemma3_text", "Gemma3", ("gemma3_text",), _SEPARATE, module="gemma3", base_model_prefix="Gemma3Text",
-               transforms=("none",), output_norms=True),
+               transforms=("none", "exact"), output_norms=True),
     )
 }
 

@@ -2,9 +2,10 @@
 
 Each supported family gets thin subclasses of transformers' own classes (LlamaForCausalLM,
 LlamaModel, ...) in which the seven projections of every decoder layer are SparseLinear
-modules. Checkpoints of the exact transform also carry two hidden x hidden shortcut matrices
-per layer (the residual stream changes basis between blocks), so their decoder layers add
-those and the checkpoint gets a model_type of its own: it is not a plain model of the family.
+modules. Checkpoints of the exact transform also carry two hidden x hidden matrices per layer
+(architectures.SHORTCUTS: the residual stream changes basis between blocks; on Gemma
+architectures.INPUT_ROTATIONS: each block's normed input is rotated online), so their decoder
+layers add those and the checkpoint gets a model_type of its own: it is not a plain model of the family.
 """
 
 import importlib
@@ -13,7 +14,7 @@ import torch
 import transformers
 from torch import nn
 
-from .architectures import FAMILIES, PROJECTIONS, Family, projection_sizes, shared_input_paths
+from .architectures import FAMILIES, INPUT_ROTATIONS, PROJECTIONS, SHORTCUTS, Family, projection_sizes, shared_input_paths
 from .checkpoint_format import CheckpointFormatError, SparsitySettings, exact_model_type
 from .sparse_linear import SharedInputGroup, SparseLinear, announce_path
 from .generation import WinaconvGenerationMixin
@@ -24,25 +25,27 @@ def _has_output_norms(layer: nn.Module) -> bool:
 
 
 def attention_residual(layer: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Residual stream after the attention block: x @ S_attn + attn(norm(x)) (S = I unless exact);
-    Gemma adds post_attention_layernorm(attn(norm(x)))."""
-    attn_out = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)[0]
+    """Residual stream after the attention block: x @ S_attn + attn(norm(x) @ R_attn) (S, R absent unless
+    exact); Gemma adds post_attention_layernorm(attn(...))."""
+    normed = _times(layer.input_layernorm(hidden_states), getattr(layer, INPUT_ROTATIONS[0], None))
+    attn_out = layer.self_attn(hidden_states=normed, **kwargs)[0]
     if _has_output_norms(layer):
         attn_out = layer.post_attention_layernorm(attn_out)
-    return _through_shortcut(hidden_states, getattr(layer, "attn_shortcut", None)) + attn_out
+    return _times(hidden_states, getattr(layer, SHORTCUTS[0], None)) + attn_out
 
 
 def mlp_residual(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """Residual stream after the MLP block (token-wise, so it may run on any subset of tokens)."""
     if _has_output_norms(layer):
-        mlp_out = layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden_states)))
+        normed = _times(layer.pre_feedforward_layernorm(hidden_states), getattr(layer, INPUT_ROTATIONS[1], None))
+        mlp_out = layer.post_feedforward_layernorm(layer.mlp(normed))
     else:
         mlp_out = layer.mlp(layer.post_attention_layernorm(hidden_states))
-    return _through_shortcut(hidden_states, getattr(layer, "mlp_shortcut", None)) + mlp_out
+    return _times(hidden_states, getattr(layer, SHORTCUTS[1], None)) + mlp_out
 
 
-def _through_shortcut(hidden_states, shortcut):
-    return hidden_states if shortcut is None else hidden_states @ shortcut
+def _times(hidden_states, matrix):
+    return hidden_states if matrix is None else hidden_states @ matrix
 
 
 def sparse_linears(layer: nn.Module, family: Family):
@@ -107,11 +110,11 @@ class WinaconvMixin:
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        for name in ("attn_shortcut", "mlp_shortcut"):
-            shortcut = getattr(module, name, None)
-            if isinstance(shortcut, nn.Parameter) and not getattr(shortcut, "_is_hf_initialized", False):
+        for name in SHORTCUTS + INPUT_ROTATIONS:
+            matrix = getattr(module, name, None)
+            if isinstance(matrix, nn.Parameter) and not getattr(matrix, "_is_hf_initialized", False):
                 with torch.no_grad():
-                    nn.init.eye_(shortcut)
+                    nn.init.eye_(matrix)
 
     @classmethod
     def from_pretrained(cls, *args, sparsity: float | None = None, **kwargs):
@@ -143,12 +146,13 @@ def _family_classes(family_name: str, exact: bool) -> tuple[type, ...]:
     name = ("WinaExact" if exact else "Wina") + prefix
 
     class ShortcutDecoderLayer(base_layer):
-        """Decoder layer of the exact transform: x @ S + block(norm(x)) for both blocks."""
+        """Decoder layer of the exact transform: x @ S + block(norm(x)) for both blocks; on Gemma
+        x + post_norm(block(pre_norm(x) @ R))."""
 
         def __init__(self, config, layer_idx):
             super().__init__(config, layer_idx)
-            self.attn_shortcut = nn.Parameter(torch.eye(config.hidden_size))
-            self.mlp_shortcut = nn.Parameter(torch.eye(config.hidden_size))
+            for matrix in family.exact_matrices:
+                setattr(self, matrix, nn.Parameter(torch.eye(config.hidden_size)))
 
         def forward(self, hidden_states, **kwargs):
             return mlp_residual(self, attention_residual(self, hidden_states, **kwargs))
@@ -202,6 +206,8 @@ WinaExactMistralConfig, WinaExactMistralModel, WinaExactMistralForCausalLM = _fa
 WinaExactQwen2Config, WinaExactQwen2Model, WinaExactQwen2ForCausalLM = _family_classes("qwen2", exact=True)
 WinaExactQwen3Config, WinaExactQwen3Model, WinaExactQwen3ForCausalLM = _family_classes("qwen3", exact=True)
 WinaExactPhi3Config, WinaExactPhi3Model, WinaExactPhi3ForCausalLM = _family_classes("phi3", exact=True)
+WinaExactGemma2Config, WinaExactGemma2Model, WinaExactGemma2ForCausalLM = _family_classes("gemma2", exact=True)
+WinaExactGemma3Config, WinaExactGemma3Model, WinaExactGemma3ForCausalLM = _family_classes("gemma3_text", exact=True)
 
 
 def classes_for(family: Family, transform: str) -> dict[str, str]:

@@ -19,7 +19,6 @@ from .model_card import RESULTS_FILE, is_hub_id, parse_results
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-SHORTCUTS = ("attn_shortcut", "mlp_shortcut")
 
 
 @dataclass

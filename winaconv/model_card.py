@@ -35,7 +35,8 @@ METHOD_TEXT = {
 }
 TRANSFORM_TEXT = {
     "exact": "exact per-layer orthogonalizing transform (SVD of k_proj and gate_proj per layer); each layer carries "
-             "two hidden x hidden shortcut matrices, so the weights are not a plain model of the base architecture",
+             "two hidden x hidden matrices (shortcuts between blocks; on Gemma, rotations of each block's input), so "
+             "the weights are not a plain model of the base architecture",
     "global": "one global rotation of the residual stream folded into the weights; the dense weights are a plain "
               "model of the base architecture",
     "pca": "one global rotation of the residual stream, the principal components of its normed activations on the "
@@ -93,7 +94,7 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
 {% if plain_loadable %}
 Loaded without `trust_remote_code`, the folder is a plain {{ model_type }} model that runs dense.
 {% else %}
-This checkpoint cannot be loaded without `trust_remote_code=True`: its layers carry shortcut matrices.
+This checkpoint cannot be loaded without `trust_remote_code=True`: its layers carry the exact transform's extra matrices.
 {% endif %}
 """
 

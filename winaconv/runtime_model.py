@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from winaconv_runtime.architectures import family_for_model_type
+from winaconv_runtime.architectures import INPUT_ROTATIONS, SHORTCUTS, family_for_model_type
 from winaconv_runtime.checkpoint_format import exact_model_type, new_section
 from winaconv_runtime.modeling_winaconv import model_class
 
@@ -33,7 +33,7 @@ def to_runtime_model(base_model, section: dict):
         model = cls(config)
     state = base_model.state_dict()
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith(("attn_shortcut", "mlp_shortcut"))]
+    missing = [k for k in missing if not k.endswith(SHORTCUTS + INPUT_ROTATIONS)]
     if config.tie_word_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
         model.tie_weights()
@@ -44,11 +44,11 @@ def to_runtime_model(base_model, section: dict):
 
 
 def _materialize_leftovers(model, base_model) -> None:
-    """Shortcut matrices start as identity; buffers that are not saved (rotary inv_freq) come from the base."""
+    """The exact transform's matrices start as identity; buffers that are not saved (rotary inv_freq) come from the base."""
     base_buffers = dict(base_model.named_buffers())
     device = next(base_model.parameters()).device
     for name, param in list(model.named_parameters()):
-        if param.is_meta:  # only shortcut matrices can be left here
+        if param.is_meta:  # only the exact transform's matrices can be left here
             module_name, _, attr = name.rpartition(".")
             eye = torch.eye(param.shape[0], dtype=param.dtype, device=device)
             setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(eye))

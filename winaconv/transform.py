@@ -17,13 +17,14 @@ weights are first folded into the linears that read them.
             between blocks, so each layer carries two shortcut matrices S = Q_prev^T Q_next.
 All arithmetic is float64; results are cast back to the model's dtype.
 
-Gemma 2/3 (families with output norms) accept only "none". Their input norms would fold as (1 + w),
-but each block's output passes through an RMSNorm with a gain g before the residual add, and
-(y / rms(y)) diag(g) Q cannot come from a rotated writer: rms is blind to rotations but not to
-diag(g), and diag(g) Q is orthogonal only when |g| is constant. Keeping a rotated model exact needs
-one dense hidden x hidden matrix per block (an online rotation of each block's input, or diag(g) Q
-after each output norm), the same bytes as the exact transform's shortcuts on Llama; see
-benchmarks/gemma_transforms.md for that cost measured on Gemma 3 270M's shapes.
+Gemma 2/3 (families with output norms) accept "none" and "exact". Each block's output passes through
+an RMSNorm with a gain g before the residual add, and (y / rms(y)) diag(g) Q cannot come from a rotated
+writer: rms is blind to rotations but not to diag(g), and diag(g) Q is orthogonal only when |g| is
+constant, so no rotation of the residual stream folds into the weights ("global", "pca" refused).
+Their "exact" leaves the stream as it is and rotates each block's normed input online instead
+(x -> x Q before q/k/v and before gate/up, whose weights become W Q, with the same per-block Q as
+above): two hidden x hidden matrices per layer, as many as the shortcuts on Llama
+(benchmarks/gemma_transforms.md: their cost in bytes and accuracy on Gemma 3 270M).
 """
 
 import torch
@@ -41,8 +42,8 @@ def available_transforms(family: Family) -> tuple[str, ...]:
 
 
 def default_transform(family: Family) -> str:
-    """pca where rotations fold into the weights (README: Results); Gemma: none, the only exact one
-    that costs no extra bytes per token (benchmarks/gemma_transforms.md)."""
+    """pca where rotations fold into the weights (README: Results); Gemma: none, which reads no extra
+    bytes per token (benchmarks/gemma_transforms.md)."""
     return "pca" if family.transforms is None else family.transforms[0]
 
 
@@ -168,6 +169,19 @@ def _rotate(model, family: Family, bases: list[tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
+def _rotate_block_inputs(model, family: Family, bases: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Gemma's exact transform: block inputs rotated online, x -> x Q, and the readers' weights W -> W Q;
+    the residual stream, the norms and the tied embeddings stay as they are."""
+    device = bases[0][0].device
+    attn_rotation, mlp_rotation = family.exact_matrices
+    for layer, (q_attn, q_mlp) in zip(model.model.layers, bases):
+        for block, q, name in (("attention", q_attn, attn_rotation), ("mlp", q_mlp, mlp_rotation)):
+            for linear in _readers(layer, family, block):
+                _set(linear.weight, linear.weight.to(device, torch.float64) @ q)
+            _set(getattr(layer, name), q)
+
+
+@torch.no_grad()
 def apply_transform(model, family: Family, kind: str, device="cpu", calibration_ids=None) -> None:
     """Transform `model` (a winaconv runtime model) in place; the dense function is unchanged.
     "pca" needs calibration_ids ([sequences, length] token ids) to find its basis."""
@@ -178,6 +192,9 @@ def apply_transform(model, family: Family, kind: str, device="cpu", calibration_
         return
     if kind == "pca" and calibration_ids is None:
         raise ValueError("the pca transform needs calibration token ids")
+    if kind == "exact" and family.output_norms:
+        _rotate_block_inputs(model, family, exact_bases(model, family, device))
+        return
     fold_norms(model, family)
     if kind == "exact":
         bases = exact_bases(model, family, device)
