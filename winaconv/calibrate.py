@@ -3,6 +3,9 @@
 Only one decoder layer is on the compute device at a time; the calibration activations
 (one hidden-state tensor for all sequences) are the only other large state. Layer l sees the
 dense outputs of layer l-1 on the same sequences.
+
+Across layers a model-level level is met either by every layer at that level ("uniform", TEAL's
+rule) or by allocating it from the layers' own greedy error curves ("error", layer_targets).
 """
 
 import time
@@ -14,9 +17,14 @@ from winaconv_runtime.architectures import ATTENTION_PROJECTIONS, PROJECTIONS
 from winaconv_runtime.checkpoint_format import SparsitySettings, store_level
 from winaconv_runtime.modeling_winaconv import attention_residual, mlp_residual, sparse_linears
 
+from .options import LAYER_ALLOCATIONS
 from .statistics import ScoreSampler, gating_scores, quantile_grid, threshold_at
 
 MAX_PROJECTION_SPARSITY = 0.995
+# With the "error" allocation a layer may go this far above the highest level wanted (its greedy path
+# runs that far), so that the layers that lose least can carry more of the model's sparsity.
+ERROR_ALLOCATION_HEADROOM = 0.15
+MAX_LAYER_SPARSITY = 0.9
 
 
 @dataclass
@@ -30,17 +38,37 @@ class CalibrationSettings:
     max_scores: int = 1 << 22  # score samples kept per projection
     seed: int = 0
     device: str = "cpu"
+    path_limit: float | None = None  # weighted sparsity the greedy path runs to (None: max_sparsity)
+
+    @property
+    def path_end(self) -> float:
+        return self.max_sparsity if self.path_limit is None else max(self.max_sparsity, self.path_limit)
 
 
 @dataclass
 class LayerCalibration:
     grids: dict[str, torch.Tensor]  # score quantiles per projection
     path: list[dict[str, float]]  # greedy path: per-projection sparsities after each step
+    errors: list[float]  # block-output error after each step, relative to the dense output's scale
     seconds: float = 0.0
+
+    def weighted(self, shares: dict[str, float]) -> list[float]:
+        """Parameter-weighted layer sparsity after each step of the path."""
+        return [sum(shares[p] * s[p] for p in PROJECTIONS) for s in self.path]
+
+    def error_at(self, target: float, shares: dict[str, float]) -> float:
+        """The path's error at a weighted sparsity, linearly interpolated (the last step's beyond it)."""
+        weighted = self.weighted(shares)
+        for step in range(1, len(weighted)):
+            if weighted[step] >= target - 1e-12:
+                span = weighted[step] - weighted[step - 1]
+                alpha = 1.0 if span <= 0 else (target - weighted[step - 1]) / span
+                return self.errors[step - 1] + alpha * (self.errors[step] - self.errors[step - 1])
+        return self.errors[-1]
 
     def sparsities_at(self, target: float, shares: dict[str, float]) -> dict[str, float]:
         """Per-projection sparsities reaching `target` weighted sparsity, interpolated on the path."""
-        weighted = [sum(shares[p] * s[p] for p in PROJECTIONS) for s in self.path]
+        weighted = self.weighted(shares)
         for step in range(1, len(self.path)):
             if weighted[step] >= target - 1e-9:
                 span = weighted[step] - weighted[step - 1]
@@ -138,13 +166,15 @@ def collect_statistics(layer, family, hidden, layer_kwargs, settings, generator)
 
 
 @torch.no_grad()
-def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, settings, on_step=None) -> list[dict]:
-    """TEAL's greedy allocation for one layer.
+def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, settings,
+                on_step=None) -> tuple[list[dict], list[float]]:
+    """TEAL's greedy allocation for one layer: the path of per-projection sparsities and its errors.
 
     From all-dense, repeatedly raise by one step (base step / parameter share) the projection
     whose step adds the least block-output error, until the weighted sparsity reaches the
-    highest level wanted. Attention projections need the whole block; MLP projections only the
-    MLP part, on the measured tail positions, reusing this step's attention output.
+    path's end (settings.path_end). Attention projections need the whole block; MLP projections
+    only the MLP part, on the measured tail positions, reusing this step's attention output.
+    Errors are relative to the dense output's own scale, so layers can be compared.
     """
     tail = int(inputs.shape[1] * (1 - settings.tail_fraction))
     reference = reference[:, tail:].to(settings.device).float()
@@ -158,12 +188,15 @@ def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, s
     def error(output):
         return (output.float() - reference).square().sum(dim=(0, 1)).sqrt().mean().item()
 
+    scale = reference.square().sum(dim=(0, 1)).sqrt().mean().item() or 1.0
+
     def after_attention():
         return attention_residual(layer, inputs, **layer_kwargs)[:, tail:]
 
     _apply_thresholds(layer, family, thresholds(sparsity), settings.norm_scored)
     attention_now = after_attention()
-    while sum(shares[p] * sparsity[p] for p in PROJECTIONS) < settings.max_sparsity - 1e-9:
+    errors = [error(mlp_residual(layer, attention_now)) / scale]
+    while sum(shares[p] * sparsity[p] for p in PROJECTIONS) < settings.path_end - 1e-9:
         best = None
         for p in PROJECTIONS:
             if sparsity[p] >= MAX_PROJECTION_SPARSITY:
@@ -177,13 +210,14 @@ def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, s
                 best = (trial_error, trial, attended)
         if best is None:
             break
-        _, sparsity, attention_now = best  # the winner's attention output is the next step's baseline
+        best_error, sparsity, attention_now = best  # the winner's attention output is the next step's baseline
         path.append(dict(sparsity))
+        errors.append(best_error / scale)
         if on_step:
             on_step(sum(shares[p] * sparsity[p] for p in PROJECTIONS))
     for _, linear in sparse_linears(layer, family):
         linear.set_thresholds(None, None)
-    return path
+    return path, errors
 
 
 def calibrate_layers(model, family, input_ids, shares, settings, progress=None) -> list[LayerCalibration]:
@@ -194,25 +228,56 @@ def calibrate_layers(model, family, input_ids, shares, settings, progress=None) 
         hidden = hidden.cpu()  # large calibration sets wait in host memory; micro-batches go to the device
     layers = list(model.model.layers)
     layer_task = progress.add_task("calibrating layers", total=len(layers)) if progress else None
-    step_task = progress.add_task("greedy allocation (%)", total=round(100 * settings.max_sparsity)) if progress else None
+    step_task = progress.add_task("greedy allocation (%)", total=round(100 * settings.path_end)) if progress else None
     results = []
     for idx, layer in enumerate(layers):
         started = time.perf_counter()
         layer.to(settings.device)
         grids, outputs = collect_statistics(layer, family, hidden, layer_kwargs[idx], settings, generator)
         if progress:
-            progress.reset(step_task, total=round(100 * settings.max_sparsity), description=f"greedy allocation (%), layer {idx}")
+            progress.reset(step_task, total=round(100 * settings.path_end), description=f"greedy allocation (%), layer {idx}")
         greedy = slice(0, settings.greedy_sequences)
-        path = greedy_path(
+        path, errors = greedy_path(
             layer, family, grids, hidden[greedy], outputs[greedy], layer_kwargs[idx], shares, settings,
-            on_step=(lambda w: progress.update(step_task, completed=min(round(100 * w), round(100 * settings.max_sparsity)))) if progress else None,
+            on_step=(lambda w: progress.update(step_task, completed=min(round(100 * w), round(100 * settings.path_end)))) if progress else None,
         )
         layer.to("cpu")
         hidden = outputs
-        results.append(LayerCalibration(grids=grids, path=path, seconds=time.perf_counter() - started))
+        results.append(LayerCalibration(grids=grids, path=path, errors=errors, seconds=time.perf_counter() - started))
         if progress:
             progress.advance(layer_task)
     return results
+
+
+def layer_targets(layers: list[LayerCalibration], level: float, shares: dict[str, float], allocation: str,
+                  increment: float = 0.0125) -> list[float]:
+    """Each layer's weighted sparsity for a model-level `level` (every layer holds the same share of
+    the projections' weights, so the level is their mean). "uniform": every layer at the level.
+    "error": from all-dense, repeatedly give `increment` to the layer whose path error grows least
+    for it, until the mean reaches the level; the last increment is split so the mean is exact."""
+    if allocation == "uniform" or level <= 0:
+        return [level] * len(layers)
+    if allocation != "error":
+        raise ValueError(f"unknown layer allocation {allocation!r}; choose from {LAYER_ALLOCATIONS}")
+    ceilings = [min(layer.weighted(shares)[-1], MAX_LAYER_SPARSITY) for layer in layers]
+    if sum(ceilings) < level * len(layers) - 1e-9:
+        raise ValueError(f"the layers' greedy paths do not reach a mean sparsity of {level}")
+    targets = [0.0] * len(layers)
+    costs = [layer.error_at(0.0, shares) for layer in layers]
+    needed = level * len(layers)
+    while sum(targets) < needed - 1e-12:
+        best, best_rise = None, None
+        for i, layer in enumerate(layers):
+            if targets[i] >= ceilings[i] - 1e-12:
+                continue
+            step = min(increment, ceilings[i] - targets[i])
+            rise = (layer.error_at(targets[i] + step, shares) - costs[i]) / step
+            if best_rise is None or rise < best_rise:
+                best, best_rise = i, rise
+        step = min(increment, ceilings[best] - targets[best], needed - sum(targets))
+        targets[best] += step
+        costs[best] = layers[best].error_at(targets[best], shares)
+    return targets
 
 
 @torch.no_grad()

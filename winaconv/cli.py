@@ -14,8 +14,8 @@ from winaconv_runtime.checkpoint_format import CheckpointFormatError
 
 from . import __version__
 from .errors import WinaconvError
-from .options import (DTYPE_NAMES, METHODS, SCORINGS, TRANSFORMS, BenchOptions, ConvertOptions, EvalOptions,
-                      GenerateOptions, default)
+from .options import (DTYPE_NAMES, LAYER_ALLOCATIONS, METHODS, SCORINGS, TRANSFORMS, BenchOptions, ConvertOptions,
+                      EvalOptions, GenerateOptions, default)
 from .render import err, print_bench, print_eval, print_inspection, print_summary, progress_bar, say
 
 
@@ -72,6 +72,9 @@ def main():
               help="Tokens the greedy allocation evaluates on.")
 @click.option("--greedy-step", type=float, default=default(ConvertOptions, "greedy_step"), show_default=True,
               help="Base step of the greedy allocation.")
+@click.option("--layer-allocation", type=click.Choice(LAYER_ALLOCATIONS), default=default(ConvertOptions, "layer_allocation"),
+              show_default=True, help="uniform: every layer at each level (TEAL); error: the level shared out across "
+              "layers from their greedy error curves (calibration runs further per layer).")
 @click.option("--device", default=default(ConvertOptions, "device"), show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=default(ConvertOptions, "dtype"), show_default=True,
               help="dtype of the written weights (auto: the model's own).")

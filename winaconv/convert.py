@@ -11,7 +11,7 @@ from winaconv_runtime.architectures import PROJECTIONS, family_for_model_type, p
 from winaconv_runtime.checkpoint_format import store_level
 
 from . import sources
-from .calibrate import CalibrationSettings, calibrate_layers
+from .calibrate import ERROR_ALLOCATION_HEADROOM, MAX_LAYER_SPARSITY, CalibrationSettings, calibrate_layers, layer_targets
 from .calibration_data import load_calibration_text, token_sequences
 from .checkpoint import atomic_folder, check_output_dir, is_winaconv_checkpoint, parse_shard_size, write_checkpoint
 from .errors import WinaconvError
@@ -113,6 +113,8 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
         greedy_step=options.greedy_step,
         seed=options.seed,
         device=device,
+        path_limit=(min(max(levels) + ERROR_ALLOCATION_HEADROOM, MAX_LAYER_SPARSITY)
+                    if options.layer_allocation == "error" else None),
     )
     shares = parameter_shares(model.config)
     if device.startswith("cuda"):
@@ -121,7 +123,8 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
 
     sparsities = {}
     for level in levels:
-        per_layer = [layer.sparsities_at(level, shares) for layer in layers]
+        targets = layer_targets(layers, level, shares, options.layer_allocation)
+        per_layer = [layer.sparsities_at(target, shares) for layer, target in zip(layers, targets)]
         thresholds = [layer.thresholds_for(s) for layer, s in zip(layers, per_layer)]
         store_level(model.config.winaconv, level, [[t[p] for p in PROJECTIONS] for t in thresholds],
                     [[s[p] for p in PROJECTIONS] for s in per_layer])
@@ -134,6 +137,7 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
             "seq_len": options.seq_len,
             "greedy_tokens": settings.greedy_sequences * options.seq_len,
             "greedy_step": options.greedy_step,
+            "layer_allocation": options.layer_allocation,
             "seed": options.seed,
         },
         base_model={"id": source.model_id, "revision": source.revision},

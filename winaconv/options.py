@@ -8,6 +8,7 @@ from winaconv_runtime.checkpoint_format import METHODS, TRANSFORMS  # noqa: F401
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # auto: the model's own (convert), float32 on CPU (eval)
 SCORINGS = ("paper", "reference")  # column norms on all seven projections, or on k and gate only
+LAYER_ALLOCATIONS = ("uniform", "error")  # every layer at the level, or shares from the layers' error curves
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ConvertOptions:
     seq_len: int = 512
     greedy_tokens: int = 2048
     greedy_step: float = 0.025
+    layer_allocation: str = "uniform"
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
