@@ -86,12 +86,18 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(results: dict, path: Path) -> None:
-    """benchmarks/accuracy.md from the saved results: the table, how it was made, and the exact transform's cost."""
+def write_markdown(results: dict, path: Path, raw: Path) -> None:
+    """benchmarks/accuracy.md from the saved results (`raw`): the table, how it was made, and the exact
+    transform's cost."""
     st, v = results["settings"], results["versions"]
     cal, ev = st["calibration"], st["evaluation"]
     ppl = {e["label"]: {r["sparsity"]: r["perplexity"] for r in e["results"]} for e in results["models"]}
     cost = results["exact_transform_cost"]
+    plain = "WINA global" if "WINA global" in ppl else "WINA none"  # Gemma refuses global: none is its free row
+    try:
+        raw = raw.resolve().relative_to(REPO)
+    except ValueError:
+        pass
     lines = [
         f"# Accuracy: perplexity of {st['model'].split(' (')[0]} on held-out text",
         "",
@@ -150,25 +156,23 @@ def write_markdown(results: dict, path: Path) -> None:
         "",
         "## The exact transform: bytes against accuracy",
         "",
-        f"The exact transform keeps two hidden×hidden shortcut matrices per layer ({cost['shortcut_weights_per_layer']:,}"
+        f"The exact transform keeps two hidden×hidden matrices per layer ({cost['shortcut_weights_per_layer']:,}"
         f" weights for {st['model'].split(' (')[0]} against {cost['layer_weights']:,} in the seven projections), read densely for every",
         "token: they are not sparsified. Extra bytes read per decoded token (lm_head included) and the perplexity",
-        "the exact transform buys over the global one (which folds into the weights and costs nothing):",
+        f"the exact transform buys over {plain} (which costs nothing):",
         "",
-        "| sparsity | extra bytes per layer | extra bytes per token | WINA exact | WINA global | exact − global |",
+        f"| sparsity | extra bytes per layer | extra bytes per token | WINA exact | {plain} | exact − {plain.split()[-1]} |",
         "|---|---|---|---|---|---|",
-        f"| 0% | {cost['extra_per_layer_dense']:.1%} | {cost['extra_per_token_dense']:.1%} | "
-        + (f"{ppl['WINA exact'].get(0.0, float('nan')):.2f} | {ppl['WINA global'].get(0.0, float('nan')):.2f} | |"
-           if "WINA exact" in ppl and "WINA global" in ppl else " | | |"),
+        f"| 0% | {cost['extra_per_layer_dense']:.1%} | {cost['extra_per_token_dense']:.1%} | | | |",
     ]
     for level in st["levels"]:
         key = f"{level:g}"
         exact = ppl.get("WINA exact", {}).get(level)
-        glob = ppl.get("WINA global", {}).get(level)
+        glob = ppl.get(plain, {}).get(level)
         diff = f"{exact - glob:+.2f}" if exact is not None and glob is not None else ""
         lines.append(f"| {level:.0%} | {cost['extra_per_layer_at'][key]:.1%} | {cost['extra_per_token_at'][key]:.1%} | "
                      f"{'' if exact is None else f'{exact:.2f}'} | {'' if glob is None else f'{glob:.2f}'} | {diff} |")
-    lines += ["", "Raw results: `benchmarks/results/accuracy.json`.", ""]
+    lines += ["", f"Raw results: `{raw}`.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -201,7 +205,7 @@ def main():
         results = json.loads(args.out.read_text())
         print(table(results))
         if args.md:
-            write_markdown(results, args.md)
+            write_markdown(results, args.md, args.out)
         return
 
     import transformers
@@ -276,7 +280,7 @@ def main():
         args.out.write_text(json.dumps(results, indent=2))
         log(f"saved {args.out}")
     print(table(results))
-    write_markdown(results, args.md)
+    write_markdown(results, args.md, args.out)
     log(f"wrote {args.md}")
 
 

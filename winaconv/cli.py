@@ -57,7 +57,8 @@ def main():
               help="wina only: column norms on all seven projections (paper) or on k and gate only (reference code).")
 @click.option("--transform", type=click.Choice(TRANSFORMS), default=None,
               help="Rotation folded into the weights: exact (per block, WINA's), global (one, from the weights), "
-                   "pca (one, from the calibration activations) or none. Default: pca; none for Gemma 2/3.")
+                   "pca (one, from the calibration activations) or none. Default: pca; none for Gemma 2/3, "
+                   "which accept none and exact.")
 @click.option("--sparsity-levels", default=default(ConvertOptions, "sparsity_levels"), show_default=True,
               callback=parse_levels, help="Model-level sparsities stored in the checkpoint, each in [0, 1).")
 @click.option("--default-sparsity", type=float, default=None,
