@@ -24,18 +24,22 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / ".cache" / "test-models" / "smollm2-135m-instruct"
 
-# (label, method, transform, scoring, layer allocation); None method = the dense base model
+# (label, method, transform, scoring, other convert options); None method = the dense base model
+ERROR_ALLOCATION = {"layer_allocation": "error"}
+SPARSE_UPSTREAM = {"upstream": "sparse"}
 CONFIGS = [
-    ("dense", None, None, None, None),
-    ("TEAL", "teal", "none", "paper", "uniform"),
-    ("WINA none", "wina", "none", "paper", "uniform"),
-    ("WINA global", "wina", "global", "paper", "uniform"),
-    ("WINA exact", "wina", "exact", "paper", "uniform"),
-    ("WINA global, reference scoring", "wina", "global", "reference", "uniform"),
-    ("WINA pca", "wina", "pca", "paper", "uniform"),
-    ("TEAL pca", "teal", "pca", "paper", "uniform"),
-    ("WINA pca + error allocation", "wina", "pca", "paper", "error"),
-    ("TEAL pca + error allocation", "teal", "pca", "paper", "error"),
+    ("dense", None, None, None, {}),
+    ("TEAL", "teal", "none", "paper", {}),
+    ("WINA none", "wina", "none", "paper", {}),
+    ("WINA global", "wina", "global", "paper", {}),
+    ("WINA exact", "wina", "exact", "paper", {}),
+    ("WINA global, reference scoring", "wina", "global", "reference", {}),
+    ("WINA pca", "wina", "pca", "paper", {}),
+    ("TEAL pca", "teal", "pca", "paper", {}),
+    ("WINA pca + error allocation", "wina", "pca", "paper", ERROR_ALLOCATION),
+    ("WINA pca + sparse upstream", "wina", "pca", "paper", SPARSE_UPSTREAM),
+    ("WINA pca + both", "wina", "pca", "paper", {**ERROR_ALLOCATION, **SPARSE_UPSTREAM}),
+    ("TEAL pca + error allocation", "teal", "pca", "paper", ERROR_ALLOCATION),
 ]
 
 
@@ -48,9 +52,9 @@ def base_model_folder(path: Path, gguf: Path | None = None) -> Path:
     return export_gguf_as_folder(gguf or smollm2_gguf(), path)
 
 
-def checkpoint_name(method, transform, scoring, allocation, args) -> str:
+def checkpoint_name(method, transform, scoring, extra: dict, args) -> str:
     return (f"{method}-{transform}-{scoring}-c{args.calib_tokens}-s{args.seq_len}-g{args.greedy_tokens}"
-            f"-step{args.greedy_step:g}" + ("" if allocation == "uniform" else f"-layers-{allocation}"))
+            f"-step{args.greedy_step:g}" + "".join(f"-{k}-{v}" for k, v in sorted(extra.items())))
 
 
 def exact_cost(config) -> dict:
@@ -118,6 +122,9 @@ def write_markdown(results: dict, path: Path, raw: Path) -> None:
         "- **... + error allocation**: `--layer-allocation error` (each level shared out across layers from their",
         "  greedy error curves, every layer's path run 15 points past the highest level); the other rows put",
         "  every layer at the level.",
+        "- **... + sparse upstream**: `--upstream sparse` (each layer calibrated on the outputs of the layers",
+        "  before it made sparse at the default level, 50%); the other rows calibrate on dense activations.",
+        "- **... + both**: both options.",
         "- All rows: greedy per-projection allocation (TEAL's), same calibration text and budget, seed 0.",
         "",
         "## How it was made",
@@ -245,21 +252,20 @@ def main():
     def log(message):
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    for label, method, transform, scoring, allocation in CONFIGS:
+    for label, method, transform, scoring, extra in CONFIGS:
         if label in done or (only and label not in only):
             continue
-        entry = {"label": label, "method": method or "dense", "transform": transform, "scoring": scoring,
-                 "layer_allocation": allocation}
+        entry = {"label": label, "method": method or "dense", "transform": transform, "scoring": scoring, **extra}
         target = model
         if method is not None:
-            target = args.work / checkpoint_name(method, transform, scoring, allocation, args)
+            target = args.work / checkpoint_name(method, transform, scoring, extra, args)
             if not (target / "config.json").is_file():
                 log(f"converting: {label}")
                 report = convert(ConvertOptions(
                     model=str(model), out=target, method=method, scoring=scoring, transform=transform,
                     sparsity_levels=levels, calib_file=str(calib_file), calib_tokens=args.calib_tokens,
                     seq_len=args.seq_len, greedy_tokens=args.greedy_tokens, greedy_step=args.greedy_step,
-                    layer_allocation=allocation, device=args.device, dtype="float32", overwrite=True,
+                    device=args.device, dtype="float32", overwrite=True, **extra,
                 ), say=log)
                 entry["convert_seconds"] = round(report.seconds, 1)
                 entry["sparsities"] = {f"{lv:g}": rows for lv, rows in report.levels.items()}

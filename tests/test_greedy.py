@@ -6,10 +6,11 @@ import torch
 
 import pytest
 
-from winaconv.calibrate import (MAX_PROJECTION_SPARSITY, CalibrationSettings, LayerCalibration, calibrate_layers,
-                                layer_targets)
+from winaconv.calibrate import (MAX_PROJECTION_SPARSITY, CalibrationSettings, LayerCalibration, _apply_thresholds,
+                                calibrate_layers, capture_layer_inputs, collect_statistics, layer_outputs, layer_targets)
 from winaconv.runtime_model import to_runtime_model, winaconv_section
 from winaconv_runtime.architectures import ATTENTION_PROJECTIONS, PROJECTIONS, parameter_shares
+from winaconv_runtime.modeling_winaconv import sparse_linears
 
 from random_models import random_model
 
@@ -99,3 +100,40 @@ def test_greedy_path_records_relative_errors_that_grow():
         assert layer.errors[-1] > layer.errors[len(layer.errors) // 2]
     targets = layer_targets(results, 0.4, shares, "error")
     assert abs(sum(targets) / len(targets) - 0.4) < 1e-9
+
+
+def test_sparse_upstream_changes_only_what_follows_a_sparse_layer():
+    """Layer 0 sees the embeddings either way; layer 1's statistics come from layer 0's sparse outputs,
+    which are exactly layer 0 run at its allocation of the upstream level."""
+    model, family = runtime_llama(silence_attention=False)
+    shares = parameter_shares(model.config)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+
+    def settings(upstream_level):
+        return CalibrationSettings(norm_scored=(), max_sparsity=0.5, greedy_sequences=4, micro_batch=2,
+                                   upstream_level=upstream_level)
+
+    dense = calibrate_layers(model, family, ids, shares, settings(None))
+    sparse = calibrate_layers(model, family, ids, shares, settings(0.5))
+    for p in PROJECTIONS:
+        assert torch.equal(dense[0].grids[p], sparse[0].grids[p])
+    assert any(not torch.equal(dense[1].grids[p], sparse[1].grids[p]) for p in PROJECTIONS)
+    # replay: layer 0 at its 50% thresholds, then layer 1's dense statistics on those outputs
+    hidden, kwargs = capture_layer_inputs(model, ids, "cpu")
+    layer0, layer1 = model.model.layers[:2]
+    _apply_thresholds(layer0, family, sparse[0].thresholds_for(sparse[0].sparsities_at(0.5, shares)), ())
+    outputs = layer_outputs(layer0, hidden, kwargs[0], "cpu", micro_batch=2)
+    for _, linear in sparse_linears(layer0, family):
+        linear.set_thresholds(None, None)
+    grids, _ = collect_statistics(layer1, family, outputs, kwargs[1], settings(0.5),
+                                  _generator_after_layer_zero(model, family, hidden, kwargs))
+    for p in PROJECTIONS:
+        assert torch.equal(grids[p], sparse[1].grids[p])
+
+
+def _generator_after_layer_zero(model, family, hidden, kwargs):
+    """The sampling generator in the state calibrate_layers leaves it after layer 0's statistics."""
+    generator = torch.Generator().manual_seed(0)
+    collect_statistics(model.model.layers[0], family, hidden, kwargs[0], CalibrationSettings(
+        norm_scored=(), max_sparsity=0.5, greedy_sequences=4, micro_batch=2), generator)
+    return generator

@@ -2,7 +2,8 @@
 
 Only one decoder layer is on the compute device at a time; the calibration activations
 (one hidden-state tensor for all sequences) are the only other large state. Layer l sees the
-dense outputs of layer l-1 on the same sequences.
+outputs of layer l-1 on the same sequences: dense (TEAL's rule), or with layer l-1 already sparse at
+one level (settings.upstream_level), so its statistics come from the inputs it meets when sparse.
 
 Across layers a model-level level is met either by every layer at that level ("uniform", TEAL's
 rule) or by allocating it from the layers' own greedy error curves ("error", layer_targets).
@@ -39,6 +40,7 @@ class CalibrationSettings:
     seed: int = 0
     device: str = "cpu"
     path_limit: float | None = None  # weighted sparsity the greedy path runs to (None: max_sparsity)
+    upstream_level: float | None = None  # pass each layer's outputs on at this level (None: dense)
 
     @property
     def path_end(self) -> float:
@@ -241,9 +243,17 @@ def calibrate_layers(model, family, input_ids, shares, settings, progress=None) 
             layer, family, grids, hidden[greedy], outputs[greedy], layer_kwargs[idx], shares, settings,
             on_step=(lambda w: progress.update(step_task, completed=min(round(100 * w), round(100 * settings.path_end)))) if progress else None,
         )
+        calibrated = LayerCalibration(grids=grids, path=path, errors=errors)
+        if settings.upstream_level:  # the next layer sees this one sparse, at its own allocation of the level
+            sparsities = calibrated.sparsities_at(settings.upstream_level, shares)
+            _apply_thresholds(layer, family, calibrated.thresholds_for(sparsities), settings.norm_scored)
+            outputs = layer_outputs(layer, hidden, layer_kwargs[idx], settings.device, settings.micro_batch)
+            for _, linear in sparse_linears(layer, family):
+                linear.set_thresholds(None, None)
         layer.to("cpu")
         hidden = outputs
-        results.append(LayerCalibration(grids=grids, path=path, errors=errors, seconds=time.perf_counter() - started))
+        calibrated.seconds = time.perf_counter() - started
+        results.append(calibrated)
         if progress:
             progress.advance(layer_task)
     return results

@@ -14,8 +14,8 @@ from winaconv_runtime.checkpoint_format import CheckpointFormatError
 
 from . import __version__
 from .errors import WinaconvError
-from .options import (DTYPE_NAMES, LAYER_ALLOCATIONS, METHODS, SCORINGS, TRANSFORMS, BenchOptions, ConvertOptions,
-                      EvalOptions, GenerateOptions, default)
+from .options import (DTYPE_NAMES, LAYER_ALLOCATIONS, METHODS, SCORINGS, TRANSFORMS, UPSTREAMS, BenchOptions,
+                      ConvertOptions, EvalOptions, GenerateOptions, default)
 from .render import err, print_bench, print_eval, print_inspection, print_summary, progress_bar, say
 
 
@@ -76,6 +76,9 @@ def main():
 @click.option("--layer-allocation", type=click.Choice(LAYER_ALLOCATIONS), default=default(ConvertOptions, "layer_allocation"),
               show_default=True, help="uniform: every layer at each level (TEAL); error: the level shared out across "
               "layers from their greedy error curves (calibration runs further per layer).")
+@click.option("--upstream", type=click.Choice(UPSTREAMS), default=default(ConvertOptions, "upstream"), show_default=True,
+              help="Calibrate each layer on the dense model's activations, or on those of the layers before it "
+              "made sparse at the default level.")
 @click.option("--device", default=default(ConvertOptions, "device"), show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=default(ConvertOptions, "dtype"), show_default=True,
               help="dtype of the written weights (auto: the model's own).")

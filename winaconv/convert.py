@@ -115,6 +115,8 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
         device=device,
         path_limit=(min(max(levels) + ERROR_ALLOCATION_HEADROOM, MAX_LAYER_SPARSITY)
                     if options.layer_allocation == "error" else None),
+        # the sparse upstream is the default level's: one stream of activations serves every level
+        upstream_level=float(options.default_sparsity) if options.upstream == "sparse" else None,
     )
     shares = parameter_shares(model.config)
     if device.startswith("cuda"):
@@ -138,6 +140,7 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
             "greedy_tokens": settings.greedy_sequences * options.seq_len,
             "greedy_step": options.greedy_step,
             "layer_allocation": options.layer_allocation,
+            "upstream": options.upstream,
             "seed": options.seed,
         },
         base_model={"id": source.model_id, "revision": source.revision},

@@ -9,6 +9,7 @@ from winaconv_runtime.checkpoint_format import METHODS, TRANSFORMS  # noqa: F401
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # auto: the model's own (convert), float32 on CPU (eval)
 SCORINGS = ("paper", "reference")  # column norms on all seven projections, or on k and gate only
 LAYER_ALLOCATIONS = ("uniform", "error")  # every layer at the level, or shares from the layers' error curves
+UPSTREAMS = ("dense", "sparse")  # what each layer is calibrated on: the dense model's activations, or the sparse one's
 
 
 @dataclass
@@ -29,6 +30,7 @@ class ConvertOptions:
     greedy_tokens: int = 2048
     greedy_step: float = 0.025
     layer_allocation: str = "uniform"
+    upstream: str = "dense"
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
