@@ -214,8 +214,9 @@ class DecodeEngine:
         self._eos_tensors: dict = {}
         # Only the forward is compiled (it specialises on the model: dense or sparse, batch, cache length);
         # the token choice runs as plain torch ops, recorded in the same CUDA graph, so a new sampling
-        # setting never recompiles the model. (Compiling it too saved nothing measurable and inductor of
-        # torch 2.11 failed on its batch-4 EOS bookkeeping: benchmarks/results/generate_h200_append_compiled.log.)
+        # setting never recompiles the model. (Compiled too, it was 1-2% faster per token at batch 1 on the
+        # H200, but inductor of torch 2.11 failed on its batch-4 EOS bookkeeping:
+        # benchmarks/results/generate_h200_append_compiled.log against generate_h200.log.)
         self._forward_fn = torch.compile(self._forward, dynamic=False) if self.compile else self._forward
         self._graphs: dict = {}
         self._warm: dict = {}
