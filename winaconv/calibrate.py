@@ -51,7 +51,7 @@ class CalibrationSettings:
 class LayerCalibration:
     grids: dict[str, torch.Tensor]  # score quantiles per projection
     path: list[dict[str, float]]  # greedy path: per-projection sparsities after each step
-    errors: list[float]  # block-output error after each step (on the residual stream, absolute)
+    errors: list[float]  # block-output error after each step, relative to the dense output's scale
     seconds: float = 0.0
 
     def weighted(self, shares: dict[str, float]) -> list[float]:
@@ -176,10 +176,9 @@ def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, s
     whose step adds the least block-output error, until the weighted sparsity reaches the
     path's end (settings.path_end). Attention projections need the whole block; MLP projections
     only the MLP part, on the measured tail positions, reusing this step's attention output.
-    Errors are absolute: an error added to the residual stream at any layer reaches the last one through
-    the residual connections, so layers compare on one scale (relative to each layer's own output, late
-    layers, whose stream is larger, looked cheap and took sparsity they could not afford:
-    benchmarks/accuracy_pca_4k.md).
+    Errors are relative to the dense output's own scale, the better of two cross-layer yardsticks measured
+    for the "error" allocation: relative errors send sparsity to the late layers (slightly worse than
+    uniform at 25-50%, better at 65%), absolute ones to the early layers (far worse; benchmarks/accuracy_pca_4k.md).
     """
     tail = int(inputs.shape[1] * (1 - settings.tail_fraction))
     reference = reference[:, tail:].to(settings.device).float()
@@ -193,13 +192,14 @@ def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, s
     def error(output):
         return (output.float() - reference).square().sum(dim=(0, 1)).sqrt().mean().item()
 
+    scale = reference.square().sum(dim=(0, 1)).sqrt().mean().item() or 1.0
 
     def after_attention():
         return attention_residual(layer, inputs, **layer_kwargs)[:, tail:]
 
     _apply_thresholds(layer, family, thresholds(sparsity), settings.norm_scored)
     attention_now = after_attention()
-    errors = [error(mlp_residual(layer, attention_now))]
+    errors = [error(mlp_residual(layer, attention_now)) / scale]
     while sum(shares[p] * sparsity[p] for p in PROJECTIONS) < settings.path_end - 1e-9:
         best = None
         for p in PROJECTIONS:
@@ -216,7 +216,7 @@ def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, s
             break
         best_error, sparsity, attention_now = best  # the winner's attention output is the next step's baseline
         path.append(dict(sparsity))
-        errors.append(best_error)
+        errors.append(best_error / scale)
         if on_step:
             on_step(sum(shares[p] * sparsity[p] for p in PROJECTIONS))
     for _, linear in sparse_linears(layer, family):
