@@ -262,34 +262,54 @@ def calibrate_layers(model, family, input_ids, shares, settings, progress=None) 
 
 
 def layer_targets(layers: list[LayerCalibration], level: float, shares: dict[str, float], allocation: str,
+                  divergences: tuple[list[float], list[list[float]]] | None = None,
                   increment: float = 0.0125) -> list[float]:
     """Each layer's weighted sparsity for a model-level `level` (every layer holds the same share of
     the projections' weights, so the level is their mean). "uniform": every layer at the level.
-    "error": from all-dense, repeatedly give `increment` to the layer whose path error grows least
-    for it, until the mean reaches the level; the last increment is split so the mean is exact."""
+    "error" / "divergence": from all-dense, repeatedly give `increment` to the layer whose cost grows
+    least for it, until the mean reaches the level (the last increment split so the mean is exact);
+    the cost is the layer's greedy-path block error, or the model's output divergence with that layer
+    sparse (`divergences` = (points, one curve per layer), sensitivity.output_divergences)."""
     if allocation == "uniform" or level <= 0:
         return [level] * len(layers)
-    if allocation != "error":
-        raise ValueError(f"unknown layer allocation {allocation!r}; choose from {LAYER_ALLOCATIONS}")
     ceilings = [min(layer.weighted(shares)[-1], MAX_LAYER_SPARSITY) for layer in layers]
+    if allocation == "error":
+        def cost(i, w):
+            return layers[i].error_at(w, shares)
+    elif allocation == "divergence":
+        points, curves = divergences
+        ceilings = [min(c, points[-1]) for c in ceilings]
+
+        def cost(i, w):
+            return _interpolate([0.0, *points], [0.0, *curves[i]], w)
+    else:
+        raise ValueError(f"unknown layer allocation {allocation!r}; choose from {LAYER_ALLOCATIONS}")
     if sum(ceilings) < level * len(layers) - 1e-9:
         raise ValueError(f"the layers' greedy paths do not reach a mean sparsity of {level}")
     targets = [0.0] * len(layers)
-    costs = [layer.error_at(0.0, shares) for layer in layers]
+    costs = [cost(i, 0.0) for i in range(len(layers))]
     needed = level * len(layers)
     while sum(targets) < needed - 1e-12:
         best, best_rise = None, None
-        for i, layer in enumerate(layers):
+        for i in range(len(layers)):
             if targets[i] >= ceilings[i] - 1e-12:
                 continue
             step = min(increment, ceilings[i] - targets[i])
-            rise = (layer.error_at(targets[i] + step, shares) - costs[i]) / step
+            rise = (cost(i, targets[i] + step) - costs[i]) / step
             if best_rise is None or rise < best_rise:
                 best, best_rise = i, rise
         step = min(increment, ceilings[best] - targets[best], needed - sum(targets))
         targets[best] += step
-        costs[best] = layers[best].error_at(targets[best], shares)
+        costs[best] = cost(best, targets[best])
     return targets
+
+
+def _interpolate(xs: list[float], ys: list[float], x: float) -> float:
+    for k in range(1, len(xs)):
+        if x <= xs[k] + 1e-12:
+            span = xs[k] - xs[k - 1]
+            return ys[k - 1] + (0.0 if span <= 0 else (x - xs[k - 1]) / span) * (ys[k] - ys[k - 1])
+    return ys[-1]
 
 
 @torch.no_grad()

@@ -74,8 +74,9 @@ def main():
 @click.option("--greedy-step", type=float, default=default(ConvertOptions, "greedy_step"), show_default=True,
               help="Base step of the greedy allocation.")
 @click.option("--layer-allocation", type=click.Choice(LAYER_ALLOCATIONS), default=default(ConvertOptions, "layer_allocation"),
-              show_default=True, help="uniform: every layer at each level (TEAL); error: the level shared out across "
-              "layers from their greedy error curves (calibration runs further per layer).")
+              show_default=True, help="uniform: every layer at each level (TEAL); error / divergence: the level shared "
+              "out across layers by each layer's block-output error, or by the model's output divergence with that "
+              "layer sparse (calibration runs further per layer; divergence also runs the model per layer and level).")
 @click.option("--upstream", type=click.Choice(UPSTREAMS), default=default(ConvertOptions, "upstream"), show_default=True,
               help="Calibrate each layer on the dense model's activations, or on those of the layers before it "
               "made sparse at the default level.")

@@ -17,6 +17,7 @@ from .checkpoint import atomic_folder, check_output_dir, is_winaconv_checkpoint,
 from .errors import WinaconvError
 from .options import ConvertOptions
 from .runtime_model import to_runtime_model, winaconv_section
+from .sensitivity import output_divergences
 from .transform import apply_transform, check_transform, default_transform
 
 # The reference code scores only these two with column norms; the paper scores all seven.
@@ -114,7 +115,7 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
         seed=options.seed,
         device=device,
         path_limit=(min(max(levels) + ERROR_ALLOCATION_HEADROOM, MAX_LAYER_SPARSITY)
-                    if options.layer_allocation == "error" else None),
+                    if options.layer_allocation != "uniform" else None),
         # the sparse upstream is the default level's: one stream of activations serves every level
         upstream_level=float(options.default_sparsity) if options.upstream == "sparse" else None,
     )
@@ -122,10 +123,16 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     layers = calibrate_layers(model, family, input_ids, shares, settings, progress)
+    divergences = None
+    if options.layer_allocation == "divergence":
+        say("measuring each layer's effect on the output")
+        points = sorted({*levels, settings.path_end})
+        divergences = points, output_divergences(model, family, layers, input_ids[:settings.greedy_sequences],
+                                                 shares, points, settings)
 
     sparsities = {}
     for level in levels:
-        targets = layer_targets(layers, level, shares, options.layer_allocation)
+        targets = layer_targets(layers, level, shares, options.layer_allocation, divergences)
         per_layer = [layer.sparsities_at(target, shares) for layer, target in zip(layers, targets)]
         thresholds = [layer.thresholds_for(s) for layer, s in zip(layers, per_layer)]
         store_level(model.config.winaconv, level, [[t[p] for p in PROJECTIONS] for t in thresholds],

@@ -8,7 +8,8 @@ from winaconv_runtime.checkpoint_format import METHODS, TRANSFORMS  # noqa: F401
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # auto: the model's own (convert), float32 on CPU (eval)
 SCORINGS = ("paper", "reference")  # column norms on all seven projections, or on k and gate only
-LAYER_ALLOCATIONS = ("uniform", "error")  # every layer at the level, or shares from the layers' error curves
+# every layer at the level, or shares from the layers' block-error curves or from the model's output divergence
+LAYER_ALLOCATIONS = ("uniform", "error", "divergence")
 UPSTREAMS = ("dense", "sparse")  # what each layer is calibrated on: the dense model's activations, or the sparse one's
 
 
