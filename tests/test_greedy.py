@@ -137,3 +137,29 @@ def _generator_after_layer_zero(model, family, hidden, kwargs):
     collect_statistics(model.model.layers[0], family, hidden, kwargs[0], CalibrationSettings(
         norm_scored=(), max_sparsity=0.5, greedy_sequences=4, micro_batch=2), generator)
     return generator
+
+
+def test_output_divergences_grow_with_sparsity_and_allocate_the_level():
+    from winaconv.sensitivity import output_divergences
+
+    model, family = runtime_llama(silence_attention=False)
+    shares = parameter_shares(model.config)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    settings = CalibrationSettings(norm_scored=(), max_sparsity=0.5, greedy_sequences=2, micro_batch=2, path_limit=0.7)
+    layers = calibrate_layers(model, family, ids, shares, settings)
+    points = [0.25, 0.5, 0.7]
+    curves = output_divergences(model, family, layers, ids[:2], shares, points, settings)
+    assert len(curves) == len(layers) and all(len(c) == len(points) for c in curves)
+    for curve in curves:
+        assert 0 < curve[0] < curve[-1], curve  # KL is positive and larger at higher sparsity
+    # one layer sparse by hand through the model's own forward gives the same divergence
+    reference = torch.log_softmax(model(ids[:2]).logits[:, 24:].float(), -1)
+    _apply_thresholds(model.model.layers[1], family,
+                      layers[1].thresholds_for(layers[1].sparsities_at(0.5, shares)), ())
+    sparse = torch.log_softmax(model(ids[:2]).logits[:, 24:].float(), -1)
+    for _, linear in sparse_linears(model.model.layers[1], family):
+        linear.set_thresholds(None, None)
+    expected = (reference.exp() * (reference - sparse)).sum(-1).mean().item()
+    assert abs(curves[1][1] - expected) <= 1e-4 * expected
+    targets = layer_targets(layers, 0.5, shares, "divergence", (points, curves))
+    assert abs(sum(targets) / len(targets) - 0.5) < 1e-9 and max(targets) <= 0.7 + 1e-9
