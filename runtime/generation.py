@@ -4,16 +4,16 @@ transformers' own generate spends milliseconds of host work per token (input pre
 processors, stopping criteria, a host sync), which on a GPU hides any kernel gain. Here the prompt is
 prefilled with the normal forward, then every token is one call of a step function that keeps all its
 state in static tensors -- forward on a static KV cache, repetition penalty, min-length EOS suppression,
-temperature / top-k / top-p sampling, EOS bookkeeping -- so on a GPU it is compiled once and replayed as
-a CUDA graph with no host sync; the host looks at the "all rows finished" flag only every
-`SYNC_EVERY` tokens. On the CPU the same step runs eagerly.
+temperature / top-k / top-p sampling, EOS bookkeeping -- so on a GPU its forward is compiled once and the
+whole step is replayed as a CUDA graph with no host sync; the host looks at the "all rows finished" flag
+only every `SYNC_EVERY` tokens. On the CPU the same step runs eagerly.
 
 Supported: greedy and sampling, `max_new_tokens` / `max_length` / `min_new_tokens` / `min_length`,
 `repetition_penalty`, one or several `eos_token_id`, `pad_token_id`, left-padded batches, a `streamer`.
 Anything else (beam search, assisted decoding, custom logits processors or stopping criteria, scores in
 the output...) goes to transformers' own generate with a one-line notice.
 
-Memory: one engine (static KV cache plus, on a GPU, one CUDA graph per sparsity level) is kept per
+Memory: one engine (static KV cache plus, on a GPU, one CUDA graph per sparsity level and LogitsPlan) is kept per
 (batch size, cache length bucket); buckets are powers of two (at least 256 tokens, at most the model's
 context) and at most `MAX_ENGINES` engines are kept (least recently used dropped), so the extra memory is
 at most MAX_ENGINES KV caches of the requested size rounded up to a power of two, plus the graphs' pools.
@@ -81,9 +81,9 @@ def unsupported_reason(config: GenerationConfig, kwargs: dict) -> str | None:
 
 
 class LogitsPlan(NamedTuple):
-    """Which of transformers' logits processors a call uses. The compiled step specialises on this plan
+    """Which of transformers' logits processors a call uses. A captured decode step depends on this plan
     only; the values (temperature, top-p, penalty, minimum length) live in a device tensor, so a new
-    temperature needs no recompilation and no new CUDA graph."""
+    temperature needs no new CUDA graph."""
     repetition_penalty: bool
     min_new_tokens: bool
     do_sample: bool
