@@ -163,3 +163,12 @@ def test_output_divergences_grow_with_sparsity_and_allocate_the_level():
     assert abs(curves[1][1] - expected) <= 1e-4 * expected
     targets = layer_targets(layers, 0.5, shares, "divergence", (points, curves))
     assert abs(sum(targets) / len(targets) - 0.5) < 1e-9 and max(targets) <= 0.7 + 1e-9
+
+
+def test_power_law_recovers_a_known_curve():
+    from winaconv.calibrate import power_law
+
+    points = [0.25, 0.4, 0.5, 0.65, 0.8]
+    a, b = power_law(points, [2.0 * p ** 3 for p in points])
+    assert abs(a - 2.0) < 1e-9 and abs(b - 3.0) < 1e-9
+    assert power_law(points, [0.5 * p ** 0.5 for p in points])[1] == 1.0  # concave fits are kept convex

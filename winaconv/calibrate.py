@@ -9,6 +9,7 @@ Across layers a model-level level is met either by every layer at that level ("u
 rule) or by allocating it from the layers' own greedy error curves ("error", layer_targets).
 """
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -279,9 +280,10 @@ def layer_targets(layers: list[LayerCalibration], level: float, shares: dict[str
     elif allocation == "divergence":
         points, curves = divergences
         ceilings = [min(c, points[-1]) for c in ceilings]
+        laws = [power_law(points, curve) for curve in curves]
 
         def cost(i, w):
-            return _interpolate([0.0, *points], [0.0, *curves[i]], w)
+            return laws[i][0] * w ** laws[i][1]
     else:
         raise ValueError(f"unknown layer allocation {allocation!r}; choose from {LAYER_ALLOCATIONS}")
     if sum(ceilings) < level * len(layers) - 1e-9:
@@ -304,12 +306,19 @@ def layer_targets(layers: list[LayerCalibration], level: float, shares: dict[str
     return targets
 
 
-def _interpolate(xs: list[float], ys: list[float], x: float) -> float:
-    for k in range(1, len(xs)):
-        if x <= xs[k] + 1e-12:
-            span = xs[k] - xs[k - 1]
-            return ys[k - 1] + (0.0 if span <= 0 else (x - xs[k - 1]) / span) * (ys[k] - ys[k - 1])
-    return ys[-1]
+def power_law(points: list[float], values: list[float]) -> tuple[float, float]:
+    """(a, b) of the least-squares fit values ~ a * points^b in log-log, b kept in [1, 8]: a smooth convex
+    cost, so the allocation moves layers by small steps (linear interpolation between a few measured
+    points gave constant marginal costs and moved layers only by whole intervals)."""
+    pairs = [(math.log(p), math.log(v)) for p, v in zip(points, values) if p > 0 and v > 0]
+    if len(pairs) < 2:
+        return (max(values[-1], 0.0) / points[-1], 1.0)
+    mean_x = sum(x for x, _ in pairs) / len(pairs)
+    mean_y = sum(y for _, y in pairs) / len(pairs)
+    spread = sum((x - mean_x) ** 2 for x, _ in pairs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in pairs) / spread if spread > 0 else 1.0
+    slope = min(max(slope, 1.0), 8.0)
+    return math.exp(mean_y - slope * mean_x), slope
 
 
 @torch.no_grad()
