@@ -39,6 +39,7 @@ CONFIGS = [
     ("WINA pca + error allocation", "wina", "pca", "paper", ERROR_ALLOCATION),
     ("WINA pca + divergence allocation", "wina", "pca", "paper", {"layer_allocation": "divergence"}),
     ("WINA pca + sparse upstream", "wina", "pca", "paper", SPARSE_UPSTREAM),
+    ("WINA pca + reference scoring", "wina", "pca", "reference", {}),
     ("WINA pca + both", "wina", "pca", "paper", {**ERROR_ALLOCATION, **SPARSE_UPSTREAM}),
     ("TEAL pca + error allocation", "teal", "pca", "paper", ERROR_ALLOCATION),
 ]
@@ -125,6 +126,7 @@ def write_markdown(results: dict, path: Path, raw: Path) -> None:
         "  every layer at the level.",
         "- **... + divergence allocation**: `--layer-allocation divergence` (the same, by the model's output KL",
         "  divergence with one layer sparse at a time).",
+        "- **WINA pca + reference scoring**: column norms on k and gate only, |x_i| on the other five.",
         "- **... + sparse upstream**: `--upstream sparse` (each layer calibrated on the outputs of the layers",
         "  before it made sparse at the default level, 50%); the other rows calibrate on dense activations.",
         "- **... + both**: both options.",
