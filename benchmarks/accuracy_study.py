@@ -40,6 +40,7 @@ CONFIGS = [
     ("WINA pca + divergence allocation", "wina", "pca", "paper", {"layer_allocation": "divergence"}),
     ("WINA pca + sparse upstream", "wina", "pca", "paper", SPARSE_UPSTREAM),
     ("WINA pca + reference scoring", "wina", "pca", "reference", {}),
+    ("WINA pca + reference scoring + divergence allocation", "wina", "pca", "reference", {"layer_allocation": "divergence"}),
     ("WINA pca + both", "wina", "pca", "paper", {**ERROR_ALLOCATION, **SPARSE_UPSTREAM}),
     ("TEAL pca + error allocation", "teal", "pca", "paper", ERROR_ALLOCATION),
 ]
