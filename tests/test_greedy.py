@@ -6,11 +6,11 @@ import torch
 
 import pytest
 
-from winaconv.calibrate import (MAX_PROJECTION_SPARSITY, CalibrationSettings, LayerCalibration, _apply_thresholds,
-                                calibrate_layers, capture_layer_inputs, collect_statistics, layer_outputs, layer_targets)
+from winaconv.calibrate import (MAX_PROJECTION_SPARSITY, CalibrationSettings, LayerCalibration, apply_thresholds,
+                                calibrate_layers, capture_layer_inputs, clear_thresholds, collect_statistics,
+                                layer_outputs, layer_targets)
 from winaconv.runtime_model import to_runtime_model, winaconv_section
 from winaconv_runtime.architectures import ATTENTION_PROJECTIONS, PROJECTIONS, parameter_shares
-from winaconv_runtime.modeling_winaconv import sparse_linears
 
 from random_models import random_model
 
@@ -121,10 +121,9 @@ def test_sparse_upstream_changes_only_what_follows_a_sparse_layer():
     # replay: layer 0 at its 50% thresholds, then layer 1's dense statistics on those outputs
     hidden, kwargs = capture_layer_inputs(model, ids, "cpu")
     layer0, layer1 = model.model.layers[:2]
-    _apply_thresholds(layer0, family, sparse[0].thresholds_for(sparse[0].sparsities_at(0.5, shares)), ())
+    apply_thresholds(layer0, family, sparse[0].thresholds_for(sparse[0].sparsities_at(0.5, shares)), ())
     outputs = layer_outputs(layer0, hidden, kwargs[0], "cpu", micro_batch=2)
-    for _, linear in sparse_linears(layer0, family):
-        linear.set_thresholds(None, None)
+    clear_thresholds(layer0, family)
     grids, _ = collect_statistics(layer1, family, outputs, kwargs[1], settings(0.5),
                                   _generator_after_layer_zero(model, family, hidden, kwargs))
     for p in PROJECTIONS:
@@ -154,11 +153,10 @@ def test_output_divergences_grow_with_sparsity_and_allocate_the_level():
         assert 0 < curve[0] < curve[-1], curve  # KL is positive and larger at higher sparsity
     # one layer sparse by hand through the model's own forward gives the same divergence
     reference = torch.log_softmax(model(ids[:2]).logits[:, 24:].float(), -1)
-    _apply_thresholds(model.model.layers[1], family,
+    apply_thresholds(model.model.layers[1], family,
                       layers[1].thresholds_for(layers[1].sparsities_at(0.5, shares)), ())
     sparse = torch.log_softmax(model(ids[:2]).logits[:, 24:].float(), -1)
-    for _, linear in sparse_linears(model.model.layers[1], family):
-        linear.set_thresholds(None, None)
+    clear_thresholds(model.model.layers[1], family)
     expected = (reference.exp() * (reference - sparse)).sum(-1).mean().item()
     assert abs(curves[1][1] - expected) <= 1e-4 * expected
     targets = layer_targets(layers, 0.5, shares, "divergence", (points, curves))

@@ -6,7 +6,8 @@ outputs of layer l-1 on the same sequences: dense (TEAL's rule), or with layer l
 one level (settings.upstream_level), so its statistics come from the inputs it meets when sparse.
 
 Across layers a model-level level is met either by every layer at that level ("uniform", TEAL's
-rule) or by allocating it from the layers' own greedy error curves ("error", layer_targets).
+rule) or by sharing it out by each layer's cost: its greedy block-error curve ("error") or the model's
+output divergence with that layer sparse ("divergence", sensitivity.py); see layer_targets.
 """
 
 import math
@@ -23,9 +24,9 @@ from .options import LAYER_ALLOCATIONS
 from .statistics import ScoreSampler, gating_scores, quantile_grid, threshold_at
 
 MAX_PROJECTION_SPARSITY = 0.995
-# With the "error" allocation a layer may go this far above the highest level wanted (its greedy path
+# With a non-uniform allocation a layer may go this far above the highest level wanted (its greedy path
 # runs that far), so that the layers that lose least can carry more of the model's sparsity.
-ERROR_ALLOCATION_HEADROOM = 0.15
+ALLOCATION_HEADROOM = 0.15
 MAX_LAYER_SPARSITY = 0.9
 
 
@@ -59,26 +60,32 @@ class LayerCalibration:
         """Parameter-weighted layer sparsity after each step of the path."""
         return [sum(shares[p] * s[p] for p in PROJECTIONS) for s in self.path]
 
-    def error_at(self, target: float, shares: dict[str, float]) -> float:
-        """The path's error at a weighted sparsity, linearly interpolated (the last step's beyond it)."""
+    def _bracket(self, target: float, shares: dict[str, float]) -> tuple[int, float] | None:
+        """(step, alpha): `target` weighted sparsity lies alpha of the way from path[step - 1] to
+        path[step]; None past the path's end."""
         weighted = self.weighted(shares)
         for step in range(1, len(weighted)):
-            if weighted[step] >= target - 1e-12:
+            if weighted[step] >= target - 1e-9:
                 span = weighted[step] - weighted[step - 1]
-                alpha = 1.0 if span <= 0 else (target - weighted[step - 1]) / span
-                return self.errors[step - 1] + alpha * (self.errors[step] - self.errors[step - 1])
-        return self.errors[-1]
+                return step, 1.0 if span <= 0 else (target - weighted[step - 1]) / span
+        return None
+
+    def error_at(self, target: float, shares: dict[str, float]) -> float:
+        """The path's error at a weighted sparsity, linearly interpolated (the last step's beyond it)."""
+        found = self._bracket(target, shares)
+        if found is None:
+            return self.errors[-1]
+        step, alpha = found
+        return self.errors[step - 1] + alpha * (self.errors[step] - self.errors[step - 1])
 
     def sparsities_at(self, target: float, shares: dict[str, float]) -> dict[str, float]:
         """Per-projection sparsities reaching `target` weighted sparsity, interpolated on the path."""
-        weighted = self.weighted(shares)
-        for step in range(1, len(self.path)):
-            if weighted[step] >= target - 1e-9:
-                span = weighted[step] - weighted[step - 1]
-                alpha = 1.0 if span <= 0 else (target - weighted[step - 1]) / span
-                before, after = self.path[step - 1], self.path[step]
-                return {p: before[p] + alpha * (after[p] - before[p]) for p in PROJECTIONS}
-        return dict(self.path[-1])
+        found = self._bracket(target, shares)
+        if found is None:
+            return dict(self.path[-1])
+        step, alpha = found
+        before, after = self.path[step - 1], self.path[step]
+        return {p: before[p] + alpha * (after[p] - before[p]) for p in PROJECTIONS}
 
     def thresholds_for(self, sparsities: dict[str, float]) -> dict[str, float]:
         return {p: threshold_at(self.grids[p], sparsities[p]) for p in PROJECTIONS}
@@ -123,9 +130,15 @@ def capture_layer_inputs(model, input_ids: torch.Tensor, device) -> tuple[torch.
     return torch.cat(hidden), [records["kwargs"][i] for i in range(len(real_layers))]
 
 
-def _apply_thresholds(layer, family, thresholds: dict[str, float], norm_scored) -> None:
+def apply_thresholds(layer, family, thresholds: dict[str, float], norm_scored) -> None:
     for projections, linear in sparse_linears(layer, family):
         linear.set_thresholds([thresholds[p] for p in projections], [p in norm_scored for p in projections])
+
+
+def clear_thresholds(layer, family) -> None:
+    """Every projection of the layer dense again."""
+    for _, linear in sparse_linears(layer, family):
+        linear.set_thresholds(None, None)
 
 
 def _output(result):
@@ -198,7 +211,7 @@ def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, s
     def after_attention():
         return attention_residual(layer, inputs, **layer_kwargs)[:, tail:]
 
-    _apply_thresholds(layer, family, thresholds(sparsity), settings.norm_scored)
+    apply_thresholds(layer, family, thresholds(sparsity), settings.norm_scored)
     attention_now = after_attention()
     errors = [error(mlp_residual(layer, attention_now)) / scale]
     while sum(shares[p] * sparsity[p] for p in PROJECTIONS) < settings.path_end - 1e-9:
@@ -208,7 +221,7 @@ def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, s
                 continue
             trial = dict(sparsity)
             trial[p] = min(sparsity[p] + settings.greedy_step / shares[p], MAX_PROJECTION_SPARSITY)
-            _apply_thresholds(layer, family, thresholds(trial), settings.norm_scored)
+            apply_thresholds(layer, family, thresholds(trial), settings.norm_scored)
             attended = after_attention() if p in ATTENTION_PROJECTIONS else attention_now
             trial_error = error(mlp_residual(layer, attended))
             if best is None or trial_error < best[0]:
@@ -220,8 +233,7 @@ def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, s
         errors.append(best_error / scale)
         if on_step:
             on_step(sum(shares[p] * sparsity[p] for p in PROJECTIONS))
-    for _, linear in sparse_linears(layer, family):
-        linear.set_thresholds(None, None)
+    clear_thresholds(layer, family)
     return path, errors
 
 
@@ -249,10 +261,9 @@ def calibrate_layers(model, family, input_ids, shares, settings, progress=None) 
         calibrated = LayerCalibration(grids=grids, path=path, errors=errors)
         if settings.upstream_level:  # the next layer sees this one sparse, at its own allocation of the level
             sparsities = calibrated.sparsities_at(settings.upstream_level, shares)
-            _apply_thresholds(layer, family, calibrated.thresholds_for(sparsities), settings.norm_scored)
+            apply_thresholds(layer, family, calibrated.thresholds_for(sparsities), settings.norm_scored)
             outputs = layer_outputs(layer, hidden, layer_kwargs[idx], settings.device, settings.micro_batch)
-            for _, linear in sparse_linears(layer, family):
-                linear.set_thresholds(None, None)
+            clear_thresholds(layer, family)
         layer.to("cpu")
         hidden = outputs
         calibrated.seconds = time.perf_counter() - started

@@ -11,7 +11,7 @@ from winaconv_runtime.architectures import PROJECTIONS, family_for_model_type, p
 from winaconv_runtime.checkpoint_format import store_level
 
 from . import sources
-from .calibrate import ERROR_ALLOCATION_HEADROOM, MAX_LAYER_SPARSITY, CalibrationSettings, calibrate_layers, layer_targets
+from .calibrate import ALLOCATION_HEADROOM, MAX_LAYER_SPARSITY, CalibrationSettings, calibrate_layers, layer_targets
 from .calibration_data import load_calibration_text, token_sequences
 from .checkpoint import atomic_folder, check_output_dir, is_winaconv_checkpoint, parse_shard_size, write_checkpoint
 from .errors import WinaconvError
@@ -114,7 +114,7 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
         greedy_step=options.greedy_step,
         seed=options.seed,
         device=device,
-        path_limit=(min(max(levels) + ERROR_ALLOCATION_HEADROOM, MAX_LAYER_SPARSITY)
+        path_limit=(min(max(levels) + ALLOCATION_HEADROOM, MAX_LAYER_SPARSITY)
                     if options.layer_allocation != "uniform" else None),
         # the sparse upstream is the default level's: one stream of activations serves every level
         upstream_level=float(options.default_sparsity) if options.upstream == "sparse" else None,

@@ -11,20 +11,16 @@ in the calibration; cost: about layers^2 / 2 x points layer passes over the gree
 import torch
 import torch.nn.functional as F
 
-from winaconv_runtime.modeling_winaconv import sparse_linears
-
-from .calibrate import LayerCalibration, _apply_thresholds, capture_layer_inputs, layer_outputs
+from .calibrate import LayerCalibration, apply_thresholds, capture_layer_inputs, clear_thresholds, layer_outputs
 
 
-def _log_probs(model, hidden: torch.Tensor, device) -> torch.Tensor:
-    """Next-token log-probabilities from final hidden states (Gemma 2's logit soft-capping included)."""
-    head = [model.model.norm.to(device), model.lm_head.to(device)]
-    logits = head[1](head[0](hidden.to(device))).float()
+def _log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities from final hidden states, on the device of the model's head (Gemma 2's
+    logit soft-capping included)."""
+    logits = model.lm_head(model.model.norm(hidden.to(model.lm_head.weight.device))).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    for module in head:
-        module.to("cpu")
     return F.log_softmax(logits, dim=-1)
 
 
@@ -37,31 +33,35 @@ def output_divergences(model, family, layers: list[LayerCalibration], input_ids:
     hidden, layer_kwargs = capture_layer_inputs(model, input_ids, device)
     tail = int(input_ids.shape[1] * (1 - settings.tail_fraction))
 
-    def run_from(index, hidden):
-        for layer, kwargs in zip(decoder_layers[index:], layer_kwargs[index:]):
-            layer.to(device)
-            hidden = layer_outputs(layer, hidden, kwargs, device, settings.micro_batch)
-            layer.to("cpu")
+    def run(index, hidden):
+        layer = decoder_layers[index].to(device)
+        hidden = layer_outputs(layer, hidden, layer_kwargs[index], device, settings.micro_batch)
+        layer.to("cpu")
         return hidden
 
     inputs = []  # each layer's dense input
-    for layer, kwargs in zip(decoder_layers, layer_kwargs):
+    for index in range(len(decoder_layers)):
         inputs.append(hidden)
-        layer.to(device)
-        hidden = layer_outputs(layer, hidden, kwargs, device, settings.micro_batch)
-        layer.to("cpu")
-    reference = _log_probs(model, hidden[:, tail:], device)
-    curves = []
-    for index, (layer, calibration) in enumerate(zip(decoder_layers, layers)):
-        curve = []
-        for point in points:
-            sparsities = calibration.sparsities_at(point, shares)
-            _apply_thresholds(layer, family, calibration.thresholds_for(sparsities), settings.norm_scored)
-            final = run_from(index, inputs[index])
-            for _, linear in sparse_linears(layer, family):
-                linear.set_thresholds(None, None)
-            log_probs = _log_probs(model, final[:, tail:], device)
-            curve.append((reference.exp() * (reference - log_probs)).sum(-1).mean().item())
-        curves.append(curve)
+        hidden = run(index, hidden)
+    head = (model.model.norm, model.lm_head)
+    for module in head:  # on the device for the whole measurement, not once per forward
+        module.to(device)
+    try:
+        reference = _log_probs(model, hidden[:, tail:])
+        curves = []
+        for index, (layer, calibration) in enumerate(zip(decoder_layers, layers)):
+            curve = []
+            for point in points:
+                apply_thresholds(layer, family, calibration.thresholds_for(calibration.sparsities_at(point, shares)),
+                                 settings.norm_scored)
+                final = run(index, inputs[index])
+                clear_thresholds(layer, family)
+                for later in range(index + 1, len(decoder_layers)):
+                    final = run(later, final)
+                log_probs = _log_probs(model, final[:, tail:])
+                curve.append((reference.exp() * (reference - log_probs)).sum(-1).mean().item())
+            curves.append(curve)
+    finally:
+        for module in head:
+            module.to("cpu")
     return curves
-

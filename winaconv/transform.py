@@ -138,15 +138,17 @@ def global_basis(model, family: Family, device) -> torch.Tensor:
     return _principal_basis(total)
 
 
+def _read_in(linears, q: torch.Tensor) -> None:
+    """Linears that read a stream now carried as x Q: W -> W Q (float64 on Q's device)."""
+    for linear in linears:
+        _set(linear.weight, linear.weight.to(q.device, torch.float64) @ q)
+
+
 @torch.no_grad()
 def _rotate(model, family: Family, bases: list[tuple[torch.Tensor, torch.Tensor]], final: torch.Tensor) -> None:
     """Apply per-block bases; bases[l] = (Q_attn, Q_mlp) of layer l, `final` read by lm_head."""
     embed = model.get_input_embeddings()
     device = final.device
-
-    def read_in(linears, q):
-        for linear in linears:
-            _set(linear.weight, linear.weight.to(device, torch.float64) @ q)
 
     def write_in(linear, q):
         _set(linear.weight, q.T @ linear.weight.to(device, torch.float64))
@@ -158,26 +160,24 @@ def _rotate(model, family: Family, bases: list[tuple[torch.Tensor, torch.Tensor]
     for idx, (layer, (q_attn, q_mlp)) in enumerate(zip(layers, bases)):
         q_next = bases[idx + 1][0] if idx + 1 < len(layers) else final
         o_proj, down_proj = _writers(layer, family)
-        read_in(_readers(layer, family, "attention"), q_attn)
+        _read_in(_readers(layer, family, "attention"), q_attn)
         write_in(o_proj, q_mlp)
-        read_in(_readers(layer, family, "mlp"), q_mlp)
+        _read_in(_readers(layer, family, "mlp"), q_mlp)
         write_in(down_proj, q_next)
         if hasattr(layer, "attn_shortcut"):
             _set(layer.attn_shortcut, q_attn.T @ q_mlp)
             _set(layer.mlp_shortcut, q_mlp.T @ q_next)
-    read_in([model.lm_head], final)
+    _read_in([model.lm_head], final)
 
 
 @torch.no_grad()
 def _rotate_block_inputs(model, family: Family, bases: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Gemma's exact transform: block inputs rotated online, x -> x Q, and the readers' weights W -> W Q;
     the residual stream, the norms and the tied embeddings stay as they are."""
-    device = bases[0][0].device
     attn_rotation, mlp_rotation = family.exact_matrices
     for layer, (q_attn, q_mlp) in zip(model.model.layers, bases):
         for block, q, name in (("attention", q_attn, attn_rotation), ("mlp", q_mlp, mlp_rotation)):
-            for linear in _readers(layer, family, block):
-                _set(linear.weight, linear.weight.to(device, torch.float64) @ q)
+            _read_in(_readers(layer, family, block), q)
             _set(getattr(layer, name), q)
 
 
