@@ -10,9 +10,10 @@ rule) or by sharing it out by each layer's cost: its greedy block-error curve ("
 output divergence with that layer sparse ("divergence", sensitivity.py); see layer_targets.
 """
 
+import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -89,6 +90,29 @@ class LayerCalibration:
 
     def thresholds_for(self, sparsities: dict[str, float]) -> dict[str, float]:
         return {p: threshold_at(self.grids[p], sparsities[p]) for p in PROJECTIONS}
+
+
+class ResidentLayers:
+    """The decoder layers of a model held whole in memory: `with layers.open(i) as layer` (onload.StreamedLayers
+    is the same interface for layers read one at a time)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __len__(self) -> int:
+        return len(self.model.model.layers)
+
+    @contextlib.contextmanager
+    def open(self, index: int):
+        yield self.model.model.layers[index]
+
+
+@dataclass
+class CalibrationProgress:
+    """Where layer-by-layer calibration stands after some layers: what a resumed run starts from."""
+    calibrations: list = field(default_factory=list)  # LayerCalibration of the finished layers
+    hidden: torch.Tensor | None = None  # what the next layer reads
+    generator_state: torch.Tensor | None = None  # the score sampler's random state
 
 
 class _RecordingLayer(torch.nn.Module):
@@ -237,37 +261,47 @@ def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, s
     return path, errors
 
 
-def calibrate_layers(model, family, input_ids, shares, settings, progress=None) -> list[LayerCalibration]:
-    """Calibrate every decoder layer in turn; returns one LayerCalibration per layer."""
+def calibrate_layers(model, family, input_ids, shares, settings, progress=None, layers=None,
+                     resume: CalibrationProgress | None = None, on_layer=None) -> list[LayerCalibration]:
+    """Calibrate every decoder layer in turn; returns one LayerCalibration per layer. `layers` gives the
+    layers (ResidentLayers by default); `resume` skips the layers it holds; `on_layer(index, layer,
+    CalibrationProgress)` runs after each layer, while the layer is still open."""
+    layers = layers or ResidentLayers(model)
     generator = torch.Generator().manual_seed(settings.seed)
     hidden, layer_kwargs = capture_layer_inputs(model, input_ids, settings.device)
+    results = []
+    if resume is not None:
+        results, hidden = list(resume.calibrations), resume.hidden.to(hidden.device)
+        generator.set_state(resume.generator_state)
     if hidden.numel() * hidden.element_size() > (1 << 30):
         hidden = hidden.cpu()  # large calibration sets wait in host memory; micro-batches go to the device
-    layers = list(model.model.layers)
-    layer_task = progress.add_task("calibrating layers", total=len(layers)) if progress else None
+    layer_task = (progress.add_task("calibrating layers", total=len(layers), completed=len(results))
+                  if progress else None)
     step_task = progress.add_task("greedy allocation (%)", total=round(100 * settings.path_end)) if progress else None
-    results = []
-    for idx, layer in enumerate(layers):
+    for idx in range(len(results), len(layers)):
         started = time.perf_counter()
-        layer.to(settings.device)
-        grids, outputs = collect_statistics(layer, family, hidden, layer_kwargs[idx], settings, generator)
-        if progress:
-            progress.reset(step_task, total=round(100 * settings.path_end), description=f"greedy allocation (%), layer {idx}")
-        greedy = slice(0, settings.greedy_sequences)
-        path, errors = greedy_path(
-            layer, family, grids, hidden[greedy], outputs[greedy], layer_kwargs[idx], shares, settings,
-            on_step=(lambda w: progress.update(step_task, completed=min(round(100 * w), round(100 * settings.path_end)))) if progress else None,
-        )
-        calibrated = LayerCalibration(grids=grids, path=path, errors=errors)
-        if settings.upstream_level:  # the next layer sees this one sparse, at its own allocation of the level
-            sparsities = calibrated.sparsities_at(settings.upstream_level, shares)
-            apply_thresholds(layer, family, calibrated.thresholds_for(sparsities), settings.norm_scored)
-            outputs = layer_outputs(layer, hidden, layer_kwargs[idx], settings.device, settings.micro_batch)
-            clear_thresholds(layer, family)
-        layer.to("cpu")
-        hidden = outputs
-        calibrated.seconds = time.perf_counter() - started
-        results.append(calibrated)
+        with layers.open(idx) as layer:
+            layer.to(settings.device)
+            grids, outputs = collect_statistics(layer, family, hidden, layer_kwargs[idx], settings, generator)
+            if progress:
+                progress.reset(step_task, total=round(100 * settings.path_end), description=f"greedy allocation (%), layer {idx}")
+            greedy = slice(0, settings.greedy_sequences)
+            path, errors = greedy_path(
+                layer, family, grids, hidden[greedy], outputs[greedy], layer_kwargs[idx], shares, settings,
+                on_step=(lambda w: progress.update(step_task, completed=min(round(100 * w), round(100 * settings.path_end)))) if progress else None,
+            )
+            calibrated = LayerCalibration(grids=grids, path=path, errors=errors)
+            if settings.upstream_level:  # the next layer sees this one sparse, at its own allocation of the level
+                sparsities = calibrated.sparsities_at(settings.upstream_level, shares)
+                apply_thresholds(layer, family, calibrated.thresholds_for(sparsities), settings.norm_scored)
+                outputs = layer_outputs(layer, hidden, layer_kwargs[idx], settings.device, settings.micro_batch)
+                clear_thresholds(layer, family)
+            layer.to("cpu")
+            hidden = outputs
+            calibrated.seconds = time.perf_counter() - started
+            results.append(calibrated)
+            if on_layer:
+                on_layer(idx, layer, CalibrationProgress(results, hidden, generator.get_state()))
         if progress:
             progress.advance(layer_task)
     return results
@@ -333,9 +367,10 @@ def power_law(points: list[float], values: list[float]) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def residual_covariance(model, input_ids: torch.Tensor, device, micro_batch: int = 8) -> torch.Tensor:
+def residual_covariance(model, input_ids: torch.Tensor, device, micro_batch: int = 8, layers=None) -> torch.Tensor:
     """sum over tokens of n n^T, float64, where n is every normed residual stream the model reads
     (each layer's two norms and the final one), layer by layer like the calibration itself."""
+    layers = layers or ResidentLayers(model)
     hidden, layer_kwargs = capture_layer_inputs(model, input_ids, device)
     size = model.config.hidden_size
     covariance = torch.zeros(size, size, dtype=torch.float64, device=device)
@@ -344,16 +379,17 @@ def residual_covariance(model, input_ids: torch.Tensor, device, micro_batch: int
         flat = output.reshape(-1, size).double()
         covariance.add_(flat.T @ flat)
 
-    for layer, kwargs in zip(model.model.layers, layer_kwargs):
-        layer.to(device)
-        handles = [norm.register_forward_hook(accumulate)
-                   for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-        try:
-            hidden = layer_outputs(layer, hidden, kwargs, device, micro_batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-            layer.to("cpu")
+    for index, kwargs in enumerate(layer_kwargs):
+        with layers.open(index) as layer:
+            layer.to(device)
+            handles = [norm.register_forward_hook(accumulate)
+                       for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+            try:
+                hidden = layer_outputs(layer, hidden, kwargs, device, micro_batch)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                layer.to("cpu")
     final_norm = model.model.norm.to(device)
     for chunk in hidden.split(micro_batch):
         accumulate(final_norm, None, final_norm(chunk.to(device)))

@@ -18,6 +18,7 @@ from winaconv_runtime.checkpoint_format import SAFETENSORS_METADATA
 from winaconv_runtime.modeling_winaconv import classes_for
 
 from .errors import WinaconvError
+from .shards import save_sharded
 
 RUNTIME_DIR = Path(winaconv_runtime.__file__).parent
 
@@ -146,17 +147,44 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(out: Path) -> list[Path]:
-    """Staging folders of `out` that an earlier run left (killed by SIGKILL, a crash, a power cut):
-    only ours (marker file inside) and only of processes that are gone."""
-    removed = []
+def _dead_staging(out: Path) -> list[Path]:
+    """Staging folders of `out` that an earlier run left (killed by SIGKILL, a crash, a power cut): only ours
+    (marker file inside) and only of processes that are gone."""
+    found = []
     for entry in out.parent.glob(f".{glob_escape(out.name)}.*-*"):
         match = re.fullmatch(re.escape(f".{out.name}.") + r"(partial|replaced)-(\d+)(-\w+)?", entry.name)
-        if not match or not entry.is_dir() or not (entry / STAGING_MARKER).is_file() or _pid_alive(int(match.group(2))):
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-        removed.append(entry)
+        if match and entry.is_dir() and (entry / STAGING_MARKER).is_file() and not _pid_alive(int(match.group(2))):
+            found.append(entry)
+    return sorted(found)
+
+
+def remove_stale_staging(out: Path, keep: Path | None = None) -> list[Path]:
+    """Remove what dead runs left for `out` (but `keep`)."""
+    removed = []
+    for entry in _dead_staging(out):
+        if entry != keep:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
     return removed
+
+
+def claim_interrupted(out: Path, fingerprint: dict, overwrite: bool) -> Path | None:
+    """The staging folder of an interrupted conversion of `out` with this fingerprint, to resume; one with
+    another fingerprint is refused in one line, and discarded only with --overwrite."""
+    from .resume import differences, is_resumable, recorded_fingerprint
+
+    for entry in _dead_staging(out):
+        if not is_resumable(entry):
+            continue
+        recorded = recorded_fingerprint(entry)
+        if recorded == fingerprint:
+            return entry
+        if not overwrite:
+            changed = ", ".join(differences(recorded or {}, fingerprint)) or "the record is unreadable"
+            raise WinaconvError(f"an interrupted conversion to {out} with other settings is in {entry.name} "
+                                f"(differs in: {changed}); run its own command to resume it, or pass --overwrite "
+                                "to discard it")
+    return None
 
 
 def glob_escape(name: str) -> str:
@@ -164,17 +192,25 @@ def glob_escape(name: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_folder(out: Path, overwrite: bool, source: Path | None = None):
+def atomic_folder(out: Path, overwrite: bool, source: Path | None = None, fingerprint: dict | None = None):
     """Yields a temporary folder; on success it replaces `out`, on failure (a write error, SIGINT, SIGTERM)
-    it is removed. The folder gets the usual umask-derived mode, not mkdtemp's 0700."""
+    it is removed. The folder gets the usual umask-derived mode, not mkdtemp's 0700. With a `fingerprint`
+    (a streamed conversion) the folder of an interrupted run with the same fingerprint is resumed, and an
+    interrupted run's folder is kept once it records a finished layer (resume.py)."""
+    from .resume import is_resumable
+
     out = Path(out).expanduser().absolute()
     check_output_dir(out, overwrite, source)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(out)
+        resumed = claim_interrupted(out, fingerprint, overwrite) if fingerprint is not None else None
+        remove_stale_staging(out, keep=resumed)
         staging = out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
-        staging.mkdir()
-        (staging / STAGING_MARKER).touch()
+        if resumed is not None:
+            os.replace(resumed, staging)  # now this live process's
+        else:
+            staging.mkdir()
+            (staging / STAGING_MARKER).touch()
     except OSError as exc:
         raise WinaconvError(f"cannot create {out}: {exc.strerror or exc}") from None
     try:
@@ -185,7 +221,8 @@ def atomic_folder(out: Path, overwrite: bool, source: Path | None = None):
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
         raise WinaconvError(f"writing {out} failed ({reason}); the partial output was removed") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not (fingerprint is not None and is_resumable(staging)):
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     try:
         _move_into_place(staging, out, overwrite, source)
@@ -213,46 +250,32 @@ def _move_into_place(staging: Path, out: Path, overwrite: bool, source: Path | N
         shutil.rmtree(previous, ignore_errors=True)
 
 
-def write_checkpoint(model, family, tokenizer, folder: Path, max_shard_size: str = "5GB") -> None:
-    """Weights (safetensors, sharded with an index above max_shard_size), config with auto_map,
-    tokenizer, generation config and the runtime's source files."""
+def write_checkpoint_files(model, family, tokenizer, folder: Path) -> None:
+    """Everything but the weights: config with auto_map, generation config, tokenizer, the runtime's sources."""
     config = model.config
-    transform = config.winaconv["transform"]
-    config.auto_map = classes_for(family, transform)
+    config.auto_map = classes_for(family, config.winaconv["transform"])
     config.architectures = [config.auto_map["AutoModelForCausalLM"].split(".", 1)[1]]
     config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_sharded(state, folder, parse_shard_size(max_shard_size))
     for source in runtime_files():
         shutil.copyfile(source, folder / source.name)
+
+
+def saved_state_names(model) -> list[str]:
+    """The tensors a checkpoint stores, in state-dict order (a tied lm_head is the embeddings')."""
+    names = list(model.state_dict())
+    return [n for n in names if not (n == "lm_head.weight" and model.config.tie_word_embeddings)]
+
+
+def write_checkpoint(model, family, tokenizer, folder: Path, max_shard_size: str = "5GB") -> None:
+    """A whole model in memory: weights (safetensors, sharded with an index above max_shard_size) and
+    write_checkpoint_files."""
+    write_checkpoint_files(model, family, tokenizer, folder)
+    state = model.state_dict()
+    save_sharded({n: state[n].detach() for n in saved_state_names(model)}, folder, parse_shard_size(max_shard_size),
+                 SAFETENSORS_METADATA)
     if not any(folder.glob("*.safetensors")):
         raise WinaconvError("no weights were written")
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_sharded(state: dict, folder: Path, max_shard_bytes: int) -> None:
-    """safetensors shards with the format metadata in every one (huggingface_hub's save_torch_state_dict
-    puts custom metadata only in the index when it shards), plus the standard index."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_bytes)
-    for filename, names in split.filename_to_tensors.items():
-        save_file({name: state[name] for name in names}, folder / filename, metadata=dict(SAFETENSORS_METADATA))
-        os.chmod(folder / filename, 0o666 & ~current_umask())  # safetensors writes 0600
-    if split.is_sharded:
-        index = {"metadata": {**SAFETENSORS_METADATA, "total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": split.tensor_to_filename}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -86,12 +86,19 @@ def main():
 @click.option("--seed", type=int, default=default(ConvertOptions, "seed"), show_default=True)
 @click.option("--revision", help="Hub revision of MODEL.")
 @click.option("--max-shard-size", default=default(ConvertOptions, "max_shard_size"), show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace a previous winaconv checkpoint at --out (nothing else is ever replaced).")
+@click.option("--overwrite", is_flag=True, help="Replace a previous winaconv checkpoint at --out (nothing else is ever "
+              "replaced), and discard an interrupted conversion to --out made with other settings.")
+@click.option("--in-memory", is_flag=True, help="Load the whole model with transformers first instead of reading it "
+              "layer by layer (more memory, same checkpoint; for sources whose tensor names transformers renames).")
 @click.option("--push-to", metavar="REPO_ID", help="After converting, push the checkpoint to this Hub repo (see `winaconv push`).")
 @click.option("--push-private", is_flag=True, help="With --push-to: create the repo private.")
 @one_line_errors
 def convert(model, out, push_to=None, push_private=False, **options):
-    """Convert MODEL (a Hub id, a transformers folder or a .gguf file) into a sparse checkpoint."""
+    """Convert MODEL (a Hub id, a transformers folder or a .gguf file) into a sparse checkpoint.
+
+    The model is read one decoder layer at a time, so memory holds the embeddings, lm_head, about one layer
+    and the calibration activations. An interrupted conversion (Ctrl-C, a kill, a power cut) resumes after
+    its last finished layer when the same command is run again."""
     from .convert import convert as run_conversion
 
     if push_to:  # fail before a long conversion, not after it

@@ -10,15 +10,27 @@ import torch
 from winaconv_runtime.architectures import PROJECTIONS, family_for_model_type, parameter_shares
 from winaconv_runtime.checkpoint_format import store_level
 
+from winaconv_runtime.checkpoint_format import SAFETENSORS_METADATA
+
 from . import sources
-from .calibrate import ALLOCATION_HEADROOM, MAX_LAYER_SPARSITY, CalibrationSettings, calibrate_layers, layer_targets
+from .calibrate import (
+    ALLOCATION_HEADROOM, MAX_LAYER_SPARSITY, CalibrationSettings, calibrate_layers, layer_targets, residual_covariance,
+)
 from .calibration_data import load_calibration_text, token_sequences
-from .checkpoint import atomic_folder, check_output_dir, is_winaconv_checkpoint, parse_shard_size, write_checkpoint
+from .checkpoint import (
+    atomic_folder, check_output_dir, is_winaconv_checkpoint, parse_shard_size, saved_state_names, write_checkpoint_files,
+)
 from .errors import WinaconvError
+from .onload import LAYER_PREFIX, StreamedLayers, end_names, layer_names, load_ends, needed_names, skeleton
 from .options import ConvertOptions
-from .runtime_model import to_runtime_model, winaconv_section
+from .resume import ResumeJournal, fingerprint, is_resumable
+from .runtime_model import winaconv_section
 from .sensitivity import output_divergences
-from .transform import apply_transform, check_transform, default_transform
+from .shards import ShardedWriter
+from .transform import (
+    LayerTransform, check_transform, default_transform, fold_head_norm, fold_layer_norms, global_basis, principal_basis,
+)
+from .weights import FolderWeights, GGUFWeights, ModelWeights, check_complete
 
 # The reference code scores only these two with column norms; the paper scores all seven.
 REFERENCE_NORM_SCORED = ("k", "gate")
@@ -32,6 +44,8 @@ class ConvertReport:
     seconds: float = 0.0
     peak_host_bytes: int = 0
     peak_gpu_bytes: int | None = None
+    resumed_layers: int = 0  # layers a resumed run found finished
+    host_bound_bytes: int | None = None  # peak_host_bound: what a streamed run should stay under, besides Python
 
 
 def norm_scored_projections(method: str, scoring: str) -> tuple[str, ...]:
@@ -72,6 +86,32 @@ def validate(options: ConvertOptions, source_folder: Path | None = None) -> list
     return levels
 
 
+def open_weights(source: sources.ModelSource, skeleton, in_memory: bool):
+    """(the source's weights, read tensor by tensor, and what identifies their files for resume.py)."""
+    if source.gguf_file:
+        files = GGUFWeights(Path(source.location) / source.gguf_file, skeleton)
+    else:
+        local = Path(source.location)
+        files = FolderWeights(local if local.is_dir() else sources.hub_snapshot(source))
+    identity = files.fingerprint()
+    if in_memory:
+        return ModelWeights(sources.load_model(source, torch.float32)), identity
+    return files, identity
+
+
+def peak_host_bound(model, tokens: int, work_dtype: torch.dtype, settings: CalibrationSettings) -> int:
+    """What a streamed conversion should hold at most, in bytes, besides the Python process itself:
+    embeddings + lm_head (float32), three decoder layers in float64 (the layer, its transform's float64
+    copies, the read-ahead basis), the calibration activations three times (inputs, outputs, the greedy
+    search's tail copies) and the score samples (at most settings.max_scores float32 per projection)."""
+    hidden = model.config.hidden_size
+    layer_params = sum(p.numel() for p in model.model.layers[0].parameters())
+    ends = sum(model.state_dict()[n].numel() for n in end_names(model))
+    activations = tokens * hidden * work_dtype.itemsize
+    samples = len(PROJECTIONS) * min(settings.max_scores, tokens * 4 * max(hidden, model.config.intermediate_size)) * 4
+    return ends * 4 + 3 * layer_params * 8 + 3 * activations + samples
+
+
 def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     started = time.perf_counter()
     source = sources.resolve_source(options.model, options.revision)
@@ -83,8 +123,9 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     config = sources.load_config(source)
     if isinstance(getattr(config, "winaconv", None), dict):  # a Hub id (local folders are refused in validate)
         refuse_checkpoint_source(source.model_id)
-    transform = options.transform or default_transform(family_for_model_type(config.model_type))
-    check_transform(family_for_model_type(config.model_type), transform)
+    family = family_for_model_type(config.model_type)
+    transform = options.transform or default_transform(family)
+    check_transform(family, transform)
     calibration = load_calibration_text(options.calib_file, options.calib_dataset)
     if calibration.note:
         say(calibration.note)
@@ -94,19 +135,15 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     save_dtype = sources.source_dtype(config, options.dtype)
     work_dtype = torch.float32 if device == "cpu" else save_dtype
 
-    say(f"loading {source.model_id}")
+    say(f"loading {source.model_id}" + (" (whole)" if options.in_memory else " (layer by layer)"))
     tokenizer = sources.load_tokenizer(source)
-    base = sources.load_model(source, torch.float32)
     norm_scored = norm_scored_projections(options.method, options.scoring)
-    section = winaconv_section(options.method, transform, norm_scored)
-    model, family = to_runtime_model(base, section)
-    del base
+    model = skeleton(config, winaconv_section(options.method, transform, norm_scored))
+    weights, source_files = open_weights(source, model, options.in_memory)
+    check_complete(weights, needed_names(model), source.model_id)
+    load_ends(model, weights)
 
     input_ids = token_sequences(tokenizer, calibration.texts, options.seq_len, options.calib_tokens, options.seed)
-    say(f"transform: {transform}")
-    apply_transform(model, family, transform, device=device, calibration_ids=input_ids)
-    model.to(work_dtype)
-
     settings = CalibrationSettings(
         norm_scored=norm_scored,
         max_sparsity=max(levels),
@@ -120,54 +157,116 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
         upstream_level=float(options.default_sparsity) if options.upstream == "sparse" else None,
     )
     shares = parameter_shares(model.config)
+    bound = peak_host_bound(model, int(input_ids.numel()), work_dtype, settings)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    layers = calibrate_layers(model, family, input_ids, shares, settings, progress)
-    divergences = None
-    if options.layer_allocation == "divergence":
-        say("measuring each layer's effect on the output")
-        points = sorted({*levels, settings.path_end})
-        divergences = points, output_divergences(model, family, layers, input_ids[:settings.greedy_sequences],
-                                                 shares, points, settings)
+    stamp = fingerprint(options, source.model_id, source_files, input_ids, device)
+    with atomic_folder(Path(options.out), options.overwrite, local, stamp) as staging:
+        journal = ResumeJournal(staging, stamp)
+        resumed = journal.progress()
+        if resumed:
+            say(f"resuming after layer {len(resumed.calibrations)} of {config.num_hidden_layers} "
+                "(an interrupted run of this command)")
+        journal.start()
+        say(f"transform: {transform}")
+        basis = journal.basis()
+        if basis is None and transform in ("global", "pca"):
+            basis = model_wide_basis(model, family, transform, weights, input_ids, device)
+            journal.save_basis(basis)
+        plan = LayerTransform(transform, family, model.config, weights.read, device, basis)
+        plan.ends(model)  # a tied lm_head is untied here where the transform folds the final norm into it
 
-    sparsities = {}
-    for level in levels:
-        targets = layer_targets(layers, level, shares, options.layer_allocation, divergences)
-        per_layer = [layer.sparsities_at(target, shares) for layer, target in zip(layers, targets)]
-        thresholds = [layer.thresholds_for(s) for layer, s in zip(layers, per_layer)]
-        store_level(model.config.winaconv, level, [[t[p] for p in PROJECTIONS] for t in thresholds],
-                    [[s[p] for p in PROJECTIONS] for s in per_layer])
-        sparsities[level] = per_layer
-    model.config.winaconv.update(
-        default_sparsity=float(options.default_sparsity),
-        calibration={
-            "source": calibration.source,
-            "tokens": int(input_ids.numel()),
-            "seq_len": options.seq_len,
-            "greedy_tokens": settings.greedy_sequences * options.seq_len,
-            "greedy_step": options.greedy_step,
-            "layer_allocation": options.layer_allocation,
-            "upstream": options.upstream,
-            "seed": options.seed,
-        },
-        base_model={"id": source.model_id, "revision": source.revision},
-    )
-    model.to(save_dtype)
-    model.config.dtype = save_dtype
+        names = saved_state_names(model)
+        state = model.state_dict()
+        writer = ShardedWriter(staging, {n: (save_dtype, tuple(state[n].shape)) for n in names},
+                               parse_shard_size(options.max_shard_size), SAFETENSORS_METADATA,
+                               resume=resumed is not None)
+        for name in names:
+            if not name.startswith(LAYER_PREFIX):
+                writer.put(name, state[name].to(save_dtype))
+        del state
+        for module in (model.get_input_embeddings(), model.model.norm, model.lm_head):
+            module.to(work_dtype)
+        if resumed:
+            writer.mark_written(n for i in range(len(resumed.calibrations)) for n in layer_names(model, i))
 
-    say(f"writing {options.out}")
-    with atomic_folder(Path(options.out), options.overwrite, local) as staging:
-        write_checkpoint(model, family, tokenizer, staging, options.max_shard_size)
+        def finished(index, layer, calibration_progress):
+            for name, tensor in layer.state_dict().items():
+                writer.put(f"{LAYER_PREFIX}{index}.{name}", tensor.to(save_dtype))
+            writer.sync()  # the layer's tensors are on disk before the journal says it is done
+            journal.save_layer(calibration_progress)
 
-    report = ConvertReport(
+        layers_in = StreamedLayers(model, weights, prepare=plan.layer, dtype=work_dtype)
+        try:
+            layers = calibrate_layers(model, family, input_ids, shares, settings, progress, layers_in,
+                                      resume=resumed, on_layer=finished)
+        except KeyboardInterrupt:
+            done = len(journal.progress().calibrations) if is_resumable(staging) else 0
+            if done:
+                say(f"interrupted after {done} of {config.num_hidden_layers} layers; run the same command "
+                    "again to resume from there (--overwrite with other settings discards it)")
+            raise
+        del weights
+        divergences = None
+        if options.layer_allocation == "divergence":
+            say("measuring each layer's effect on the output")
+            points = sorted({*levels, settings.path_end})
+            written = StreamedLayers(model, FolderWeights(staging), dtype=work_dtype)  # the transformed layers
+            writer.sync()
+            divergences = points, output_divergences(model, family, layers, input_ids[:settings.greedy_sequences],
+                                                     shares, points, settings, decoder_layers=written)
+
+        sparsities = {}
+        for level in levels:
+            targets = layer_targets(layers, level, shares, options.layer_allocation, divergences)
+            per_layer = [layer.sparsities_at(target, shares) for layer, target in zip(layers, targets)]
+            thresholds = [layer.thresholds_for(s) for layer, s in zip(layers, per_layer)]
+            store_level(model.config.winaconv, level, [[t[p] for p in PROJECTIONS] for t in thresholds],
+                        [[s[p] for p in PROJECTIONS] for s in per_layer])
+            sparsities[level] = per_layer
+        model.config.winaconv.update(
+            default_sparsity=float(options.default_sparsity),
+            calibration={
+                "source": calibration.source,
+                "tokens": int(input_ids.numel()),
+                "seq_len": options.seq_len,
+                "greedy_tokens": settings.greedy_sequences * options.seq_len,
+                "greedy_step": options.greedy_step,
+                "layer_allocation": options.layer_allocation,
+                "upstream": options.upstream,
+                "seed": options.seed,
+            },
+            base_model={"id": source.model_id, "revision": source.revision},
+        )
+        model.config.dtype = save_dtype
+        say(f"writing {options.out}")
+        write_checkpoint_files(model, family, tokenizer, staging)
+        writer.close()
+        journal.finish()
+
+    return ConvertReport(
         out=Path(options.out),
         levels=sparsities,
         layer_seconds=[layer.seconds for layer in layers],
         seconds=time.perf_counter() - started,
         peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         peak_gpu_bytes=torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
+        resumed_layers=len(resumed.calibrations) if resumed else 0,
+        host_bound_bytes=None if options.in_memory else bound,
     )
-    return report
 
 
+@torch.no_grad()
+def model_wide_basis(model, family, kind: str, weights, input_ids, device) -> torch.Tensor:
+    """The one Q of the global / pca transform, from a first pass over the norm-folded layers."""
+    folded = StreamedLayers(model, weights, prepare=lambda layer, index: fold_layer_norms(layer, family))
+    if kind == "global":
+        return global_basis(_each(folded), family, device)
+    fold_head_norm(model)  # the covariance counts the final norm's output, whose gain goes to lm_head
+    return principal_basis(residual_covariance(model, input_ids, device, layers=folded))
 
+
+def _each(layers):
+    for index in range(len(layers)):
+        with layers.open(index) as layer:
+            yield layer

@@ -38,6 +38,7 @@ class ConvertOptions:
     revision: str | None = None
     overwrite: bool = False
     max_shard_size: str = "5GB"
+    in_memory: bool = False  # load the whole model with transformers first, instead of layer by layer
 
 
 @dataclass

@@ -16,24 +16,35 @@ def winaconv_section(method: str, transform: str, norm_scored) -> dict:
     return new_section(method, transform, norm_scored, winaconv_version=__version__)
 
 
-def to_runtime_model(base_model, section: dict):
-    """A runtime model sharing `base_model`'s tensors, with `section` as its config's winaconv section."""
-    family = family_for_model_type(base_model.config.model_type)
+def runtime_config(base_config, section: dict):
+    """The runtime class and config for a base model's config with `section` as its winaconv section."""
+    family = family_for_model_type(base_config.model_type)
     cls = model_class(family, section["transform"])
-    values = base_model.config.to_dict()
+    values = base_config.to_dict()
     for key in ("model_type", "quantization_config", "auto_map", "architectures", "transformers_version"):
         values.pop(key, None)
     values["winaconv"] = copy.deepcopy(section)
     config = cls.config_class.from_dict(values)
-    config._attn_implementation = base_model.config._attn_implementation
+    if getattr(base_config, "_attn_implementation", None):
+        config._attn_implementation = base_config._attn_implementation
     if section["transform"] == "exact":
         config.model_type = exact_model_type(family.name)
+    return cls, config, family
 
+
+def is_exact_extra(name: str) -> bool:
+    """The exact transform's matrices: in the runtime model, never in a source model."""
+    return name.endswith(SHORTCUTS + INPUT_ROTATIONS)
+
+
+def to_runtime_model(base_model, section: dict):
+    """A runtime model sharing `base_model`'s tensors, with `section` as its config's winaconv section."""
+    cls, config, family = runtime_config(base_model.config, section)
     with torch.device("meta"):
         model = cls(config)
     state = base_model.state_dict()
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith(SHORTCUTS + INPUT_ROTATIONS)]
+    missing = [k for k in missing if not is_exact_extra(k)]
     if config.tie_word_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
         model.tie_weights()

@@ -11,7 +11,7 @@ in the calibration; cost: about layers^2 / 2 x points layer passes over the gree
 import torch
 import torch.nn.functional as F
 
-from .calibrate import LayerCalibration, apply_thresholds, capture_layer_inputs, clear_thresholds, layer_outputs
+from .calibrate import LayerCalibration, ResidentLayers, apply_thresholds, capture_layer_inputs, clear_thresholds, layer_outputs
 
 
 def _log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -26,17 +26,23 @@ def _log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def output_divergences(model, family, layers: list[LayerCalibration], input_ids: torch.Tensor, shares: dict,
-                       points: list[float], settings) -> list[list[float]]:
-    """KL(dense || layer l sparse at points[k]) for every layer l and point k, on `input_ids`."""
+                       points: list[float], settings, decoder_layers=None) -> list[list[float]]:
+    """KL(dense || layer l sparse at points[k]) for every layer l and point k, on `input_ids`; the layers come
+    from `decoder_layers` (calibrate.ResidentLayers by default)."""
     device = settings.device
-    decoder_layers = list(model.model.layers)
+    decoder_layers = decoder_layers or ResidentLayers(model)
     hidden, layer_kwargs = capture_layer_inputs(model, input_ids, device)
     tail = int(input_ids.shape[1] * (1 - settings.tail_fraction))
 
-    def run(index, hidden):
-        layer = decoder_layers[index].to(device)
-        hidden = layer_outputs(layer, hidden, layer_kwargs[index], device, settings.micro_batch)
-        layer.to("cpu")
+    def run(index, hidden, calibration=None, point=None):
+        with decoder_layers.open(index) as layer:
+            layer.to(device)
+            if calibration is not None:
+                apply_thresholds(layer, family, calibration.thresholds_for(calibration.sparsities_at(point, shares)),
+                                 settings.norm_scored)
+            hidden = layer_outputs(layer, hidden, layer_kwargs[index], device, settings.micro_batch)
+            clear_thresholds(layer, family)
+            layer.to("cpu")
         return hidden
 
     inputs = []  # each layer's dense input
@@ -49,13 +55,10 @@ def output_divergences(model, family, layers: list[LayerCalibration], input_ids:
     try:
         reference = _log_probs(model, hidden[:, tail:])
         curves = []
-        for index, (layer, calibration) in enumerate(zip(decoder_layers, layers)):
+        for index, calibration in enumerate(layers):
             curve = []
             for point in points:
-                apply_thresholds(layer, family, calibration.thresholds_for(calibration.sparsities_at(point, shares)),
-                                 settings.norm_scored)
-                final = run(index, inputs[index])
-                clear_thresholds(layer, family)
+                final = run(index, inputs[index], calibration, point)
                 for later in range(index + 1, len(decoder_layers)):
                     final = run(later, final)
                 log_probs = _log_probs(model, final[:, tail:])

@@ -124,3 +124,16 @@ def source_dtype(config, requested: str) -> torch.dtype:
     if isinstance(own, str):
         own = DTYPES.get(own)
     return own if own in DTYPES.values() else torch.float32
+
+
+def hub_snapshot(source: ModelSource) -> Path:
+    """The safetensors files of a Hub model, downloaded into (or found in) the Hub cache; the folder's name is
+    the commit it holds."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.location, revision=source.revision,
+                                      allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+    except Exception as exc:  # noqa: BLE001: any failure to fetch the weights is one line for the user
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WinaconvError(f"cannot download the weights of {source.model_id}: {first}") from None

@@ -27,6 +27,8 @@ above): two hidden x hidden matrices per layer, as many as the shortcuts on Llam
 (benchmarks/gemma_transforms.md: their cost in bytes and accuracy on Gemma 3 270M).
 """
 
+import copy
+
 import torch
 from torch import nn
 
@@ -66,18 +68,25 @@ def _writers(layer, family: Family) -> list[nn.Linear]:
     return [layer.get_submodule(path) for path, projs in family.linears if set(projs) <= set(RESIDUAL_WRITERS)]
 
 
-def _segment(linear: nn.Linear, family: Family, config, projection: str) -> torch.Tensor:
-    """Rows of `projection` inside the (possibly fused) linear that holds it, in float64."""
+def _path_of(family: Family, projection: str) -> str:
+    return next(path for path, projs in family.linears if projection in projs)
+
+
+def _segment(weight: torch.Tensor, family: Family, config, projection: str) -> torch.Tensor:
+    """Rows of `projection` inside the (possibly fused) weight that holds it, in float64."""
     sizes = projection_sizes(config)
-    for path, projs in family.linears:
-        if projection in projs:
-            start = sum(sizes[p][1] for p in projs[: projs.index(projection)])
-            return linear.weight[start : start + sizes[projection][1]].double()
-    raise KeyError(projection)
+    projs = next(projs for _, projs in family.linears if projection in projs)
+    start = sum(sizes[p][1] for p in projs[: projs.index(projection)])
+    return weight[start : start + sizes[projection][1]].double()
 
 
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.data = value.to(dtype=param.dtype, device=param.device).contiguous()
+
+
+def _folded(weight: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """A reader's weight with its norm's gain folded in, rounded to the weight's dtype."""
+    return (weight.double() * gain.double()).to(weight.dtype)
 
 
 def untie_embeddings(model) -> None:
@@ -87,24 +96,28 @@ def untie_embeddings(model) -> None:
 
 
 @torch.no_grad()
-def fold_norms(model, family: Family) -> None:
-    """Multiply every RMSNorm weight into the linears reading its output; set the norms to 1."""
+def _fold(norm, linears) -> None:
+    gain = norm.weight.double()
+    for linear in linears:
+        _set(linear.weight, _folded(linear.weight, gain))
+    _set(norm.weight, torch.ones_like(gain))
+
+
+@torch.no_grad()
+def fold_layer_norms(layer, family: Family) -> None:
+    """Multiply a decoder layer's RMSNorm weights into the linears reading their output; set the norms to 1."""
+    _fold(layer.input_layernorm, _readers(layer, family, "attention"))
+    _fold(layer.post_attention_layernorm, _readers(layer, family, "mlp"))
+
+
+@torch.no_grad()
+def fold_head_norm(model) -> None:
+    """The final norm into lm_head (untied from the embeddings first)."""
     untie_embeddings(model)
-    decoder = model.model
-
-    def fold(norm, linears):
-        gain = norm.weight.double()
-        for linear in linears:
-            _set(linear.weight, linear.weight.double() * gain)
-        _set(norm.weight, torch.ones_like(gain))
-
-    for layer in decoder.layers:
-        fold(layer.input_layernorm, _readers(layer, family, "attention"))
-        fold(layer.post_attention_layernorm, _readers(layer, family, "mlp"))
-    fold(decoder.norm, [model.lm_head])
+    _fold(model.model.norm, [model.lm_head])
 
 
-def _principal_basis(gram: torch.Tensor) -> torch.Tensor:
+def principal_basis(gram: torch.Tensor) -> torch.Tensor:
     """Orthogonal Q whose columns are the eigenvectors of a symmetric matrix, largest first."""
     _, vectors = torch.linalg.eigh(gram)
     return vectors.flip(-1)
@@ -114,28 +127,11 @@ def _gram(weight: torch.Tensor) -> torch.Tensor:
     return weight.T @ weight
 
 
-def exact_bases(model, family: Family, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(Q_attn, Q_mlp) per layer: right singular vectors of k_proj and gate_proj."""
-    bases = []
-    for layer in model.model.layers:
-        k = _segment(layer.get_submodule(_path_of(family, "k")), family, model.config, "k")
-        gate = _segment(layer.get_submodule(_path_of(family, "gate")), family, model.config, "gate")
-        bases.append((_principal_basis(_gram(k.to(device))), _principal_basis(_gram(gate.to(device)))))
-    return bases
-
-
-def _path_of(family: Family, projection: str) -> str:
-    return next(path for path, projs in family.linears if projection in projs)
-
-
-def global_basis(model, family: Family, device) -> torch.Tensor:
-    hidden = model.config.hidden_size
-    total = torch.zeros(hidden, hidden, dtype=torch.float64, device=device)
-    for layer in model.model.layers:
-        for linear in _readers(layer, family, "attention") + _readers(layer, family, "mlp"):
-            w = linear.weight.to(device=device, dtype=torch.float64)
-            total += _gram(w) / w.square().sum()
-    return _principal_basis(total)
+def add_global_gram(total: torch.Tensor, layer, family: Family) -> None:
+    """The global basis diagonalises the sum over every reader of W^T W / |W|^2 (norms folded)."""
+    for linear in _readers(layer, family, "attention") + _readers(layer, family, "mlp"):
+        w = linear.weight.to(device=total.device, dtype=torch.float64)
+        total += _gram(w) / w.square().sum()
 
 
 def _read_in(linears, q: torch.Tensor) -> None:
@@ -144,65 +140,152 @@ def _read_in(linears, q: torch.Tensor) -> None:
         _set(linear.weight, linear.weight.to(q.device, torch.float64) @ q)
 
 
+def _write_in(linear, q: torch.Tensor) -> None:
+    """A linear that writes a stream now carried as x Q: W -> Q^T W (bias Q^T b)."""
+    _set(linear.weight, q.T @ linear.weight.to(q.device, torch.float64))
+    if linear.bias is not None:
+        _set(linear.bias, q.T @ linear.bias.to(q.device, torch.float64))
+
+
 @torch.no_grad()
-def _rotate(model, family: Family, bases: list[tuple[torch.Tensor, torch.Tensor]], final: torch.Tensor) -> None:
-    """Apply per-block bases; bases[l] = (Q_attn, Q_mlp) of layer l, `final` read by lm_head."""
+def rotate_layer(layer, family: Family, q_attn: torch.Tensor, q_mlp: torch.Tensor, q_next: torch.Tensor) -> None:
+    """A (norm-folded) decoder layer whose attention reads the stream in basis q_attn, whose MLP reads it in
+    q_mlp and whose output leaves it in q_next (the next layer's q_attn, or the basis lm_head reads)."""
+    o_proj, down_proj = _writers(layer, family)
+    _read_in(_readers(layer, family, "attention"), q_attn)
+    _write_in(o_proj, q_mlp)
+    _read_in(_readers(layer, family, "mlp"), q_mlp)
+    _write_in(down_proj, q_next)
+    if hasattr(layer, "attn_shortcut"):
+        _set(layer.attn_shortcut, q_attn.T @ q_mlp)
+        _set(layer.mlp_shortcut, q_mlp.T @ q_next)
+
+
+@torch.no_grad()
+def rotate_ends(model, q_first: torch.Tensor, q_final: torch.Tensor) -> None:
+    """Embeddings write the stream in the first layer's basis; lm_head (norm folded) reads it in q_final."""
     embed = model.get_input_embeddings()
-    device = final.device
-
-    def write_in(linear, q):
-        _set(linear.weight, q.T @ linear.weight.to(device, torch.float64))
-        if linear.bias is not None:
-            _set(linear.bias, q.T @ linear.bias.to(device, torch.float64))
-
-    _set(embed.weight, embed.weight.to(device, torch.float64) @ bases[0][0])
-    layers = list(model.model.layers)
-    for idx, (layer, (q_attn, q_mlp)) in enumerate(zip(layers, bases)):
-        q_next = bases[idx + 1][0] if idx + 1 < len(layers) else final
-        o_proj, down_proj = _writers(layer, family)
-        _read_in(_readers(layer, family, "attention"), q_attn)
-        write_in(o_proj, q_mlp)
-        _read_in(_readers(layer, family, "mlp"), q_mlp)
-        write_in(down_proj, q_next)
-        if hasattr(layer, "attn_shortcut"):
-            _set(layer.attn_shortcut, q_attn.T @ q_mlp)
-            _set(layer.mlp_shortcut, q_mlp.T @ q_next)
-    _read_in([model.lm_head], final)
+    _set(embed.weight, embed.weight.to(q_first.device, torch.float64) @ q_first)
+    _read_in([model.lm_head], q_final)
 
 
 @torch.no_grad()
-def _rotate_block_inputs(model, family: Family, bases: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def rotate_layer_inputs(layer, family: Family, q_attn: torch.Tensor, q_mlp: torch.Tensor) -> None:
     """Gemma's exact transform: block inputs rotated online, x -> x Q, and the readers' weights W -> W Q;
     the residual stream, the norms and the tied embeddings stay as they are."""
     attn_rotation, mlp_rotation = family.exact_matrices
-    for layer, (q_attn, q_mlp) in zip(model.model.layers, bases):
-        for block, q, name in (("attention", q_attn, attn_rotation), ("mlp", q_mlp, mlp_rotation)):
-            _read_in(_readers(layer, family, block), q)
-            _set(getattr(layer, name), q)
+    for block, q, name in (("attention", q_attn, attn_rotation), ("mlp", q_mlp, mlp_rotation)):
+        _read_in(_readers(layer, family, block), q)
+        _set(getattr(layer, name), q)
+
+
+class LayerTransform:
+    """The transform, applied one decoder layer at a time so that a conversion can onload layers one by one.
+
+    `raw(names)` gives untransformed source tensors by state-dict name; the exact transform's bases come
+    from there (a layer's output basis is the next layer's attention basis, read ahead). global and pca
+    need their one basis first (`global_basis`, calibrate.residual_covariance over norm-folded layers),
+    passed as `basis`. Then `ends(model)` transforms embeddings and lm_head and `layer(layer, index)` each
+    decoder layer; every tensor gets the same float64 arithmetic whichever order the layers come in.
+    """
+
+    def __init__(self, kind: str, family: Family, config, raw, device="cpu", basis: torch.Tensor | None = None):
+        if kind not in TRANSFORMS:
+            raise ValueError(f"unknown transform {kind!r}; choose from {TRANSFORMS}")
+        check_transform(family, kind)
+        if kind in ("global", "pca") and basis is None:
+            raise ValueError(f"the {kind} transform needs its basis")
+        self.kind, self.family, self.config, self.raw, self.device = kind, family, config, raw, device
+        self.basis = basis
+        self._bases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def folds_norms(self) -> bool:
+        return self.kind != "none" and not self.family.output_norms
+
+    def exact_bases(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q_attn, Q_mlp) of a layer: right singular vectors of its (norm-folded) k_proj and gate_proj."""
+        if index not in self._bases:
+            prefix = f"model.layers.{index}."
+            k_name, gate_name = (f"{prefix}{_path_of(self.family, p)}.weight" for p in ("k", "gate"))
+            norms = {} if self.family.output_norms else {k_name: f"{prefix}input_layernorm.weight",
+                                                         gate_name: f"{prefix}post_attention_layernorm.weight"}
+            tensors = self.raw([k_name, gate_name, *norms.values()])
+            bases = []
+            for name, projection in ((k_name, "k"), (gate_name, "gate")):
+                weight = _folded(tensors[name], tensors[norms[name]]) if norms else tensors[name]
+                segment = _segment(weight, self.family, self.config, projection)
+                bases.append(principal_basis(_gram(segment.to(self.device))))
+            self._bases = {i: b for i, b in self._bases.items() if i >= index - 1}  # keep the look-ahead only
+            self._bases[index] = tuple(bases)
+        return self._bases[index]
+
+    @torch.no_grad()
+    def ends(self, model) -> None:
+        """Embeddings and lm_head (the final norm folded into it)."""
+        if not self.folds_norms:
+            return
+        fold_head_norm(model)
+        if self.kind == "exact":
+            last = self.config.num_hidden_layers - 1
+            rotate_ends(model, self.exact_bases(0)[0], self.exact_bases(last)[1])
+        else:
+            rotate_ends(model, self.basis, self.basis)
+
+    @torch.no_grad()
+    def layer(self, layer, index: int) -> None:
+        if self.kind == "none":
+            return
+        if self.kind == "exact" and self.family.output_norms:
+            rotate_layer_inputs(layer, self.family, *self.exact_bases(index))
+            return
+        fold_layer_norms(layer, self.family)
+        if self.kind == "exact":
+            q_attn, q_mlp = self.exact_bases(index)
+            last = index + 1 == self.config.num_hidden_layers
+            rotate_layer(layer, self.family, q_attn, q_mlp, q_mlp if last else self.exact_bases(index + 1)[0])
+        else:
+            rotate_layer(layer, self.family, self.basis, self.basis, self.basis)
+
+
+@torch.no_grad()
+def global_basis(layers, family: Family, device) -> torch.Tensor:
+    """The global transform's Q from norm-folded layers (an iterable of decoder layers, in order)."""
+    total = None
+    for layer in layers:
+        if total is None:
+            hidden = layer.input_layernorm.weight.shape[0]
+            total = torch.zeros(hidden, hidden, dtype=torch.float64, device=device)
+        add_global_gram(total, layer, family)
+    return principal_basis(total)
 
 
 @torch.no_grad()
 def apply_transform(model, family: Family, kind: str, device="cpu", calibration_ids=None) -> None:
-    """Transform `model` (a winaconv runtime model) in place; the dense function is unchanged.
+    """Transform `model` (a winaconv runtime model, whole in memory) in place; the dense function is unchanged.
     "pca" needs calibration_ids ([sequences, length] token ids) to find its basis."""
     if kind not in TRANSFORMS:
         raise ValueError(f"unknown transform {kind!r}; choose from {TRANSFORMS}")
     check_transform(family, kind)
-    if kind == "none":
-        return
     if kind == "pca" and calibration_ids is None:
         raise ValueError("the pca transform needs calibration token ids")
-    if kind == "exact" and family.output_norms:
-        _rotate_block_inputs(model, family, exact_bases(model, family, device))
-        return
-    fold_norms(model, family)
-    if kind == "exact":
-        bases = exact_bases(model, family, device)
-        _rotate(model, family, bases, bases[-1][1])
-        return
-    if kind == "pca":
-        q = _principal_basis(residual_covariance(model, calibration_ids, device))
-    else:
-        q = global_basis(model, family, device)
-    _rotate(model, family, [(q, q)] * model.config.num_hidden_layers, q)
-
+    basis = None
+    if kind in ("global", "pca"):
+        folded = [copy.deepcopy(layer) for layer in model.model.layers]
+        for layer in folded:
+            fold_layer_norms(layer, family)
+        if kind == "global":
+            basis = global_basis(folded, family, device)
+        else:
+            fold_head_norm(model)
+            real_layers, model.model.layers = model.model.layers, nn.ModuleList(folded)
+            try:
+                basis = principal_basis(residual_covariance(model, calibration_ids, device))
+            finally:
+                model.model.layers = real_layers
+        del folded
+    raw_state = model.state_dict()  # untransformed: _set replaces parameters' data, never writes into it
+    plan = LayerTransform(kind, family, model.config, lambda names: {n: raw_state[n] for n in names}, device, basis)
+    plan.ends(model)
+    for index, layer in enumerate(model.model.layers):
+        plan.layer(layer, index)

@@ -1,0 +1,141 @@
+"""Resuming an interrupted streamed conversion from its last finished layer.
+
+A streamed conversion keeps in its staging folder, besides the shards it fills, a `.resume` folder: the
+fingerprint of the run (source files or revision, calibration tokens, every option that changes the output,
+winaconv and torch versions), the global/pca basis, each finished layer's calibration, and the activations
+and sampler state the next layer starts from. Each layer's entry is written after its tensors are synced to
+disk and is renamed into place, so a kill or a power cut leaves either the old entry or the new one.
+The same command run again finds the folder (checkpoint.atomic_folder) and starts after the last layer.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .calibrate import CalibrationProgress, LayerCalibration
+
+RESUME_FOLDER = ".resume"
+STATE_FILE = "state.json"
+# ConvertOptions fields that do not change the checkpoint's tensors or config (the source and the device are
+# fingerprinted on their own; --in-memory reads the same tensors another way)
+NOT_FINGERPRINTED = ("out", "overwrite", "model", "revision", "device", "in_memory")
+
+
+def fingerprint(options, source_id: str, source_files, input_ids: torch.Tensor, device: str) -> dict:
+    """Everything a checkpoint depends on: equal fingerprints, equal conversions."""
+    from . import __version__
+
+    settings = {k: v for k, v in asdict(options).items() if k not in NOT_FINGERPRINTED}
+    return {
+        "source": source_id,
+        "source_files": source_files,
+        "calibration_sha256": hashlib.sha256(input_ids.contiguous().numpy().tobytes()).hexdigest(),
+        "options": json.loads(json.dumps(settings, default=str)),
+        "device_type": device.split(":")[0],  # CPU and GPU round differently
+        "winaconv": __version__,
+        "torch": torch.__version__,
+    }
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """Names of what differs, for a one-line refusal."""
+    names = [key for key in sorted(set(old) | set(new)) if key != "options" and old.get(key) != new.get(key)]
+    old_options, new_options = old.get("options", {}), new.get("options", {})
+    names += [f"--{k.replace('_', '-')}" for k in sorted(set(old_options) | set(new_options))
+              if old_options.get(k) != new_options.get(k)]
+    return names
+
+
+def recorded_fingerprint(staging: Path) -> dict | None:
+    try:
+        return json.loads((staging / RESUME_FOLDER / STATE_FILE).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _replace_atomically(path: Path, write) -> None:
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
+    with open(partial, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+class ResumeJournal:
+    def __init__(self, staging: Path, fingerprint: dict):
+        self.folder = Path(staging) / RESUME_FOLDER
+        self.fingerprint = fingerprint
+
+    def _state(self) -> dict:
+        try:
+            return json.loads((self.folder / STATE_FILE).read_text())
+        except OSError:
+            return {"fingerprint": self.fingerprint, "layers": []}
+
+    def _write_state(self, state: dict) -> None:
+        self.folder.mkdir(exist_ok=True)
+        _replace_atomically(self.folder / STATE_FILE, lambda p: p.write_text(json.dumps(state)))
+
+    def start(self) -> None:
+        if not (self.folder / STATE_FILE).is_file():
+            self._write_state(self._state())
+
+    def basis(self) -> torch.Tensor | None:
+        from safetensors.torch import load_file
+
+        path = self.folder / "basis.safetensors"
+        return load_file(path)["basis"] if path.is_file() else None
+
+    def save_basis(self, basis: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(exist_ok=True)
+        _replace_atomically(self.folder / "basis.safetensors",
+                            lambda p: save_file({"basis": basis.cpu().contiguous()}, p))
+
+    def progress(self) -> CalibrationProgress | None:
+        """What the finished layers left, or None before the first one."""
+        from safetensors.torch import load_file
+
+        layers = self._state()["layers"]
+        if not layers:
+            return None
+        calibrations = []
+        for index, entry in enumerate(layers):
+            grids = load_file(self.folder / f"layer-{index}.safetensors")
+            calibrations.append(LayerCalibration(grids=grids, path=entry["path"], errors=entry["errors"],
+                                                 seconds=entry["seconds"]))
+        carried = load_file(self.folder / "carry.safetensors")
+        return CalibrationProgress(calibrations, carried["hidden"], carried["generator_state"])
+
+    def save_layer(self, progress: CalibrationProgress) -> None:
+        """After layer len(progress.calibrations) - 1 (its tensors already synced to disk)."""
+        from safetensors.torch import save_file
+
+        index = len(progress.calibrations) - 1
+        newest = progress.calibrations[-1]
+        self.folder.mkdir(exist_ok=True)
+        _replace_atomically(self.folder / f"layer-{index}.safetensors",
+                            lambda p: save_file({k: v.contiguous() for k, v in newest.grids.items()}, p))
+        _replace_atomically(self.folder / "carry.safetensors", lambda p: save_file(
+            {"hidden": progress.hidden.cpu().contiguous(), "generator_state": progress.generator_state}, p))
+        state = self._state()
+        state["layers"] = state["layers"][:index] + [
+            {"path": newest.path, "errors": newest.errors, "seconds": newest.seconds}]
+        self._write_state(state)
+
+    def finish(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def is_resumable(staging: Path) -> bool:
+    """A staging folder with at least one finished layer recorded."""
+    try:
+        return bool(json.loads((staging / RESUME_FOLDER / STATE_FILE).read_text())["layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

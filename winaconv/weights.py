@@ -1,0 +1,111 @@
+"""A source model's weights, read tensor by tensor in float32 under their state-dict names.
+
+- a safetensors folder (one file or shards with their index; a Hub snapshot is one): each read opens the files it
+  needs and closes them, so the memory-mapped pages it touched leave the process with them;
+- a GGUF file: the tensors one at a time through the gguf package, dequantized and reordered by transformers'
+  own GGUF tensor processors (the ones from_pretrained uses), so the values equal a whole-model load's;
+- a model already loaded whole (--in-memory): its state dict.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import WinaconvError
+
+
+class FolderWeights:
+    def __init__(self, folder: Path):
+        import json
+
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {name: self.folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            self.files = {}
+            for path in sorted(self.folder.glob("*.safetensors")):
+                with safe_open(path, framework="pt") as handle:
+                    self.files.update((name, path) for name in handle.keys())
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def read(self, names) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        tensors = {}
+        for path, wanted in by_file.items():
+            with safe_open(path, framework="pt") as handle:
+                for name in wanted:
+                    tensors[name] = handle.get_tensor(name).to(torch.float32)
+        return tensors
+
+    def fingerprint(self) -> list:
+        """Name, size and modification time of every weight file (as make and rsync tell files apart)."""
+        return sorted([path.name, (stat := os.stat(path)).st_size, stat.st_mtime_ns] for path in set(self.files.values()))
+
+
+class GGUFWeights:
+    def __init__(self, path: Path, skeleton):
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint, read_field,
+        )
+        from gguf import GGUFReader
+
+        self.path = Path(path)
+        reader = GGUFReader(self.path)
+        architecture = read_field(reader, "general.architecture")[0]
+        config = load_gguf_checkpoint(str(self.path), return_tensors=False)["config"]
+        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
+        self.gguf_to_hf = get_gguf_hf_weights_map(skeleton, self.processor)
+        self.present = {self.gguf_to_hf[t.name] for t in reader.tensors if t.name in self.gguf_to_hf}
+
+    def names(self) -> set[str]:
+        return set(self.present)
+
+    def read(self, names) -> dict[str, torch.Tensor]:
+        import numpy as np
+        from gguf import GGUFReader, dequantize
+
+        wanted, tensors = set(names), {}
+        reader = GGUFReader(self.path)  # a fresh memory map per read, released with it
+        for tensor in reader.tensors:
+            if self.gguf_to_hf.get(tensor.name) not in wanted:
+                continue
+            result = self.processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
+                                            tensor_key_mapping=self.gguf_to_hf, parsed_parameters={})
+            tensors[self.gguf_to_hf[result.name]] = torch.from_numpy(np.copy(result.weights)).to(torch.float32)
+        del reader
+        return tensors
+
+    def fingerprint(self) -> list:
+        stat = os.stat(self.path)
+        return [[self.path.name, stat.st_size, stat.st_mtime_ns]]
+
+
+class ModelWeights:
+    """A model loaded whole, read through its state dict (the tensors are shared, not copied)."""
+
+    def __init__(self, model):
+        self.state = model.state_dict()
+
+    def names(self) -> set[str]:
+        return set(self.state)
+
+    def read(self, names) -> dict[str, torch.Tensor]:
+        return {name: self.state[name] for name in names}
+
+
+def check_complete(weights, needed, model_id: str) -> None:
+    missing = sorted(set(needed) - weights.names())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise WinaconvError(f"{model_id} has no tensor {missing[0]}{more} under the names transformers uses; "
+                            "convert it with --in-memory (transformers' own loader)")
