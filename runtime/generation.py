@@ -145,7 +145,8 @@ class DecodeSettings:
 
 
 def process_logits(logits, seen, generated, plan: LogitsPlan, knobs, eos_ids):
-    """transformers' logits processors and warpers, in its order, on [batch, vocab] float32 scores."""
+    """transformers' logits processors, in its order, up to the temperature warper, on [batch, vocab] float32
+    scores; choose_tokens applies the top-k and top-p warpers that come next."""
     if plan.repetition_penalty:
         penalty = knobs[PENALTY]
         penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
@@ -153,26 +154,75 @@ def process_logits(logits, seen, generated, plan: LogitsPlan, knobs, eos_ids):
     if plan.min_new_tokens and eos_ids is not None:
         is_eos = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill(0, eos_ids, True)
         logits = logits.masked_fill(is_eos & (generated < knobs[MIN_NEW_TOKENS]), float("-inf"))
-    if not plan.do_sample:
-        return logits
-    if plan.temperature:
+    if plan.do_sample and plan.temperature:
         logits = logits / knobs[TEMPERATURE]
-    if 0 < plan.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, plan.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if plan.top_p:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= knobs[ONE_MINUS_TOP_P]
-        drop[:, -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
 
 
-def choose_tokens(scores, do_sample: bool):
-    """Argmax, or a sample drawn on the device without a host sync (exponential race: argmax p / E)."""
-    if not do_sample:
+def full_vocab_top_p(scores, one_minus_top_p):
+    """transformers' TopPLogitsWarper over the whole vocabulary (the path without a top_k)."""
+    sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= one_minus_top_p
+    drop[:, -1] = False  # always keep the most likely token
+    return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+class TopKCandidates(NamedTuple):
+    """What transformers' top-k warper (then top-p) leaves to sample, held as k candidates instead of the
+    vocabulary: every token below the k-th score is -inf after top-k, so top-p, softmax and the race need
+    only the values torch.topk returns. The catch is ties: top-k keeps every token equal to the k-th score,
+    and topk returns only some of them. All those tied tokens form one group, an extra entrant of the race
+    with their total mass, and a token drawn uniformly among them stands for the group when it wins."""
+    index: torch.Tensor  # [batch, k] vocabulary ids, by descending score
+    mass: torch.Tensor  # [batch, k + 1] unnormalised probabilities: the k candidates (0 for tied ones), then the group
+    tied: torch.Tensor  # [batch, vocab] the tokens equal to the k-th score: the group
+
+    def sample(self):
+        """The exponential race (argmax mass / E) between the candidates and the group."""
+        winner = (self.mass / torch.empty_like(self.mass).exponential_(1)).argmax(dim=-1, keepdim=True)
+        noise = torch.rand(self.tied.shape, device=self.tied.device)
+        tie = noise.masked_fill(~self.tied, -1).argmax(dim=-1, keepdim=True)  # uniform among the group
+        return torch.cat([self.index, tie], dim=1).gather(1, winner).squeeze(1)
+
+
+def top_k_candidates(scores, plan: LogitsPlan, knobs) -> TopKCandidates:
+    """TopKLogitsWarper then TopPLogitsWarper (if on), on the k best scores of [batch, vocab] scores."""
+    values, index = torch.topk(scores, plan.top_k, dim=-1)
+    kth = values[:, -1:]
+    tied = scores == kth
+    ties = tied.sum(dim=-1, keepdim=True).to(scores.dtype)  # >= 1: topk may have returned only some of them
+    weight = (values - values[:, :1]).exp()  # softmax numerators, the largest 1
+    tie_weight = weight[:, -1:]  # of each tied token
+    in_group = values == kth
+    weight = weight.masked_fill(in_group, 0)  # tied candidates count in the group only
+    group = ties * tie_weight
+    if plan.top_p:
+        # transformers sorts ascending and drops the tokens whose cumulative probability is <= 1 - top_p. The
+        # group holds the smallest kept scores, so it comes first: its j-th token's cumulative mass is
+        # j * tie_weight (which tied tokens come first is up to the unstable sort: here each is equally likely
+        # to be kept). Then the candidates from the k-th up: the group plus a suffix sum of descending values.
+        cumulative = group + weight.flip(-1).cumsum(dim=-1).flip(-1)
+        threshold = knobs[ONE_MINUS_TOP_P] * cumulative[:, :1]  # in unnormalised mass
+        drop = cumulative <= threshold
+        drop[:, 0] = False  # always keep the most likely token
+        weight = weight.masked_fill(drop, 0)
+        # (a tie_weight that underflowed to 0 drops the whole group, as transformers' zero probabilities are)
+        kept_ties = ties - torch.minimum((threshold / tie_weight).floor(), ties)
+        kept_ties = torch.where(in_group[:, :1], kept_ties.clamp(min=1), kept_ties)  # the most likely is tied
+        group = kept_ties * tie_weight
+    return TopKCandidates(index, torch.cat([weight, group], dim=1), tied)
+
+
+def choose_tokens(scores, plan: LogitsPlan, knobs):
+    """Argmax, or transformers' top-k and top-p warpers and a sample drawn on the device without a host sync
+    (exponential race: argmax p / E)."""
+    if not plan.do_sample:
         return scores.argmax(dim=-1)
+    if 0 < plan.top_k < scores.shape[-1]:  # a larger top_k keeps everything in transformers too
+        return top_k_candidates(scores, plan, knobs).sample()
+    if plan.top_p:
+        scores = full_vocab_top_p(scores, knobs[ONE_MINUS_TOP_P])
     probs = scores.softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_(1)
     return (probs / noise).argmax(dim=-1)
@@ -261,7 +311,7 @@ class DecodeEngine:
         """Pick the next token from [batch, vocab] logits and write it at position + 1 (device only)."""
         plan = self.settings.plan
         scores = process_logits(logits, self.seen, self.generated, plan, self.knobs, self._eos)
-        token = choose_tokens(scores, plan.do_sample)
+        token = choose_tokens(scores, plan, self.knobs)
         if self.settings.pad_token_id is not None and self._eos is not None:
             token = torch.where(self.finished, self.pad_token, token)
         self.tokens.index_copy_(1, self.position + 1, token[:, None])

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GenerationMixin, TextStreamer
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from winaconv.calibrate import uniform_levels
 from winaconv.runtime_model import to_runtime_model, winaconv_section
-from winaconv_runtime.generation import DecodeSettings, GenerationInputError
+from winaconv_runtime.generation import DecodeSettings, GenerationInputError, process_logits, top_k_candidates
 
 from random_models import ALL_FAMILIES, random_model
 
@@ -119,17 +119,18 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(llama):
     assert torch.equal(llama.generate(ids, **sample, top_k=1), greedy)
 
 
-def test_temperature_and_top_p_sample_the_expected_distribution(llama):
+@pytest.mark.parametrize("top_k", [0, 8])
+def test_temperature_and_top_p_sample_the_expected_distribution(llama, top_k):
     """First and second new tokens of 4000 identical rows against the distribution transformers' warpers
     define, at two temperatures that share one logits plan (the values are read from the engine's tensor,
-    so the second call must follow its own temperature). Tolerance per token: 4.5 binomial standard
-    deviations (+0.002), a false failure about once in 10^4 runs; tokens outside the top-p nucleus must
-    never appear."""
+    so the second call must follow its own temperature); top_k 8 takes the path that samples among the
+    top-k candidates. Tolerance per token: 4.5 binomial standard deviations (+0.002), a false failure about
+    once in 10^4 runs; tokens outside the top-p nucleus must never appear."""
     rows, top_p = 4000, 0.9
     prompt = torch.tensor(random_prompts([5], seed=3)[0])[None]
     plans = set()
     for temperature in (0.7, 1.4):
-        options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
         plans.add(DecodeSettings(GenerationConfig(max_new_tokens=2, **options), 5, None).plan)
         torch.manual_seed(0)
         out = llama.generate(prompt.expand(rows, -1), max_new_tokens=2, pad_token_id=0, **options)
@@ -138,7 +139,10 @@ def test_temperature_and_top_p_sample_the_expected_distribution(llama):
             # every row's prefix differs after the first sampled token: check the rows that share row 0's
             rows_alike = (out[:, :position] == out[:1, :position]).all(-1)
             context = out[:1, :position]
-            scores = TopPLogitsWarper(top_p)(context, TemperatureLogitsWarper(temperature)(context, logits))
+            scores = TemperatureLogitsWarper(temperature)(context, logits)
+            if top_k:
+                scores = TopKLogitsWarper(top_k)(context, scores)
+            scores = TopPLogitsWarper(top_p)(context, scores)
             expected = scores.softmax(-1)[0].double()
             assert 3 <= int((expected > 0).sum()) < VOCAB  # the nucleus really cuts, and there is something to sample
             counts = torch.bincount(out[rows_alike, position], minlength=VOCAB).double()
@@ -147,6 +151,121 @@ def test_temperature_and_top_p_sample_the_expected_distribution(llama):
             tolerance = 4.5 * (expected * (1 - expected) / n).sqrt() + 0.002
             assert ((observed - expected).abs() <= tolerance).all(), (temperature, position)
     assert len(plans) == 1
+
+
+def sampling_plan(temperature, top_k, top_p):
+    """The logits plan and knobs of a generate() call with these warpers."""
+    settings = DecodeSettings(GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p), 1, None)
+    return settings.plan, torch.tensor(settings.knobs, dtype=torch.float64)
+
+
+def warped_scores(logits, plan, knobs):
+    """What choose_tokens gets: the processors up to temperature (no penalty, no minimum length here)."""
+    none = torch.zeros(logits.shape, dtype=torch.bool)
+    return process_logits(logits, none, torch.zeros(1, dtype=torch.long), plan, knobs, None)
+
+
+def candidate_probabilities(candidates):
+    """The [batch, vocab] float64 distribution TopKCandidates.sample() draws from: each entrant of the race
+    wins with its share of the mass, and the group's share is spread evenly over its tied tokens."""
+    k = candidates.index.shape[1]
+    mass = candidates.mass.double()
+    probs = torch.zeros(candidates.tied.shape, dtype=torch.float64).scatter_add_(1, candidates.index, mass[:, :k])
+    probs += candidates.tied * mass[:, k:] / candidates.tied.sum(-1, keepdim=True)
+    return probs / mass.sum(-1, keepdim=True)
+
+
+def transformers_probabilities(scores, top_k, top_p):
+    """transformers' TopKLogitsWarper then TopPLogitsWarper, then softmax, in float64, on scores that went
+    through its TemperatureLogitsWarper in float32 (as in generate)."""
+    scores = TopKLogitsWarper(top_k)(None, scores.double())
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.softmax(-1)
+
+
+def tie_groups(scores_row):
+    """Index of each token's group of equal scores, and the number of groups."""
+    values, group = torch.unique(scores_row, return_inverse=True)
+    return group, len(values)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "coarse"])
+def test_top_k_candidates_give_transformers_distribution(kind):
+    """The top-k candidate path against transformers' warpers, probability vector against probability vector,
+    on random logits: plain float32, rounded to bfloat16 (as a bf16 model's logits are: ties at the k-th
+    score are common) and on a coarse grid (many ties, also across the top-p boundary).
+
+    transformers' top-p sorts with an unstable sort, so when the boundary splits a group of equal scores,
+    which of them it drops is up to the implementation; what is defined is how much of the group's mass
+    stays. So the test compares, per row, each group of equal scores' mass, and token by token every group
+    the reference keeps or drops whole; tokens of a group dropped whole must have probability exactly 0.
+    Tolerance 1e-6: the candidates' mass is float32 (relative rounding ~1e-7 per step over <= 50 terms)
+    against a float64 reference."""
+    g = torch.Generator().manual_seed(11)
+    vocab, rows = 1000, 16
+    missed_ties = split_groups = 0
+    for trial in range(6):
+        logits = torch.randn(rows, vocab, generator=g) * 3
+        if kind == "bfloat16":
+            logits = logits.bfloat16().float()
+        elif kind == "coarse":
+            logits = torch.randint(0, 24, (rows, vocab), generator=g) / 4.0
+        for temperature, top_k, top_p in ((0.7, 50, 0.9), (1.0, 10, 0.5), (1.3, 5, 1.0), (0.7, 1, 0.9), (1.0, 200, 0.2)):
+            plan, knobs = sampling_plan(temperature, top_k, top_p)
+            scores = warped_scores(logits, plan, knobs)
+            assert torch.equal(scores, TemperatureLogitsWarper(temperature)(None, logits))
+            candidates = top_k_candidates(scores, plan, knobs)
+            ours = candidate_probabilities(candidates)
+            expected = transformers_probabilities(scores, top_k, top_p)
+            assert torch.allclose(ours.sum(-1), torch.ones(rows, dtype=torch.float64), atol=1e-12, rtol=0)
+            for row in range(rows):
+                group, count = tie_groups(scores[row])
+                ours_mass = torch.zeros(count, dtype=torch.float64).index_add_(0, group, ours[row])
+                expected_mass = torch.zeros(count, dtype=torch.float64).index_add_(0, group, expected[row])
+                assert torch.allclose(ours_mass, expected_mass, atol=1e-6, rtol=0), (kind, trial, top_k, top_p, row)
+                low = torch.full((count,), 2.0, dtype=torch.float64).scatter_reduce_(0, group, expected[row], "amin")
+                high = torch.zeros(count, dtype=torch.float64).scatter_reduce_(0, group, expected[row], "amax")
+                whole = (low == high)[group]  # groups the reference keeps or drops whole
+                assert torch.allclose(ours[row][whole], expected[row][whole], atol=1e-6, rtol=0)
+                assert (ours[row][whole & (expected[row] == 0)] == 0).all()
+                split_groups += int((high > low).sum())
+            kth = scores.gather(1, candidates.index[:, -1:])
+            tied_returned = (scores.gather(1, candidates.index) == kth).sum(-1)
+            missed_ties += int(((scores == kth).sum(-1) > tied_returned).sum())  # tokens top-k keeps, topk left out
+    print(kind, "rows where topk left out tied tokens:", missed_ties, "groups split by top-p:", split_groups)
+    if kind != "float32":  # the cases this path has to get right were there
+        assert missed_ties > 0
+    if kind == "coarse":
+        assert split_groups > 0
+
+
+def test_top_k_sample_draws_tied_tokens_topk_left_out():
+    """TopKCandidates.sample() on 20000 identical rows whose k-th score is shared by five tokens (topk returns
+    two of them): every tied token must be drawn with its probability -- transformers' share, and, when top-p
+    cuts into the group, an even split of the mass transformers keeps. Tolerance per token: 4.5 binomial
+    standard deviations (+0.002)."""
+    vocab, rows, top_k = 30, 20000, 4
+    logits = torch.zeros(vocab)
+    logits[[3, 17]] = torch.tensor([4.0, 3.0])
+    tied = torch.tensor([1, 8, 12, 25, 29])
+    logits[tied] = 2.5
+    for top_p, kept_ties in ((1.0, 5), (0.8, 3)):  # 0.8: the first two tied tokens in ascending order are dropped
+        plan, knobs = sampling_plan(1.0, top_k, top_p)
+        scores = warped_scores(logits.expand(rows, -1), plan, knobs)
+        candidates = top_k_candidates(scores, plan, knobs)
+        assert int(torch.isin(tied, candidates.index[0]).sum()) == 2
+        expected = transformers_probabilities(scores[:1], top_k, top_p)[0]
+        assert int((expected[tied] > 0).sum()) == kept_ties
+        even = expected.clone()
+        even[tied] = expected[tied].sum() / len(tied)
+        assert torch.allclose(candidate_probabilities(candidates)[0], even, atol=1e-6, rtol=0)
+        torch.manual_seed(5)
+        counts = torch.bincount(candidates.sample(), minlength=vocab).double()
+        observed = counts / rows
+        tolerance = 4.5 * (even * (1 - even) / rows).sqrt() + 0.002
+        assert ((observed - even).abs() <= tolerance).all(), top_p
+        assert (counts[tied] > 0).all() and counts[even == 0].sum() == 0
 
 
 @pytest.fixture(scope="module")
