@@ -54,8 +54,11 @@ def convert(work: Path, transform: str, fast: bool) -> None:
     print(result.stderr[-3000:])
     if result.returncode:
         sys.exit(result.returncode)
+    import resource
+
+    summary = [line for line in result.stderr.splitlines() if line.startswith(("wrote", "host memory grew"))]
     record = {"transform": transform, "fast": fast, "command": " ".join(command), "wall_seconds": seconds,
-              "summary": [line for line in result.stderr.splitlines() if line.startswith("wrote")]}
+              "child_peak_rss_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, "summary": summary}
     (work / f"convert-{transform}.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record))
 

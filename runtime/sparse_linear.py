@@ -41,12 +41,10 @@ def announce_path(on_gpu: bool) -> None:
         logger.warning("winaconv: sparse linears run on the %s path", path)
 
 
-def channel_thresholds(weight: torch.Tensor, threshold: float, scored_with_norm: bool) -> torch.Tensor:
-    """tau for one segment: the threshold on |x_i| equivalent to the segment's rule."""
-    in_features = weight.shape[1]
+def channel_thresholds(norms: torch.Tensor, threshold: float, scored_with_norm: bool) -> torch.Tensor:
+    """tau for one segment with these column norms: the threshold on |x_i| equivalent to the segment's rule."""
     if not scored_with_norm:
-        return torch.full((in_features,), float(threshold), dtype=torch.float32, device=weight.device)
-    norms = weight.float().norm(dim=0)
+        return torch.full(norms.shape, float(threshold), dtype=torch.float32, device=norms.device)
     inf = torch.full_like(norms, float("inf"))
     return torch.where(norms > 0, threshold / norms, inf)
 
@@ -103,8 +101,8 @@ class SparseLinear(nn.Linear):
             self.tau = None
             self._cpu_rows.clear()  # the dense model keeps no second copy
             return
-        segments = self.weight.split(self.segment_sizes, dim=0)
-        tau = torch.stack([channel_thresholds(w, t, n) for w, t, n in zip(segments, thresholds, scored_with_norm)])
+        norms = self._column_norms()
+        tau = torch.stack([channel_thresholds(c, t, n) for c, t, n in zip(norms, thresholds, scored_with_norm)])
         if self.tau is not None and self.tau.shape == tau.shape:
             self.tau.copy_(tau)  # in place: compiled graphs and CUDA graphs keep reading this buffer
         else:
@@ -112,6 +110,15 @@ class SparseLinear(nn.Linear):
             if self.shared_input_group is not None:
                 self.shared_input_group.invalidate()  # the group's thresholds must take the new tensor in
         self._lay_out_for_kernel()
+
+    def _column_norms(self) -> list[torch.Tensor]:
+        """Per segment, the float32 column norms of the weight, kept while the weight is unchanged: the greedy
+        allocation sets thresholds thousands of times per layer, and recomputing them was a quarter of its time."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
+        if getattr(self, "_norms_key", None) != key:
+            segments = self.weight.split(self.segment_sizes, dim=0)
+            self._norms, self._norms_key = [w.float().norm(dim=0) for w in segments], key
+        return self._norms
 
     def _lay_out_for_kernel(self) -> None:
         if self.weight.device.type == "cpu" and not KERNELS_ON_CPU:

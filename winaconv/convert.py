@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from winaconv_runtime.architectures import PROJECTIONS, family_for_model_type, parameter_shares
+from winaconv_runtime.architectures import PROJECTIONS, family_for_model_type, parameter_shares, projection_sizes
 from winaconv_runtime.checkpoint_format import store_level
 
 from winaconv_runtime.checkpoint_format import SAFETENSORS_METADATA
@@ -46,6 +46,7 @@ class ConvertReport:
     peak_gpu_bytes: int | None = None
     resumed_layers: int = 0  # layers a resumed run found finished
     host_bound_bytes: int | None = None  # peak_host_bound: what a streamed run should stay under, besides Python
+    start_host_bytes: int = 0  # peak host memory before the conversion began (Python, torch, libraries)
 
 
 def norm_scored_projections(method: str, scoring: str) -> tuple[str, ...]:
@@ -100,20 +101,50 @@ def open_weights(source: sources.ModelSource, skeleton, in_memory: bool):
 
 
 def peak_host_bound(model, tokens: int, work_dtype: torch.dtype, settings: CalibrationSettings) -> int:
-    """What a streamed conversion should hold at most, in bytes, besides the Python process itself:
-    embeddings + lm_head (float32), three decoder layers in float64 (the layer, its transform's float64
-    copies, the read-ahead basis), the calibration activations three times (inputs, outputs, the greedy
-    search's tail copies) and the score samples (at most settings.max_scores float32 per projection)."""
-    hidden = model.config.hidden_size
+    """What a streamed conversion should hold at most, in bytes, besides the process's own overhead (Python,
+    the libraries' code, the allocator's caches): embeddings + lm_head (float32), three decoder layers in
+    float64 (the layer, its transform's float64 copies, the read-ahead basis), the calibration activations
+    three times (inputs, outputs, the greedy search's copies) and the score samples (per projection, one
+    float32 per token and input channel, at most settings.max_scores)."""
     layer_params = sum(p.numel() for p in model.model.layers[0].parameters())
     ends = sum(model.state_dict()[n].numel() for n in end_names(model))
-    activations = tokens * hidden * work_dtype.itemsize
-    samples = len(PROJECTIONS) * min(settings.max_scores, tokens * 4 * max(hidden, model.config.intermediate_size)) * 4
+    activations = tokens * model.config.hidden_size * work_dtype.itemsize
+    samples = sum(min(settings.max_scores, tokens * inputs) for inputs, _ in projection_sizes(model.config).values()) * 4
     return ends * 4 + 3 * layer_params * 8 + 3 * activations + samples
+
+
+def release_freed_layers() -> None:
+    """Make glibc return large freed blocks to the system. By default it raises its mmap threshold to the
+    largest block freed, after which a layer's tensors come from a heap that keeps their pages once freed:
+    a 24-layer stream then held ~200 MB more than one layer needs. A fixed threshold keeps blocks of 1 MiB
+    and more mmapped, so a dropped layer leaves the process (no-op off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM, the high-water mark of its own address space (ru_maxrss
+    would also count the RSS of the process that started this one, which Linux carries over an exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     started = time.perf_counter()
+    start_host_bytes = peak_rss_bytes()
+    if not options.in_memory:
+        release_freed_layers()
     source = sources.resolve_source(options.model, options.revision)
     local = Path(source.location) if Path(source.location).is_dir() else None
     default_chosen = options.default_sparsity is None
@@ -249,7 +280,8 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
         levels=sparsities,
         layer_seconds=[layer.seconds for layer in layers],
         seconds=time.perf_counter() - started,
-        peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_host_bytes=peak_rss_bytes(),
+        start_host_bytes=start_host_bytes,
         peak_gpu_bytes=torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
         resumed_layers=len(resumed.calibrations) if resumed else 0,
         host_bound_bytes=None if options.in_memory else bound,

@@ -45,7 +45,14 @@ def print_summary(report, default_sparsity: float) -> None:
         table.add_row(str(idx), *(f"{row[p]:.2f}" for p in PROJECTIONS), f"{seconds:.1f}")
     err.print(table)
     gpu = f", peak GPU memory {report.peak_gpu_bytes / 2**30:.2f} GiB" if report.peak_gpu_bytes is not None else ""
-    err.print(f"wrote {report.out} in {report.seconds:.0f} s, peak host memory {report.peak_host_bytes / 2**30:.2f} GiB{gpu}")
+    resumed = f" (resumed after layer {report.resumed_layers})" if report.resumed_layers else ""
+    err.print(f"wrote {report.out} in {report.seconds:.0f} s{resumed}, peak host memory "
+              f"{report.peak_host_bytes / 2**30:.2f} GiB{gpu}")
+    if report.host_bound_bytes is not None:
+        grown = (report.peak_host_bytes - report.start_host_bytes) / 2**30
+        err.print(f"host memory grew by {grown:.2f} GiB during the conversion; a streamed conversion should stay under "
+                  f"{report.host_bound_bytes / 2**30:.2f} GiB (embeddings + lm_head in float32, 3 decoder layers in "
+                  "float64, 3x the calibration activations, the score samples)")
 
 
 def print_eval(report) -> None:

@@ -84,9 +84,23 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.data = value.to(dtype=param.dtype, device=param.device).contiguous()
 
 
+# Large matrices (embeddings, lm_head: vocabulary x hidden) are transformed this many rows at a time, so their
+# float64 temporaries stay small next to the matrix itself (a streamed conversion's memory bound counts on it).
+ROWS_PER_CHUNK = 8192
+
+
+def _by_rows(weight: torch.Tensor, step, device) -> torch.Tensor:
+    """step(rows in float64 on `device`) for every block of rows, gathered in weight's dtype and device."""
+    out = torch.empty_like(weight)
+    for start in range(0, weight.shape[0], ROWS_PER_CHUNK):
+        out[start : start + ROWS_PER_CHUNK] = step(weight[start : start + ROWS_PER_CHUNK].to(device, torch.float64))
+    return out
+
+
 def _folded(weight: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     """A reader's weight with its norm's gain folded in, rounded to the weight's dtype."""
-    return (weight.double() * gain.double()).to(weight.dtype)
+    gain = gain.to(weight.device, torch.float64)
+    return _by_rows(weight, lambda rows: rows * gain, weight.device)
 
 
 def untie_embeddings(model) -> None:
@@ -137,7 +151,7 @@ def add_global_gram(total: torch.Tensor, layer, family: Family) -> None:
 def _read_in(linears, q: torch.Tensor) -> None:
     """Linears that read a stream now carried as x Q: W -> W Q (float64 on Q's device)."""
     for linear in linears:
-        _set(linear.weight, linear.weight.to(q.device, torch.float64) @ q)
+        _set(linear.weight, _by_rows(linear.weight, lambda rows: rows @ q, q.device))
 
 
 def _write_in(linear, q: torch.Tensor) -> None:
@@ -165,7 +179,7 @@ def rotate_layer(layer, family: Family, q_attn: torch.Tensor, q_mlp: torch.Tenso
 def rotate_ends(model, q_first: torch.Tensor, q_final: torch.Tensor) -> None:
     """Embeddings write the stream in the first layer's basis; lm_head (norm folded) reads it in q_final."""
     embed = model.get_input_embeddings()
-    _set(embed.weight, embed.weight.to(q_first.device, torch.float64) @ q_first)
+    _set(embed.weight, _by_rows(embed.weight, lambda rows: rows @ q_first, q_first.device))
     _read_in([model.lm_head], q_final)
 
 
