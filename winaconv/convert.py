@@ -93,7 +93,7 @@ def open_weights(source: sources.ModelSource, skeleton, in_memory: bool):
         files = GGUFWeights(Path(source.location) / source.gguf_file, skeleton)
     else:
         local = Path(source.location)
-        files = FolderWeights(local if local.is_dir() else sources.hub_snapshot(source))
+        files = FolderWeights(local if local.is_dir() else sources.hub_snapshot(source), source.model_id)
     identity = files.fingerprint()
     if in_memory:
         return ModelWeights(sources.load_model(source, torch.float32)), identity

@@ -7,6 +7,7 @@
 - a model already loaded whole (--in-memory): its state dict.
 """
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -15,13 +16,29 @@ import torch
 from .errors import WinaconvError
 
 
+@contextlib.contextmanager
+def _one_line_errors(name: str):
+    """A truncated or corrupt file, met when opened or when a layer is read, is one line for the user."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WinaconvError(f"cannot load the weights of {name}: {first}") from None
+
+
 class FolderWeights:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, name: str | None = None):
+        self.folder, self.name = Path(folder), name or Path(folder).name
+        with _one_line_errors(self.name):
+            self._list_files()
+
+    def _list_files(self) -> None:
         import json
 
         from safetensors import safe_open
 
-        self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             self.files = {name: self.folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
@@ -41,10 +58,11 @@ class FolderWeights:
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
         tensors = {}
-        for path, wanted in by_file.items():
-            with safe_open(path, framework="pt") as handle:
-                for name in wanted:
-                    tensors[name] = handle.get_tensor(name).to(torch.float32)
+        with _one_line_errors(self.name):
+            for path, wanted in by_file.items():
+                with safe_open(path, framework="pt") as handle:
+                    for name in wanted:
+                        tensors[name] = handle.get_tensor(name).to(torch.float32)
         return tensors
 
     def fingerprint(self) -> list:
@@ -60,9 +78,10 @@ class GGUFWeights:
         from gguf import GGUFReader
 
         self.path = Path(path)
-        reader = GGUFReader(self.path)
-        architecture = read_field(reader, "general.architecture")[0]
-        config = load_gguf_checkpoint(str(self.path), return_tensors=False)["config"]
+        with _one_line_errors(self.path.name):
+            reader = GGUFReader(self.path)
+            architecture = read_field(reader, "general.architecture")[0]
+            config = load_gguf_checkpoint(str(self.path), return_tensors=False)["config"]
         self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
         self.gguf_to_hf = get_gguf_hf_weights_map(skeleton, self.processor)
         self.present = {self.gguf_to_hf[t.name] for t in reader.tensors if t.name in self.gguf_to_hf}
@@ -75,7 +94,8 @@ class GGUFWeights:
         from gguf import GGUFReader, dequantize
 
         wanted, tensors = set(names), {}
-        reader = GGUFReader(self.path)  # a fresh memory map per read, released with it
+        with _one_line_errors(self.path.name):
+            reader = GGUFReader(self.path)  # a fresh memory map per read, released with it
         for tensor in reader.tensors:
             if self.gguf_to_hf.get(tensor.name) not in wanted:
                 continue

@@ -1,0 +1,87 @@
+"""Host memory and wall time of a conversion, streamed (layer by layer) against --in-memory, on this CPU.
+
+  python benchmarks/convert_memory.py --work /tmp/convert-memory --out results/convert_memory_cpu.json
+
+The model is the random ~1B Llama-architecture model of cpu_decode.py (hidden 2048, 16 layers, intermediate
+8192, 32000-token vocabulary) in bf16; each conversion runs in its own process (`winaconv convert`, pca,
+a small calibration budget: the memory question does not need the default one). Recorded per run: wall
+time, the peak resident memory of the converting process (VmHWM, as its summary prints it), how much it grew
+during the conversion, and for the streamed run the bound the formula gives (convert.peak_host_bound).
+"""
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_decode import RANDOM_1B  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parent / "assets"  # SmolLM2's tokenizer (49152 tokens)
+BUDGET = ["--calib-tokens", "1024", "--seq-len", "256", "--greedy-tokens", "256", "--greedy-step", "0.05",
+          "--sparsity-levels", "0.5"]
+
+
+def make(folder: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file():
+        return
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**RANDOM_1B)).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.8, 1.2)  # non-trivial norms: folding them is real work
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(ASSETS).save_pretrained(folder)
+
+
+def run(source: Path, out: Path, calib: Path, in_memory: bool) -> dict:
+    command = [sys.executable, "-m", "winaconv.cli", "convert", str(source), "--out", str(out), "--overwrite",
+               "--device", "cpu", "--transform", "pca", "--calib-file", str(calib), *BUDGET]
+    if in_memory:
+        command.append("--in-memory")
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env={"COLUMNS": "300", **dict(__import__("os").environ)})
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        sys.exit(done.stderr[-3000:])
+    text = " ".join(done.stderr.split())
+    peak = float(re.search(r"peak host memory ([\d.]+) GiB", text).group(1))
+    grew = re.search(r"grew by ([\d.]+) GiB .* stay under ([\d.]+) GiB", text)
+    return {"mode": "in-memory" if in_memory else "streamed", "command": " ".join(command), "wall_seconds": round(seconds, 1),
+            "peak_host_gib": peak, "grew_gib": float(grew.group(1)) if grew else None,
+            "bound_gib": float(grew.group(2)) if grew else None,
+            "summary": [line for line in done.stderr.splitlines() if line.startswith(("wrote", "host memory"))]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/convert-memory"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "convert_memory_cpu.json")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    source = args.work / "random-1b"
+    make(source)
+    calib = args.work / "calib.txt"
+    from winaconv.calibration_data import builtin_texts
+
+    calib.write_text("\n\n".join(builtin_texts()))
+    float32_gib = sum(p.numel() for p in __import__("transformers").LlamaForCausalLM(
+        __import__("transformers").LlamaConfig(**RANDOM_1B)).parameters()) * 4 / 2**30
+    records = {"model": "random Llama, " + ", ".join(f"{k}={v}" for k, v in RANDOM_1B.items()),
+               "float32_gib": round(float32_gib, 2), "threads": torch.get_num_threads(), "runs": []}
+    for in_memory in (False, True):
+        records["runs"].append(run(source, args.work / ("whole" if in_memory else "streamed"), calib, in_memory))
+        print(json.dumps(records["runs"][-1]), flush=True)
+    args.out.write_text(json.dumps(records, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
