@@ -96,7 +96,7 @@ def _handler(hub: FakeHub):
             headers = {"X-Error-Message": message}
             if code:
                 headers["X-Error-Code"] = code
-            self._send(status, {"error": message}, headers)
+            self._send(status, {"error": message}, headers, head_only=self.command == "HEAD")  # HEAD: no body
 
         def _authorized(self) -> bool:
             if hub.token is None or self.headers.get("Authorization") == f"Bearer {hub.token}":

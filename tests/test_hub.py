@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
 
 from fake_hub import FakeHub
@@ -290,3 +291,34 @@ def test_a_checkpoint_given_by_hub_id_is_not_converted_again(ckpt, hub, tmp_path
     result = run("convert", "someone/already-sparse", "--out", out, "--calib-file", ckpt / "config.json")
     assert_one_line_error(result, "already a winaconv checkpoint", after_progress=True)
     assert not out.exists()
+
+
+def test_a_hub_model_converts_layer_by_layer_from_its_snapshot(hub, tmp_path):
+    """The weights of a Hub model are downloaded once (safetensors and index only) and read layer by layer:
+    the checkpoint equals the one converted from the same files in a local folder."""
+    from huggingface_hub import HfApi
+
+    from test_streaming import load_checkpoint
+
+    source = tiny_source(tmp_path)
+    api = HfApi(token=TOKEN)
+    api.create_repo("someone/tiny-llama")
+    api.upload_folder(folder_path=source, repo_id="someone/tiny-llama")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB_TEXT)
+    arguments = ["--sparsity-levels", "0.5", "--max-shard-size", "60KB"]
+    # a fresh process: transformers' tokenizer loading reads the endpoint from the environment
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
+    done = subprocess.run([sys.executable, "-m", "winaconv.cli",
+                           *map(str, tiny_convert_args("someone/tiny-llama", tmp_path / "from-hub", calib)), *arguments],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert any(p.name.endswith(".safetensors") for p in (tmp_path / "hub-cache").rglob("*"))  # the snapshot read
+    result = run(*tiny_convert_args(source, tmp_path / "from-folder", calib), *arguments)
+    assert result.exit_code == 0, result.output
+    hub_config, hub_tensors = load_checkpoint(tmp_path / "from-hub")
+    folder_config, folder_tensors = load_checkpoint(tmp_path / "from-folder")
+    assert hub_config["winaconv"].pop("base_model")["id"] == "someone/tiny-llama"
+    folder_config["winaconv"].pop("base_model")
+    assert hub_config == folder_config and sorted(hub_tensors) == sorted(folder_tensors)
+    assert all(torch.equal(t, folder_tensors[n]) for n, t in hub_tensors.items())
