@@ -1,9 +1,10 @@
 """Host memory and wall time of a conversion, streamed (layer by layer) against --in-memory, on this CPU.
 
   python benchmarks/convert_memory.py --work /tmp/convert-memory --out results/convert_memory_cpu.json
+  python benchmarks/convert_memory.py --formula    # the bound for the Llama-3-8B and -70B configs, no run
 
 The model is the random ~1B Llama-architecture model of cpu_decode.py (hidden 2048, 16 layers, intermediate
-8192, 32000-token vocabulary) in bf16; each conversion runs in its own process (`winaconv convert`, pca,
+8192, 49152-token vocabulary, untied) in bf16; each conversion runs in its own process (`winaconv convert`, pca,
 a small calibration budget: the memory question does not need the default one). Recorded per run: wall
 time, the peak resident memory of the converting process (VmHWM, as its summary prints it), how much it grew
 during the conversion, and for the streamed run the bound the formula gives (convert.peak_host_bound).
@@ -61,11 +62,41 @@ def run(source: Path, out: Path, calib: Path, in_memory: bool) -> dict:
             "summary": [line for line in done.stderr.splitlines() if line.startswith(("wrote", "host memory"))]}
 
 
+LLAMA3_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False)
+
+
+def formula(values: dict, tokens: int = 16384, work_dtype=torch.bfloat16) -> dict:
+    """convert.peak_host_bound for a Llama config (a meta-device skeleton: nothing is allocated), in GiB,
+    with its terms; tokens and dtype as a default GPU conversion has them."""
+    from transformers import LlamaConfig
+
+    from winaconv.calibrate import CalibrationSettings
+    from winaconv.convert import peak_host_bound
+    from winaconv.onload import end_names, skeleton
+    from winaconv.runtime_model import winaconv_section
+
+    model = skeleton(LlamaConfig(**values), winaconv_section("wina", "pca", ()))
+    settings = CalibrationSettings(norm_scored=(), max_sparsity=0.65, greedy_sequences=4)
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    ends = sum(model.state_dict()[n].numel() for n in end_names(model))
+    return {"bound_gib": round(peak_host_bound(model, tokens, work_dtype, settings) / 2**30, 2),
+            "ends_float32_gib": round(ends * 4 / 2**30, 2), "three_layers_float64_gib": round(3 * layer * 8 / 2**30, 2),
+            "model_float32_gib": round((ends + layer * values["num_hidden_layers"]) * 4 / 2**30, 1)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/convert-memory"))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "convert_memory_cpu.json")
+    parser.add_argument("--formula", action="store_true", help="print the bound for Llama-3-8B and -70B and stop")
     args = parser.parse_args()
+    if args.formula:
+        from common import LLAMA3_8B
+
+        for name, values in (("Llama-3-8B", LLAMA3_8B), ("Llama-3-70B", LLAMA3_70B)):
+            print(name, json.dumps(formula(values)))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     source = args.work / "random-1b"
     make(source)
