@@ -104,6 +104,14 @@ def test_streamed_conversion_equals_the_whole_model_one(tiny_folder, tmp_path, f
     assert len(list((tmp_path / "streamed").glob("model-*-of-*.safetensors"))) > 1  # sharded, with its index
 
 
+def test_streamed_divergence_allocation_and_sparse_upstream_equal_the_whole_model_ones(tiny_folder, tmp_path):
+    """The divergence allocation replays the converted layers, read back from the shards being written."""
+    options = dict(transform="pca", layer_allocation="divergence", upstream="sparse")
+    _convert(tiny_folder("qwen2"), tmp_path / "streamed", **options)
+    _convert(tiny_folder("qwen2"), tmp_path / "whole", in_memory=True, **options)
+    assert_same_checkpoint(tmp_path / "streamed", tmp_path / "whole")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["none", "global", "pca", "exact"])
 def test_streamed_smollm2_folder_equals_the_whole_model_one(smollm2_folder, tmp_path, kind):

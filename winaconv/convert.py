@@ -202,7 +202,7 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
         say(f"transform: {transform}")
         basis = journal.basis()
         if basis is None and transform in ("global", "pca"):
-            basis = model_wide_basis(model, family, transform, weights, input_ids, device)
+            basis = model_wide_basis(model, family, transform, weights, input_ids, device, progress)
             journal.save_basis(basis)
         plan = LayerTransform(transform, family, model.config, weights.read, device, basis)
         plan.ends(model)  # a tied lm_head is untied here where the transform folds the final norm into it
@@ -289,9 +289,16 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
 
 
 @torch.no_grad()
-def model_wide_basis(model, family, kind: str, weights, input_ids, device) -> torch.Tensor:
+def model_wide_basis(model, family, kind: str, weights, input_ids, device, progress=None) -> torch.Tensor:
     """The one Q of the global / pca transform, from a first pass over the norm-folded layers."""
-    folded = StreamedLayers(model, weights, prepare=lambda layer, index: fold_layer_norms(layer, family))
+    task = progress.add_task(f"{kind} basis (first pass)", total=model.config.num_hidden_layers) if progress else None
+
+    def prepare(layer, index):
+        fold_layer_norms(layer, family)
+        if progress:
+            progress.update(task, completed=index + 1)
+
+    folded = StreamedLayers(model, weights, prepare=prepare)
     if kind == "global":
         return global_basis(_each(folded), family, device)
     fold_head_norm(model)  # the covariance counts the final norm's output, whose gain goes to lm_head
