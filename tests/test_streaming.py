@@ -112,22 +112,27 @@ def test_streamed_divergence_allocation_and_sparse_upstream_equal_the_whole_mode
     assert_same_checkpoint(tmp_path / "streamed", tmp_path / "whole")
 
 
+# The real model at a budget that runs every stage quickly (one level, few greedy steps); each transform's
+# arithmetic is covered on random models of every family above, so the real model runs the default (pca) and
+# the one with the most per-layer state (exact), and the GGUF reader one transform
+SMOLLM2_BUDGET = dict(calib_tokens=256, seq_len=64, greedy_tokens=64, greedy_step=0.1, sparsity_levels=(0.25,),
+                      default_sparsity=0.25)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["none", "global", "pca", "exact"])
+@pytest.mark.parametrize("kind", ["pca", "exact"])
 def test_streamed_smollm2_folder_equals_the_whole_model_one(smollm2_folder, tmp_path, kind):
-    budget = dict(calib_tokens=512, seq_len=128, greedy_tokens=128, sparsity_levels=(0.5,), max_shard_size="100MB")
+    budget = dict(SMOLLM2_BUDGET, max_shard_size="100MB")
     _convert(smollm2_folder, tmp_path / "streamed", transform=kind, **budget)
     _convert(smollm2_folder, tmp_path / "whole", transform=kind, in_memory=True, **budget)
     assert_same_checkpoint(tmp_path / "streamed", tmp_path / "whole")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["none", "pca"])
-def test_streamed_smollm2_gguf_equals_the_whole_model_one(smollm2_gguf_path, tmp_path, kind):
+def test_streamed_smollm2_gguf_equals_the_whole_model_one(smollm2_gguf_path, tmp_path):
     """GGUF tensors are dequantized one at a time, and q/k reordered by transformers' own processor."""
-    budget = dict(calib_tokens=512, seq_len=128, greedy_tokens=128, sparsity_levels=(0.5,))
-    _convert(smollm2_gguf_path, tmp_path / "streamed", transform=kind, **budget)
-    _convert(smollm2_gguf_path, tmp_path / "whole", transform=kind, in_memory=True, **budget)
+    _convert(smollm2_gguf_path, tmp_path / "streamed", transform="pca", **SMOLLM2_BUDGET)
+    _convert(smollm2_gguf_path, tmp_path / "whole", transform="pca", in_memory=True, **SMOLLM2_BUDGET)
     assert_same_checkpoint(tmp_path / "streamed", tmp_path / "whole")
 
 

@@ -73,36 +73,38 @@ class FolderWeights:
 class GGUFWeights:
     def __init__(self, path: Path, skeleton):
         from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint, read_field,
+            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field,
         )
         from gguf import GGUFReader
 
         self.path = Path(path)
         with _one_line_errors(self.path.name):
-            reader = GGUFReader(self.path)
-            architecture = read_field(reader, "general.architecture")[0]
-            config = load_gguf_checkpoint(str(self.path), return_tensors=False)["config"]
-        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
+            self.reader = GGUFReader(self.path)  # parsing the metadata (the vocabulary) takes seconds: once
+            architecture = read_field(self.reader, "general.architecture")[0]
+        # the processors read head counts under transformers' config names: the model's own config has them
+        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=skeleton.config.to_dict())
         self.gguf_to_hf = get_gguf_hf_weights_map(skeleton, self.processor)
-        self.present = {self.gguf_to_hf[t.name] for t in reader.tensors if t.name in self.gguf_to_hf}
+        self.present = {self.gguf_to_hf[t.name] for t in self.reader.tensors if t.name in self.gguf_to_hf}
 
     def names(self) -> set[str]:
         return set(self.present)
 
     def read(self, names) -> dict[str, torch.Tensor]:
+        import mmap
+
         import numpy as np
-        from gguf import GGUFReader, dequantize
+        from gguf import dequantize
 
         wanted, tensors = set(names), {}
-        with _one_line_errors(self.path.name):
-            reader = GGUFReader(self.path)  # a fresh memory map per read, released with it
-        for tensor in reader.tensors:
+        for tensor in self.reader.tensors:
             if self.gguf_to_hf.get(tensor.name) not in wanted:
                 continue
             result = self.processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
                                             tensor_key_mapping=self.gguf_to_hf, parsed_parameters={})
             tensors[self.gguf_to_hf[result.name]] = torch.from_numpy(np.copy(result.weights)).to(torch.float32)
-        del reader
+        mapped = getattr(self.reader.data, "_mmap", None)
+        if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)  # the file's pages read so far leave this process's memory
         return tensors
 
     def fingerprint(self) -> list:
