@@ -95,6 +95,8 @@ def open_weights(source: sources.ModelSource, skeleton, in_memory: bool):
         local = Path(source.location)
         files = FolderWeights(local if local.is_dir() else sources.hub_snapshot(source), source.model_id)
     identity = files.fingerprint()
+    if not source.gguf_file and not Path(source.location).is_dir():
+        identity = {"commit": files.folder.name, "files": identity}  # a Hub snapshot's folder is its commit
     if in_memory:
         return ModelWeights(sources.load_model(source, torch.float32)), identity
     return files, identity
