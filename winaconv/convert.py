@@ -46,7 +46,7 @@ class ConvertReport:
     peak_gpu_bytes: int | None = None
     resumed_layers: int = 0  # layers a resumed run found finished
     host_bound_bytes: int | None = None  # peak_host_bound: what a streamed run should stay under, besides Python
-    start_host_bytes: int = 0  # peak host memory before the conversion began (Python, torch, libraries)
+    start_host_bytes: int = 0  # peak host memory before any weight was read (Python, libraries, tokenizer, metadata)
 
 
 def norm_scored_projections(method: str, scoring: str) -> tuple[str, ...]:
@@ -87,8 +87,9 @@ def validate(options: ConvertOptions, source_folder: Path | None = None) -> list
     return levels
 
 
-def open_weights(source: sources.ModelSource, skeleton, in_memory: bool):
-    """(the source's weights, read tensor by tensor, and what identifies their files for resume.py)."""
+def open_weights(source: sources.ModelSource, skeleton):
+    """(the source's weights, read tensor by tensor, and what identifies their files for resume.py); only
+    metadata is read here."""
     if source.gguf_file:
         files = GGUFWeights(Path(source.location) / source.gguf_file, skeleton)
     else:
@@ -97,8 +98,6 @@ def open_weights(source: sources.ModelSource, skeleton, in_memory: bool):
     identity = files.fingerprint()
     if not source.gguf_file and not Path(source.location).is_dir():
         identity = {"commit": files.folder.name, "files": identity}  # a Hub snapshot's folder is its commit
-    if in_memory:
-        return ModelWeights(sources.load_model(source, torch.float32)), identity
     return files, identity
 
 
@@ -106,13 +105,16 @@ def peak_host_bound(model, tokens: int, work_dtype: torch.dtype, settings: Calib
     """What a streamed conversion should hold at most, in bytes, besides the process's own overhead (Python,
     the libraries' code, the allocator's caches): embeddings + lm_head (float32), three decoder layers in
     float64 (the layer, its transform's float64 copies, the read-ahead basis), the calibration activations
-    three times (inputs, outputs, the greedy search's copies) and the score samples (per projection, one
-    float32 per token and input channel, at most settings.max_scores)."""
+    three times (inputs, outputs, the greedy search's copies), the score samples (per projection, one
+    float32 per token and input channel, at most settings.max_scores), and the largest tensor twice more in
+    float32 while it is read (a bf16 or quantized copy decoding into the float32 one)."""
+    state = model.state_dict()
     layer_params = sum(p.numel() for p in model.model.layers[0].parameters())
-    ends = sum(model.state_dict()[n].numel() for n in end_names(model))
+    ends = sum(state[n].numel() for n in end_names(model))
+    largest = max(t.numel() for t in state.values())
     activations = tokens * model.config.hidden_size * work_dtype.itemsize
     samples = sum(min(settings.max_scores, tokens * inputs) for inputs, _ in projection_sizes(model.config).values()) * 4
-    return ends * 4 + 3 * layer_params * 8 + 3 * activations + samples
+    return ends * 4 + 3 * layer_params * 8 + 3 * activations + samples + 2 * largest * 4
 
 
 def release_freed_layers() -> None:
@@ -144,7 +146,6 @@ def peak_rss_bytes() -> int:
 
 def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     started = time.perf_counter()
-    start_host_bytes = peak_rss_bytes()
     if not options.in_memory:
         release_freed_layers()
     source = sources.resolve_source(options.model, options.revision)
@@ -172,7 +173,12 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     tokenizer = sources.load_tokenizer(source)
     norm_scored = norm_scored_projections(options.method, options.scoring)
     model = skeleton(config, winaconv_section(options.method, transform, norm_scored))
-    weights, source_files = open_weights(source, model, options.in_memory)
+    weights, source_files = open_weights(source, model)
+    # what the conversion's data adds is measured from here: the tokenizer and the source's metadata (a GGUF's
+    # vocabulary is hundreds of MB of Python objects) are the process's overhead, like the libraries
+    start_host_bytes = peak_rss_bytes()
+    if options.in_memory:
+        weights = ModelWeights(sources.load_model(source, torch.float32))
     check_complete(weights, needed_names(model), source.model_id)
     load_ends(model, weights)
 

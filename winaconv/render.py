@@ -50,9 +50,9 @@ def print_summary(report, default_sparsity: float) -> None:
               f"{report.peak_host_bytes / 2**30:.2f} GiB{gpu}")
     if report.host_bound_bytes is not None:
         grown = (report.peak_host_bytes - report.start_host_bytes) / 2**30
-        err.print(f"host memory grew by {grown:.2f} GiB during the conversion; a streamed conversion should stay under "
+        err.print(f"host memory grew by {grown:.2f} GiB once the source was opened; a streamed conversion should stay under "
                   f"{report.host_bound_bytes / 2**30:.2f} GiB (embeddings + lm_head in float32, 3 decoder layers in "
-                  "float64, 3x the calibration activations, the score samples)")
+                  "float64, 3x the calibration activations, the score samples, the largest tensor read twice in float32)")
 
 
 def print_eval(report) -> None:
