@@ -23,7 +23,7 @@ from .checkpoint import (
 from .errors import WinaconvError
 from .onload import LAYER_PREFIX, StreamedLayers, end_names, layer_names, load_ends, needed_names, skeleton
 from .options import ConvertOptions
-from .resume import ResumeJournal, fingerprint, is_resumable
+from .resume import ResumeJournal, finished_layers, fingerprint
 from .runtime_model import winaconv_section
 from .sensitivity import output_divergences
 from .shards import ShardedWriter
@@ -240,7 +240,7 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
             layers = calibrate_layers(model, family, input_ids, shares, settings, progress, layers_in,
                                       resume=resumed, on_layer=finished)
         except KeyboardInterrupt:
-            done = len(journal.progress().calibrations) if is_resumable(staging) else 0
+            done = finished_layers(staging)
             if done:
                 say(f"interrupted after {done} of {config.num_hidden_layers} layers; run the same command "
                     "again to resume from there (--overwrite with other settings discards it)")

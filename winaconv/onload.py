@@ -10,6 +10,7 @@ import contextlib
 
 import torch
 
+from .checkpoint import saved_state_names
 from .runtime_model import is_exact_extra, runtime_config
 
 LAYER_PREFIX = "model.layers."
@@ -27,8 +28,7 @@ def layer_names(model, index: int) -> list[str]:
 
 def needed_names(model) -> list[str]:
     """Every tensor a source must provide (the exact transform's matrices and a tied lm_head are made here)."""
-    names = [n for n in model.state_dict() if not is_exact_extra(n)]
-    return [n for n in names if not (n == "lm_head.weight" and model.config.tie_word_embeddings)]
+    return [n for n in saved_state_names(model) if not is_exact_extra(n)]
 
 
 def skeleton(base_config, section: dict):
@@ -47,10 +47,9 @@ def skeleton(base_config, section: dict):
 @torch.no_grad()
 def load_ends(model, weights) -> None:
     """Embeddings, final norm and lm_head (tied to the embeddings where the config says so) from `weights`."""
-    tied = model.config.tie_word_embeddings
-    ends = [n for n in end_names(model) if not (n == "lm_head.weight" and tied)]
+    ends = [n for n in needed_names(model) if not n.startswith(LAYER_PREFIX)]
     model.load_state_dict(weights.read(ends), strict=False, assign=True)
-    if tied:
+    if model.config.tie_word_embeddings:
         model.tie_weights()
 
 

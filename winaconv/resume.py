@@ -133,9 +133,13 @@ class ResumeJournal:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def is_resumable(staging: Path) -> bool:
-    """A staging folder with at least one finished layer recorded."""
+def finished_layers(staging: Path) -> int:
+    """How many layers a staging folder's journal records as finished (0 without a readable journal)."""
     try:
-        return bool(json.loads((staging / RESUME_FOLDER / STATE_FILE).read_text())["layers"])
+        return len(json.loads((staging / RESUME_FOLDER / STATE_FILE).read_text())["layers"])
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        return 0
+
+
+def is_resumable(staging: Path) -> bool:
+    return finished_layers(staging) > 0
