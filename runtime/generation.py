@@ -168,6 +168,36 @@ def full_vocab_top_p(scores, one_minus_top_p):
     return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
+def _vocab_chunk(n: int) -> int | None:
+    """The largest divisor of n in [64, 1024]: vocabulary reductions run over [rows, n / chunk, chunk] views."""
+    return next((c for c in range(min(n, 1024), 63, -1) if n % c == 0), None)
+
+
+# A reduction over a few rows of a vocabulary's length runs on a few GPU blocks: 15 us per argmax or sum over
+# Llama-3's 128,256 scores on the H200, several per sampled token (benchmarks/experiments/token_choice_gpu.py).
+# Reducing chunks first, then the chunk results, spreads the work over many blocks. Results are exact: integer
+# sums, and the first index of the maximum as torch.argmax gives it (max over a dim returns the first one too).
+
+def vocab_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """scores.argmax(dim=-1) of [rows, vocab] scores, in two passes."""
+    rows, n = scores.shape
+    chunk = _vocab_chunk(n)
+    if chunk is None:
+        return scores.argmax(dim=-1)
+    best, where = scores.view(rows, n // chunk, chunk).max(dim=-1)
+    which = best.argmax(dim=-1, keepdim=True)
+    return (which * chunk + where.gather(1, which)).squeeze(1)
+
+
+def vocab_count(flags: torch.Tensor) -> torch.Tensor:
+    """flags.sum(dim=-1, keepdim=True) of [rows, vocab] booleans, in two passes."""
+    rows, n = flags.shape
+    chunk = _vocab_chunk(n)
+    if chunk is None:
+        return flags.sum(dim=-1, keepdim=True)
+    return flags.view(rows, n // chunk, chunk).sum(dim=-1).sum(dim=-1, keepdim=True)
+
+
 class TopKCandidates(NamedTuple):
     """What transformers' top-k warper (then top-p) leaves to sample, held as k candidates instead of the
     vocabulary: every token below the k-th score is -inf after top-k, so top-p, softmax and the race need
@@ -182,7 +212,7 @@ class TopKCandidates(NamedTuple):
         """The exponential race (argmax mass / E) between the candidates and the group."""
         winner = (self.mass / torch.empty_like(self.mass).exponential_(1)).argmax(dim=-1, keepdim=True)
         noise = torch.rand(self.tied.shape, device=self.tied.device)
-        tie = noise.masked_fill(~self.tied, -1).argmax(dim=-1, keepdim=True)  # uniform among the group
+        tie = vocab_argmax(noise.masked_fill(~self.tied, -1))[:, None]  # uniform among the group
         return torch.cat([self.index, tie], dim=1).gather(1, winner).squeeze(1)
 
 
@@ -191,7 +221,7 @@ def top_k_candidates(scores, plan: LogitsPlan, knobs) -> TopKCandidates:
     values, index = torch.topk(scores, plan.top_k, dim=-1)
     kth = values[:, -1:]
     tied = scores == kth
-    ties = tied.sum(dim=-1, keepdim=True).to(scores.dtype)  # >= 1: topk may have returned only some of them
+    ties = vocab_count(tied).to(scores.dtype)  # >= 1: topk may have returned only some of them
     weight = (values - values[:, :1]).exp()  # softmax numerators, the largest 1
     tie_weight = weight[:, -1:]  # of each tied token
     in_group = values == kth
@@ -218,14 +248,14 @@ def choose_tokens(scores, plan: LogitsPlan, knobs):
     """Argmax, or transformers' top-k and top-p warpers and a sample drawn on the device without a host sync
     (exponential race: argmax p / E)."""
     if not plan.do_sample:
-        return scores.argmax(dim=-1)
+        return vocab_argmax(scores)
     if 0 < plan.top_k < scores.shape[-1]:  # a larger top_k keeps everything in transformers too
         return top_k_candidates(scores, plan, knobs).sample()
     if plan.top_p:
         scores = full_vocab_top_p(scores, knobs[ONE_MINUS_TOP_P])
     probs = scores.softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_(1)
-    return (probs / noise).argmax(dim=-1)
+    return vocab_argmax(probs / noise)
 
 
 def cache_keyword(model) -> str:
