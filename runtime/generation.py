@@ -41,7 +41,23 @@ SUPPORTED_FIELDS = {
     "transformers_version", "_from_model_config", "_commit_hash", "generation_kwargs", "output_attentions",
     "output_hidden_states", "output_scores", "output_logits", "num_beams", "num_return_sequences",
 }
-_DEFAULTS = GenerationConfig().to_dict()
+
+
+def _global_defaults() -> dict:
+    """transformers' defaults for the fields neither the call nor the model sets (top_k 50, temperature 1, ...);
+    max_length stays unset: DecodeSettings gives an unset one transformers' meaning (20 new tokens)."""
+    defaults = dict(GenerationConfig._get_default_generation_params())
+    defaults.pop("max_length", None)
+    return defaults
+
+
+def _defaults() -> dict:
+    config = GenerationConfig()
+    config.update(**_global_defaults(), defaults_only=True)
+    return config.to_dict()
+
+
+_DEFAULTS = _defaults()
 _FALLBACK_KWARGS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model",
                     "negative_prompt_ids", "synced_gpus")
 
@@ -56,6 +72,21 @@ def _as_list(value):
     if isinstance(value, torch.Tensor):
         return [int(v) for v in value.flatten().tolist()]
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def resolved_config(model, generation_config: GenerationConfig | None, kwargs: dict) -> tuple[GenerationConfig, dict]:
+    """The GenerationConfig transformers' generate runs with, in its order: the call's config (or an empty one),
+    its unset fields from the model's generation_config, then transformers' global defaults, then the keyword
+    arguments; also returns the keywords that are not config fields."""
+    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    config.update(**model.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
+    config.update(**_global_defaults(), defaults_only=True)
+    try:
+        other = config.update(**kwargs)
+        config.validate()
+    except ValueError as error:  # transformers' own checks (max_new_tokens > 0, ...), on one line
+        raise GenerationInputError(str(error).strip().splitlines()[0]) from None
+    return config, other
 
 
 def unsupported_reason(config: GenerationConfig, kwargs: dict) -> str | None:
@@ -445,12 +476,7 @@ class WinaconvGenerationMixin:
 
     @torch.no_grad()
     def generate(self, inputs=None, generation_config=None, streamer=None, **kwargs):
-        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        try:
-            other = config.update(**kwargs)
-            config.validate()
-        except ValueError as error:  # transformers' own checks (max_new_tokens > 0, ...), on one line
-            raise GenerationInputError(str(error).strip().splitlines()[0]) from None
+        config, other = resolved_config(self, generation_config, kwargs)
         reason = unsupported_reason(config, other)
         if reason is not None:
             warnings.warn(f"winaconv: {reason} is not supported by the fast generate; using transformers' slower loop", stacklevel=2)

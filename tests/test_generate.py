@@ -12,7 +12,8 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from winaconv.calibrate import uniform_levels
 from winaconv.runtime_model import to_runtime_model, winaconv_section
-from winaconv_runtime.generation import DecodeSettings, GenerationInputError, process_logits, top_k_candidates
+from winaconv_runtime.generation import (DecodeSettings, GenerationInputError, process_logits, resolved_config,
+                                        top_k_candidates)
 
 from random_models import ALL_FAMILIES, random_model
 
@@ -151,6 +152,36 @@ def test_temperature_and_top_p_sample_the_expected_distribution(llama, top_k):
             tolerance = 4.5 * (expected * (1 - expected) / n).sqrt() + 0.002
             assert ((observed - expected).abs() <= tolerance).all(), (temperature, position)
     assert len(plans) == 1
+
+
+def test_unset_fields_are_resolved_as_transformers_resolves_them(llama):
+    """A call's unset fields come from the model's generation_config, then from transformers' global defaults
+    (top_k 50 among them), as in transformers' own generate; max_length stays unset (20 new tokens)."""
+    saved = llama.generation_config
+    try:
+        llama.generation_config = GenerationConfig(eos_token_id=5, temperature=0.8)
+        for given, kwargs in ((None, dict(do_sample=True)), (GenerationConfig(top_p=0.7), dict(max_new_tokens=3)),
+                              (GenerationConfig(top_k=0), dict(do_sample=True, temperature=1.2))):
+            ours, _ = resolved_config(llama, given, kwargs)
+            theirs, _ = llama._prepare_generation_config(given, **kwargs)
+            expected = theirs.to_dict()
+            expected["max_length"] = None if given is None or given.max_length is None else expected["max_length"]
+            assert ours.to_dict() == expected
+    finally:
+        llama.generation_config = saved
+
+
+def test_sampling_without_top_k_keeps_transformers_default_top_50(llama):
+    """No top_k given: transformers samples among the 50 best scores; 4000 rows at a high temperature must draw
+    only those (and many of them), where sampling the whole vocabulary of 120 would draw nearly all."""
+    prompt = torch.tensor(random_prompts([5], seed=4)[0])[None]
+    assert llama.generation_config.top_k is None
+    torch.manual_seed(0)
+    out = llama.generate(prompt.expand(4000, -1), max_new_tokens=1, do_sample=True, temperature=3.0, pad_token_id=0)
+    best = llama(prompt).logits[0, -1].topk(50).indices
+    drawn = out[:, -1].unique()
+    assert torch.isin(drawn, best).all()
+    assert len(drawn) >= 45
 
 
 def sampling_plan(temperature, top_k, top_p):
