@@ -5,8 +5,8 @@ input channel is one contiguous row, and
     y[t] = sum over kept i of x[t, i] * W^T[i]
 is exactly what torch's embedding_bag computes (indices = kept channels, per_sample_weights = their
 values, mode="sum"), with its own vectorised loop over a row and no extra compiled code. embedding_bag
-runs one bag per thread, so each token's kept channels are split into one bag per thread of torch's
-pool and the partial sums added afterwards.
+runs one bag per thread, so on larger matrices each token's kept channels are split into one bag per
+thread of torch's pool and the partial sums added afterwards (whether that pays is measured: GatherPlan).
 
 Candidates measured on the project's 2-core machine (benchmarks/cpu.md): index_select + mv
 materialises the gathered rows (2-4x slower than embedding_bag in fp32, 10-30x in bf16, where mv is
@@ -19,19 +19,35 @@ slower on CPUs without native bf16 matmul, so bf16 keeps W for the dense product
 gather (twice the weight memory, said in the one-line notice).
 """
 
+import math
+import os
+import time
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-# Crossovers (benchmarks/cpu.md, one linear with cold caches, on an idle 2-core machine): embedding_bag
-# streams the rows of W^T at least as fast per byte as torch's dense GEMV at batch 1 (fp32: 1.1-2.2x
-# the dense speed with every row kept on shapes from 576x1536 up; bf16: 1.1-1.2x on the 1B shapes), so
-# the gather runs while the rows it reads, kept channels summed over the tokens of the call, stay under
-# one dense pass. Above it (prefill, batches whose tokens keep many rows) the masked dense product runs.
-# An earlier, lower crossover (0.45 / 0.35) came from timings on a machine saturated by other jobs.
-GATHER_MAX_ROW_FRACTION = {torch.float32: 1.0, torch.bfloat16: 1.0}
-# Small matrices: the fixed cost of mask + nonzero + the call dominates; the dense product wins.
-GATHER_MIN_WEIGHTS = 1 << 16
+# Where the gather beats the masked dense product depends on the machine more than on anything else: on
+# one 2-core host the gather streamed kept rows faster per byte than torch's dense GEMV (2.6x at 50% on
+# 576x1536, fp32), on another one of the same kind it ran at 0.55-0.95x of it, and small matrices lost
+# there at every sparsity (benchmarks/cpu.md). So the crossover is measured on the machine itself, once
+# per (shape, dtype, threads), at the first decode-sized product of that shape: dense F.linear of the
+# masked input against the gather at kept fractions 1/8 .. 1, with one bag and one bag per thread, on
+# freshly allocated matrices cycled through more memory than a CPU cache holds. ~0.3 s per shape.
+# WINACONV_CPU_GATHER=always / never skips the measurement (tests; comparing the paths).
+GATHER_MODE = os.environ.get("WINACONV_CPU_GATHER", "auto")
+GATHER_DTYPES = (torch.float32, torch.bfloat16)
 GATHER_MAX_TOKENS = 8
+MEASURED_FRACTIONS = tuple(k / 8 for k in range(1, 9))
+COLD_BYTES = 64 << 20  # per layout: twice a common L3's size
+
+
+class GatherPlan(NamedTuple):
+    max_row_fraction: float  # the gather runs while it reads at most this fraction of one dense pass of rows
+    bags: int  # embedding_bag bags per token: 1, or one per thread (partial sums added after)
+
+
+_plans: dict = {}
 
 
 def separate_transpose_needed(dtype: torch.dtype) -> bool:
@@ -40,16 +56,73 @@ def separate_transpose_needed(dtype: torch.dtype) -> bool:
 
 
 def gather_supported(dtype: torch.dtype) -> bool:
-    return dtype in GATHER_MAX_ROW_FRACTION
+    return GATHER_MODE != "never" and (dtype in GATHER_DTYPES or GATHER_MODE == "always")
 
 
 def gather_may_win(num_tokens: int, in_features: int, out_features: int, dtype: torch.dtype) -> bool:
     """Shape-level part of the policy, decided before the mask is computed."""
-    return (
-        gather_supported(dtype)
-        and num_tokens <= GATHER_MAX_TOKENS
-        and in_features * out_features >= GATHER_MIN_WEIGHTS
-    )
+    return (gather_supported(dtype) and num_tokens <= GATHER_MAX_TOKENS
+            and gather_plan(in_features, out_features, dtype).max_row_fraction > 0)
+
+
+def gather_plan(in_features: int, out_features: int, dtype: torch.dtype) -> GatherPlan:
+    threads = max(1, torch.get_num_threads())
+    if GATHER_MODE == "always":
+        return GatherPlan(1.0, threads)
+    key = (in_features, out_features, dtype, threads)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = measure_gather_plan(in_features, out_features, dtype, threads)
+    return plan
+
+
+def crossover(fractions, gather_ms, dense_ms: float) -> float:
+    """The largest kept fraction up to which the gather is faster than dense (interpolated between measured
+    fractions; 0 if it never is). The gather's time grows with the fraction, so the first loss ends it."""
+    best, previous = 0.0, None
+    for fraction, ms in zip(fractions, gather_ms):
+        if ms >= dense_ms:
+            if previous is not None:  # interpolate between the last win and this loss
+                f0, m0 = previous
+                best = f0 + (fraction - f0) * (dense_ms - m0) / (ms - m0)
+            return best
+        best, previous = fraction, (fraction, ms)
+    return best
+
+
+@torch.no_grad()
+def measure_gather_plan(in_features: int, out_features: int, dtype: torch.dtype, threads: int) -> GatherPlan:
+    """Time the masked dense product and the gather on this machine for this shape (see GATHER_MODE)."""
+    size = torch.finfo(dtype).bits // 8
+    # (at most 128 matrices: a smaller one stays in cache in a real model too, and the loop's cost grows)
+    count = min(128, max(2, math.ceil(COLD_BYTES / (in_features * out_features * size))))
+    weights_t = [torch.full((in_features, out_features), 0.01, dtype=dtype) for _ in range(count)]
+    weights = [w.t().contiguous() for w in weights_t] if separate_transpose_needed(dtype) else [w.t() for w in weights_t]
+    x = torch.linspace(-1, 1, in_features, dtype=dtype)[None]
+    order = torch.randperm(in_features, generator=torch.Generator().manual_seed(0))
+
+    def ms(fn):
+        fn(weights_t[0], weights[0])  # warm the code path
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for w_t, w in zip(weights_t, weights):
+                fn(w_t, w)
+            times.append((time.perf_counter() - start) / count)
+        return sorted(times)[1] * 1e3
+
+    tau = torch.full_like(x, 0.5)
+    dense = ms(lambda w_t, w: F.linear(x * (x.abs() > tau), w))
+    curves = {}
+    for bags in sorted({1, threads}):
+        curve = []
+        for fraction in MEASURED_FRACTIONS:
+            keep = torch.zeros(in_features, dtype=torch.bool)
+            keep[order[:max(1, round(fraction * in_features))]] = True
+            curve.append(ms(lambda w_t, w: _one_token_product(x[0], keep, w_t, bags)))
+        curves[bags] = curve
+    bags = min(curves, key=lambda b: curves[b][len(MEASURED_FRACTIONS) // 2 - 1])  # the faster at 1/2 kept
+    return GatherPlan(crossover(MEASURED_FRACTIONS, curves[bags], dense), bags)
 
 
 def kept_channels(flat: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -57,12 +130,12 @@ def kept_channels(flat: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return flat.abs().unsqueeze(0) > tau.unsqueeze(1)
 
 
-def gather_pays_off(keep: torch.Tensor, dtype: torch.dtype) -> bool:
+def gather_pays_off(keep: torch.Tensor, plan: GatherPlan) -> bool:
     """Data-level part: the rows the gather would read, as a fraction of one dense pass."""
     segments, tokens, in_features = keep.shape
-    if tokens <= GATHER_MAX_ROW_FRACTION[dtype]:
+    if tokens <= plan.max_row_fraction:
         return True  # even every row of every token stays under the crossover: no need to count
-    return int(keep.sum()) <= GATHER_MAX_ROW_FRACTION[dtype] * segments * in_features
+    return int(keep.sum()) <= plan.max_row_fraction * segments * in_features
 
 
 def gather_rows_product(x_row_major: torch.Tensor, keep: torch.Tensor, weight_t: torch.Tensor,
@@ -90,20 +163,24 @@ def _one_token_product(x: torch.Tensor, keep: torch.Tensor, weight_t: torch.Tens
     hundreds): the kept channels split into `bags` runs of equal length, one per thread."""
     channels = keep.nonzero().squeeze(1)
     kept = channels.numel()
-    offsets = torch.tensor([kept * b // bags for b in range(bags)], dtype=torch.long)
+    offsets = _ZERO_OFFSET if bags == 1 else torch.tensor([kept * b // bags for b in range(bags)], dtype=torch.long)
     out = F.embedding_bag(channels, weight_t, offsets, mode="sum", per_sample_weights=x.index_select(0, channels))
     if bags == 1:
         return out
     return out.sum(0, keepdim=True, dtype=_accumulation(weight_t.dtype)).to(weight_t.dtype)
 
 
+_ZERO_OFFSET = torch.zeros(1, dtype=torch.long)
+
+
 def _accumulation(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # bf16 partial sums added in fp32
 
 
-def sparse_linear_cpu(flat: torch.Tensor, keep: torch.Tensor, segment_weights_t, bias) -> torch.Tensor:
-    """The sparse product of every segment: keep [segments, tokens, in], segment_weights_t[s]: [in, out_s]."""
-    bags = max(1, torch.get_num_threads())
+def sparse_linear_cpu(flat: torch.Tensor, keep: torch.Tensor, segment_weights_t, bias, bags: int | None = None) -> torch.Tensor:
+    """The sparse product of every segment: keep [segments, tokens, in], segment_weights_t[s]: [in, out_s];
+    bags per token: one per thread unless given."""
+    bags = bags or max(1, torch.get_num_threads())
     outputs = [gather_rows_product(flat, keep[s], w_t, bags) for s, w_t in enumerate(segment_weights_t)]
     y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
     return y if bias is None else y + bias

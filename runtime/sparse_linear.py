@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_kernels import TransposedRows, gather_may_win, gather_supported, gather_pays_off, kept_channels, sparse_linear_cpu
+from .cpu_kernels import (TransposedRows, gather_may_win, gather_pays_off, gather_plan, gather_supported, kept_channels,
+                          sparse_linear_cpu)
 from .kernels import HAS_TRITON, sparse_linear_triton, use_sparse_kernel
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,9 @@ def announce_path(on_gpu: bool) -> None:
     elif on_gpu:
         path = "torch masked dense product (GPU; Triton is not installed)"
     else:
-        path = ("row gather of the kept rows of W^T for decode and small batches where measured faster "
-                "(torch embedding_bag; bf16 keeps a second, transposed copy of each weight), masked dense "
-                "product otherwise (CPU)")
+        path = ("row gather of the kept rows of W^T for decode and small batches where it is faster on this "
+                "machine (torch embedding_bag, timed once per shape at the first decode step; bf16 keeps a "
+                "second, transposed copy of each weight), masked dense product otherwise (CPU)")
     if path not in _announced_paths:
         _announced_paths.add(path)
         logger.warning("winaconv: sparse linears run on the %s path", path)
@@ -171,8 +172,9 @@ class SparseLinear(nn.Linear):
         if not gather_may_win(flat.shape[0], self.in_features, self.out_features, flat.dtype):
             return masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
         keep = kept_channels(flat, self.tau)
-        if gather_pays_off(keep, flat.dtype):
-            return sparse_linear_cpu(flat, keep, self._cpu_rows.for_weight(self), self.bias)
+        plan = gather_plan(self.in_features, self.out_features, flat.dtype)
+        if gather_pays_off(keep, plan):
+            return sparse_linear_cpu(flat, keep, self._cpu_rows.for_weight(self), self.bias, plan.bags)
         return masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes, keep)  # decided once
 
     def extra_repr(self) -> str:

@@ -91,6 +91,9 @@ def test_sparse_linear_takes_the_gather_for_decode_and_dense_for_prefill(dtype, 
     calls = []
     real_gather = sparse_linear.sparse_linear_cpu
     monkeypatch.setattr(sparse_linear, "sparse_linear_cpu", lambda *a: calls.append(1) or real_gather(*a))
+    # this machine's measured plan for the shape, fixed here so the routing is the test's, not the machine's
+    monkeypatch.setitem(cpu_kernels._plans, (in_features, sum(segments), dtype, max(1, torch.get_num_threads())),
+                        cpu_kernels.GatherPlan(0.5, 2))
     reference = masked_reference(x, weight, bias, tau, segments)
     with torch.no_grad():
         decode = linear(x[:1])
@@ -130,10 +133,10 @@ def test_smollm2_logits_through_the_gather_equal_the_masked_dense_path(converted
     # float64, the gather allowed for it: in float32 the two paths' last-bit differences move a channel
     # across its threshold now and then, and one such flip grows through 30 layers into a different
     # prediction; in float64 the products agree to ~1e-13 and no decision sits that close.
-    monkeypatch.setattr(kernels, "GATHER_MAX_ROW_FRACTION", {torch.float64: 1.0})  # every decode product gathered
+    monkeypatch.setattr(kernels, "GATHER_MODE", "always")  # every decode product gathered, float64 included
     gathered, gather_calls = decode_logits()
     assert gather_calls == 3 * model.config.num_hidden_layers * 7, "every decode product must take the row gather"
-    monkeypatch.setattr(kernels, "GATHER_MAX_TOKENS", 0)  # every product masked dense
+    monkeypatch.setattr(kernels, "GATHER_MODE", "never")  # every product masked dense
     masked, gather_calls = decode_logits()
     assert gather_calls == 0
     scale = masked.abs().max()
@@ -141,3 +144,47 @@ def test_smollm2_logits_through_the_gather_equal_the_masked_dense_path(converted
     model.set_sparsity(0)
     dense, _ = decode_logits()
     assert (dense - masked).abs().max() / scale > 1e-2, "sparsity 0.5 must change the logits"
+
+
+def test_crossover_is_the_last_kept_fraction_where_the_gather_wins():
+    fractions = (0.25, 0.5, 0.75, 1.0)
+    assert cpu_kernels.crossover(fractions, [1, 2, 3, 4], dense_ms=5) == 1.0  # wins everywhere
+    assert cpu_kernels.crossover(fractions, [6, 7, 8, 9], dense_ms=5) == 0.0  # never wins
+    assert cpu_kernels.crossover(fractions, [1, 2, 4, 6], dense_ms=3) == pytest.approx(0.625)  # between 1/2 and 3/4
+    assert cpu_kernels.crossover(fractions, [1, 2, 4, 2], dense_ms=3) == pytest.approx(0.625)  # the first loss ends it
+
+
+def test_measured_plan_is_cached_per_shape_and_routes_the_product(monkeypatch):
+    """The plan comes from timing this machine once per (shape, dtype, threads); a plan that never gathers sends
+    decode to the masked dense product, one that always does sends it to the gather."""
+    monkeypatch.setattr(cpu_kernels, "_plans", {})
+    monkeypatch.setattr(cpu_kernels, "COLD_BYTES", 4 << 20)  # a quick measurement: the test is about its use
+    measured = []
+    real_measure = cpu_kernels.measure_gather_plan
+    monkeypatch.setattr(cpu_kernels, "measure_gather_plan", lambda *a: measured.append(a) or real_measure(*a))
+    plan = cpu_kernels.gather_plan(300, 500, torch.float32)
+    assert 0.0 <= plan.max_row_fraction <= 1.0 and plan.bags in {1, max(1, torch.get_num_threads())}
+    assert cpu_kernels.gather_plan(300, 500, torch.float32) is plan and len(measured) == 1
+    cpu_kernels.gather_plan(300, 500, torch.bfloat16)
+    assert len(measured) == 2
+
+    x, weight, bias, tau = make_case(300, (500,), 1, 0.5, torch.float32, seed=5)
+    linear = SparseLinear(300, 500)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    linear.set_thresholds([1.0], [False])
+    with torch.no_grad():
+        linear.tau.copy_(tau)
+    calls = []
+    real_gather = sparse_linear.sparse_linear_cpu
+    monkeypatch.setattr(sparse_linear, "sparse_linear_cpu", lambda *a: calls.append(1) or real_gather(*a))
+    reference = masked_reference(x, weight, bias, tau, (500,))
+    key = (300, 500, torch.float32, max(1, torch.get_num_threads()))
+    for plan, gathered in ((cpu_kernels.GatherPlan(0.0, 1), 0), (cpu_kernels.GatherPlan(1.0, 1), 1)):
+        cpu_kernels._plans[key] = plan
+        calls.clear()
+        with torch.no_grad():
+            y = linear(x)
+        assert len(calls) == gathered
+        assert relative_error(y, reference) < TOLERANCE[torch.float32]
