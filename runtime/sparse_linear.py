@@ -56,7 +56,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, tau: torch.Tensor
     [segments, tokens, in] decisions when already made (cpu_kernels.kept_channels), else from tau."""
     if len(segment_sizes) == 1:  # no split views: a bf16 F.linear on a view of W measured 10-20 us slower (CPU)
         kept = keep[0] if keep is not None else x.abs() > tau[0]
-        return F.linear(x * kept.to(x.dtype), weight, bias)
+        return F.linear(x * kept, weight, bias)
     outputs = []
     biases = bias.split(segment_sizes) if bias is not None else [None] * len(segment_sizes)
     for s, (w, b, t) in enumerate(zip(weight.split(segment_sizes, dim=0), biases, tau)):
