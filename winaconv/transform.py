@@ -134,7 +134,9 @@ def fold_head_norm(model) -> None:
 def principal_basis(gram: torch.Tensor) -> torch.Tensor:
     """Orthogonal Q whose columns are the eigenvectors of a symmetric matrix, largest first."""
     _, vectors = torch.linalg.eigh(gram)
-    return vectors.flip(-1)
+    # row-major, as the resume journal reads it back: LAPACK's column-major Q made MKL take another product
+    # kernel on one host, and a resumed conversion's embeddings came out 1 ulp off the uninterrupted one's
+    return vectors.flip(-1).contiguous()
 
 
 def _gram(weight: torch.Tensor) -> torch.Tensor:
