@@ -59,10 +59,13 @@ def gather_supported(dtype: torch.dtype) -> bool:
     return GATHER_MODE != "never" and (dtype in GATHER_DTYPES or GATHER_MODE == "always")
 
 
-def gather_may_win(num_tokens: int, in_features: int, out_features: int, dtype: torch.dtype) -> bool:
-    """Shape-level part of the policy, decided before the mask is computed."""
-    return (gather_supported(dtype) and num_tokens <= GATHER_MAX_TOKENS
-            and gather_plan(in_features, out_features, dtype).max_row_fraction > 0)
+def gather_may_win(num_tokens: int, in_features: int, out_features: int, dtype: torch.dtype) -> GatherPlan | None:
+    """Shape-level part of the policy, decided before the mask is computed: the plan to run the gather with,
+    or None where it never runs."""
+    if not gather_supported(dtype) or num_tokens > GATHER_MAX_TOKENS:
+        return None
+    plan = gather_plan(in_features, out_features, dtype)
+    return plan if plan.max_row_fraction > 0 else None
 
 
 def gather_plan(in_features: int, out_features: int, dtype: torch.dtype) -> GatherPlan:

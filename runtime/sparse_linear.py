@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_kernels import (TransposedRows, gather_may_win, gather_pays_off, gather_plan, gather_supported, kept_channels,
-                          sparse_linear_cpu)
+from .cpu_kernels import TransposedRows, gather_may_win, gather_pays_off, gather_supported, kept_channels, sparse_linear_cpu
 from .kernels import HAS_TRITON, sparse_linear_triton, use_sparse_kernel
 
 logger = logging.getLogger(__name__)
@@ -172,10 +171,10 @@ class SparseLinear(nn.Linear):
 
     def _cpu_forward(self, flat: torch.Tensor) -> torch.Tensor:
         """Row gather where cpu_kernels' measured policy says it beats the masked dense product."""
-        if not gather_may_win(flat.shape[0], self.in_features, self.out_features, flat.dtype):
+        plan = gather_may_win(flat.shape[0], self.in_features, self.out_features, flat.dtype)
+        if plan is None:
             return masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
         keep = kept_channels(flat, self.tau)
-        plan = gather_plan(self.in_features, self.out_features, flat.dtype)
         if gather_pays_off(keep, plan):
             return sparse_linear_cpu(flat, keep, self._cpu_rows.for_weight(self), self.bias, plan.bags)
         return masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes, keep)  # decided once
