@@ -96,7 +96,7 @@ def test_eval_json_output(converted_smollm2, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert (report["window"], report["stride"], report["text_tokens"]) == (128, 64, 256)
-    assert (report["method"], report["transform"], report["scoring"]) == ("wina", "global", "paper")
+    assert (report["method"], report["transform"], report["scoring"]) == ("wina", "global", "reference")
     assert [r["sparsity"] for r in report["results"]] == [0.0, 0.5]
     for r in report["results"]:
         assert r["tokens"] == 255 and math.isclose(r["perplexity"], math.exp(r["nll"]))

@@ -20,7 +20,9 @@ class ConvertOptions:
     # WINA with the pca rotation: best at 40/65% on SmolLM2, within 1.3% of TEAL-pca at 25/50%
     # (benchmarks/accuracy_pca_4k.md); the rotation folds into the weights, so it costs no speed
     method: str = "wina"
-    scoring: str = "paper"
+    # column norms on k and gate only (microsoft/wina's code): under pca as good or better than the paper's
+    # seven at 25/50/65% at both calibration budgets measured, within noise at 40% (benchmarks/accuracy_16k.md)
+    scoring: str = "reference"
     transform: str | None = None  # None: the family's default (transform.default_transform)
     sparsity_levels: tuple[float, ...] = (0.25, 0.4, 0.5, 0.65)
     default_sparsity: float | None = None  # None: 0.5 if stored, else the stored level nearest to it
