@@ -23,27 +23,39 @@ def load(folder, dtype=torch.float32, **kwargs):
     return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype, **kwargs).eval()
 
 
-def reference_rule_logits(folder, ids, sparsity):
-    """Independent float64 reference: a plain transformers model from the same folder whose
-    linears mask inputs by the paper's rule |x_i| * ||W[:, i]|| > t (or |x_i| > t) before the product."""
+LINEAR_PATHS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def rule_thresholds(folder, sparsity) -> dict:
+    """Per (layer, projection), the threshold on |x_i| of the paper's rule |x_i| * ||W[:, i]|| > t (or |x_i| > t),
+    from config.json's table and the weights, in float64."""
     config = json.loads((folder / "config.json").read_text())["winaconv"]
     table = config["levels"][f"{sparsity:g}"]["thresholds"]
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
-    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64)
+    result = {}
+    for idx, layer in enumerate(model.model.layers):
+        for p, path in LINEAR_PATHS.items():
+            t = torch.tensor(table[idx][PROJECTIONS.index(p)], dtype=torch.float64)
+            norms = layer.get_submodule(path).weight.norm(dim=0)
+            scored = torch.where(norms > 0, t / norms, torch.inf)  # a zero column never scores above t
+            result[idx, p] = scored if p in config["norm_scored"] else t.expand_as(norms)
+    return result
 
-    def masker(threshold, norms):
+
+def masked_logits(folder, ids, taus) -> torch.Tensor:
+    """Independent float64 forward: a plain transformers model from the same folder whose linears zero the
+    inputs with |x_i| <= taus[layer, projection][i] before the product."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+
+    def masker(tau):
         def hook(module, args):
-            x = args[0]
-            score = x.abs() * norms if norms is not None else x.abs()
-            return (x * (score > threshold),)
+            return (args[0] * (args[0].abs() > tau),)
         return hook
 
     for idx, layer in enumerate(model.model.layers):
-        for p, path in names.items():
-            linear = layer.get_submodule(path)
-            norms = linear.weight.norm(dim=0) if p in config["norm_scored"] else None
-            linear.register_forward_pre_hook(masker(table[idx][PROJECTIONS.index(p)], norms))
+        for p, path in LINEAR_PATHS.items():
+            layer.get_submodule(path).register_forward_pre_hook(masker(taus[idx, p]))
     with torch.no_grad():
         return model(ids).logits
 
@@ -67,15 +79,25 @@ def test_loads_runtime_from_the_folder(wina_folder):
 
 
 def test_sparse_logits_follow_the_reference_rule(wina_folder, tokenizer):
+    """Two halves, so that one decision moved by rounding cannot make the test chaotic: the runtime's
+    per-channel thresholds are the rule's to float32 rounding, and its logits are a float64 masked forward's
+    with those thresholds. (Comparing against the float64 rule directly flipped 1 of ~5M decisions here --
+    a score 8e-8 above its threshold -- and that flip moved later positions' logits by 14%.)"""
     ids = tokenizer(" ".join(PROMPTS) * 3, return_tensors="pt").input_ids
-    model = load(wina_folder, sparsity=0.5)
+    model = load(wina_folder, dtype=torch.float64, sparsity=0.5)  # float64 activations: no decision moves either
+    rule = rule_thresholds(wina_folder, 0.5)
+    taus = {}
+    for idx, layer in enumerate(model.model.layers):
+        for p, path in LINEAR_PATHS.items():
+            taus[idx, p] = layer.get_submodule(path).tau[0].double()
+            torch.testing.assert_close(taus[idx, p], rule[idx, p], rtol=1e-5, atol=0)  # float32 column norms
     with torch.no_grad():
         sparse = model(ids).logits.double()
         model.set_sparsity(0)
         dense = model(ids).logits.double()
-    reference = reference_rule_logits(wina_folder, ids, 0.5)
+    reference = masked_logits(wina_folder, ids, taus)
     scale = reference.abs().max()
-    assert (sparse - reference).abs().max() / scale < 2e-3
+    assert (sparse - reference).abs().max() / scale < 1e-9
     assert (dense - reference).abs().max() / scale > 2e-2, "sparsity 0.5 must really change the logits"
 
 
@@ -121,10 +143,14 @@ def test_half_precision_runs_close_to_float32(wina_folder, tokenizer, dtype):
     full = load(wina_folder, sparsity=0.25)
     half = AutoModelForCausalLM.from_pretrained(wina_folder, trust_remote_code=True, dtype=dtype, sparsity=0.25)
     with torch.no_grad():
-        a, b = full(ids).logits[0, -1], half(ids).logits[0, -1].float()
+        a, b = full(ids).logits[0, -1].log_softmax(-1), half(ids).logits[0, -1].float().log_softmax(-1)
     assert torch.isfinite(b).all()
-    # masks flip for channels near a threshold, so compare what matters: the top predictions
-    assert a.topk(3).indices.tolist() == b.topk(3).indices.tolist()
+    # Masks flip for channels near a threshold and a flip moves everything after it, so the ranks of close
+    # candidates may swap (seen: fp16 swapped the 3rd and 4th tokens, KL 0.06). Compare the distributions:
+    # 0.01-0.06 nats measured at this level in bf16 and fp16; a wrong half path gives nats, not hundredths.
+    kl = (a.exp() * (a - b)).sum().item()
+    assert kl < 0.15, kl
+    assert a.argmax().item() in b.topk(3).indices.tolist()
 
 
 @pytest.fixture
