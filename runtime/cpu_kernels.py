@@ -71,7 +71,7 @@ def gather_may_win(num_tokens: int, in_features: int, out_features: int, dtype: 
 def gather_plan(in_features: int, out_features: int, dtype: torch.dtype) -> GatherPlan:
     threads = max(1, torch.get_num_threads())
     if GATHER_MODE == "always":
-        return GatherPlan(1.0, threads)
+        return GatherPlan(math.inf, threads)
     key = (in_features, out_features, dtype, threads)
     plan = _plans.get(key)
     if plan is None:
@@ -118,11 +118,11 @@ def measure_gather_plan(in_features: int, out_features: int, dtype: torch.dtype,
     dense = ms(lambda w_t, w: F.linear(x * (x.abs() > tau), w))
     curves = {}
     for bags in sorted({1, threads}):
-        curve = []
-        for fraction in MEASURED_FRACTIONS:
-            keep = torch.zeros(in_features, dtype=torch.bool)
-            keep[order[:max(1, round(fraction * in_features))]] = True
-            curve.append(ms(lambda w_t, w: _one_token_product(x[0], keep, w_t, bags)))
+        plan, curve = GatherPlan(1.0, bags), []
+        for fraction in MEASURED_FRACTIONS:  # the decode path itself, mask included, `fraction` of the rows kept
+            kept_tau = torch.full_like(x, math.inf, dtype=torch.float32)
+            kept_tau[0, order[:max(1, round(fraction * in_features))]] = -1.0
+            curve.append(ms(lambda w_t, w: _one_token_products(x[0], kept_tau, [w_t], plan)))
         curves[bags] = curve
     bags = min(curves, key=lambda b: curves[b][len(MEASURED_FRACTIONS) // 2 - 1])  # the faster at 1/2 kept
     return GatherPlan(crossover(MEASURED_FRACTIONS, curves[bags], dense), bags)
@@ -141,14 +141,30 @@ def gather_pays_off(keep: torch.Tensor, plan: GatherPlan) -> bool:
     return int(keep.sum()) <= plan.max_row_fraction * segments * in_features
 
 
+def sparse_linear_cpu(flat: torch.Tensor, tau: torch.Tensor, segment_weights_t, bias, plan: GatherPlan):
+    """The sparse product of every segment through the gather: tau [segments, in], segment_weights_t[s]: [in, out_s]
+    with unit stride along out. None where the kept rows exceed the plan's crossover: the caller then runs the
+    masked dense product, which makes the same decisions."""
+    if flat.shape[0] == 1:
+        outputs = _one_token_products(flat[0], tau, segment_weights_t, plan)
+        if outputs is None:
+            return None
+        y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).unsqueeze(0)
+    else:
+        keep = kept_channels(flat, tau)
+        if not gather_pays_off(keep, plan):
+            return None
+        outputs = [gather_rows_product(flat, keep[s], w_t, plan.bags) for s, w_t in enumerate(segment_weights_t)]
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+    return y if bias is None else y + bias
+
+
 def gather_rows_product(x_row_major: torch.Tensor, keep: torch.Tensor, weight_t: torch.Tensor,
                         bags_per_token: int) -> torch.Tensor:
-    """[tokens, out] = for each token t, sum over i with keep[t, i] of x[t, i] * weight_t[i].
+    """[tokens, out] = for each token t, sum over i with keep[t, i] of x[t, i] * weight_t[i] (a few tokens).
 
     weight_t: [in, out] with unit stride along out (a column slice of a wider W^T is fine).
     """
-    if keep.shape[0] == 1:
-        return _one_token_product(x_row_major[0], keep[0], weight_t, bags_per_token)
     tokens, in_features = keep.shape
     token_ids, channel_ids = keep.nonzero(as_tuple=True)  # row-major: grouped by token, channels ascending
     # Split every token's channels into `bags_per_token` ranges: one bag per thread.
@@ -161,32 +177,39 @@ def gather_rows_product(x_row_major: torch.Tensor, keep: torch.Tensor, weight_t:
     return out.view(tokens, bags_per_token, -1).sum(1, dtype=_accumulation(weight_t.dtype)).to(weight_t.dtype)
 
 
-def _one_token_product(x: torch.Tensor, keep: torch.Tensor, weight_t: torch.Tensor, bags: int) -> torch.Tensor:
-    """Decode's case, in as few torch calls as possible (each costs microseconds, and a decode step makes
-    hundreds): the kept channels split into `bags` runs of equal length, one per thread."""
-    channels = keep.nonzero().squeeze(1)
-    kept = channels.numel()
-    offsets = _ZERO_OFFSET if bags == 1 else torch.tensor([kept * b // bags for b in range(bags)], dtype=torch.long)
+def _one_token_products(x: torch.Tensor, tau: torch.Tensor, segment_weights_t, plan: GatherPlan):
+    """Decode's case, [out_s] per segment, in as few torch calls as possible: each costs microseconds, a decode
+    step makes hundreds, and on a small model they were as much as the bytes the gather saves."""
+    magnitudes = x.abs()
+    channels = [(magnitudes > t).nonzero().view(-1) for t in tau]
+    if plan.max_row_fraction < 1:  # nonzero's sizes are known on the host: counting is free
+        if sum(c.numel() for c in channels) > plan.max_row_fraction * len(channels) * x.numel():
+            return None
+    return [_bag_sum(x, c, w_t, plan.bags) for c, w_t in zip(channels, segment_weights_t)]
+
+
+def _bag_sum(x: torch.Tensor, channels: torch.Tensor, weight_t: torch.Tensor, bags: int) -> torch.Tensor:
+    """sum over the kept channels c of x[c] * weight_t[c], as `bags` bags over equal ranges of channels (one per
+    thread; their offsets found by one searchsorted), partial sums added after (bf16's in fp32: torch's sum
+    accumulates in fp32 and rounds once)."""
+    offsets = _ZERO_OFFSET if bags == 1 else torch.searchsorted(channels, _bag_starts(x.numel(), bags))
     out = F.embedding_bag(channels, weight_t, offsets, mode="sum", per_sample_weights=x.index_select(0, channels))
-    if bags == 1:
-        return out
-    return out.sum(0, keepdim=True, dtype=_accumulation(weight_t.dtype)).to(weight_t.dtype)
+    return out[0] if bags == 1 else out.sum(0)
 
 
 _ZERO_OFFSET = torch.zeros(1, dtype=torch.long)
+_starts: dict = {}
+
+
+def _bag_starts(in_features: int, bags: int) -> torch.Tensor:
+    key = (in_features, bags)
+    if key not in _starts:
+        _starts[key] = torch.tensor([in_features * b // bags for b in range(bags)], dtype=torch.long)
+    return _starts[key]
 
 
 def _accumulation(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # bf16 partial sums added in fp32
-
-
-def sparse_linear_cpu(flat: torch.Tensor, keep: torch.Tensor, segment_weights_t, bias, bags: int | None = None) -> torch.Tensor:
-    """The sparse product of every segment: keep [segments, tokens, in], segment_weights_t[s]: [in, out_s];
-    bags per token: one per thread unless given."""
-    bags = bags or max(1, torch.get_num_threads())
-    outputs = [gather_rows_product(flat, keep[s], w_t, bags) for s, w_t in enumerate(segment_weights_t)]
-    y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
-    return y if bias is None else y + bias
 
 
 class TransposedRows:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_kernels import TransposedRows, gather_may_win, gather_pays_off, gather_supported, kept_channels, sparse_linear_cpu
+from .cpu_kernels import TransposedRows, gather_may_win, gather_supported, sparse_linear_cpu
 from .kernels import HAS_TRITON, sparse_linear_triton, use_sparse_kernel
 
 logger = logging.getLogger(__name__)
@@ -49,18 +49,14 @@ def channel_thresholds(norms: torch.Tensor, threshold: float, scored_with_norm: 
     return torch.where(norms > 0, threshold / norms, inf)
 
 
-def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, tau: torch.Tensor, segment_sizes,
-                  keep: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference rule in plain torch: mask the input per segment, then a dense product. keep: the
-    [segments, tokens, in] decisions when already made (cpu_kernels.kept_channels), else from tau."""
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, tau: torch.Tensor, segment_sizes) -> torch.Tensor:
+    """The reference rule in plain torch: mask the input per segment, then a dense product."""
     if len(segment_sizes) == 1:  # no split views: a bf16 F.linear on a view of W measured 10-20 us slower (CPU)
-        kept = keep[0] if keep is not None else x.abs() > tau[0]
-        return F.linear(x * kept, weight, bias)
+        return F.linear(x * (x.abs() > tau[0]), weight, bias)
     outputs = []
     biases = bias.split(segment_sizes) if bias is not None else [None] * len(segment_sizes)
-    for s, (w, b, t) in enumerate(zip(weight.split(segment_sizes, dim=0), biases, tau)):
-        kept = keep[s] if keep is not None else x.abs() > t
-        outputs.append(F.linear(x * kept.to(x.dtype), w, b))
+    for w, b, t in zip(weight.split(segment_sizes, dim=0), biases, tau):
+        outputs.append(F.linear(x * (x.abs() > t).to(x.dtype), w, b))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
@@ -172,12 +168,11 @@ class SparseLinear(nn.Linear):
     def _cpu_forward(self, flat: torch.Tensor) -> torch.Tensor:
         """Row gather where cpu_kernels' measured policy says it beats the masked dense product."""
         plan = gather_may_win(flat.shape[0], self.in_features, self.out_features, flat.dtype)
-        if plan is None:
-            return masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
-        keep = kept_channels(flat, self.tau)
-        if gather_pays_off(keep, plan):
-            return sparse_linear_cpu(flat, keep, self._cpu_rows.for_weight(self), self.bias, plan.bags)
-        return masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes, keep)  # decided once
+        if plan is not None:
+            y = sparse_linear_cpu(flat, self.tau, self._cpu_rows.for_weight(self), self.bias, plan)
+            if y is not None:
+                return y
+        return masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, segments={self.segment_sizes}, sparse={self.is_sparse}"

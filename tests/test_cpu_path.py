@@ -40,6 +40,7 @@ def relative_error(y, reference):
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+ALWAYS = cpu_kernels.GatherPlan(math.inf, 2)  # gather whatever it reads, two bags per token
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -51,8 +52,7 @@ def test_gather_equals_masked_reference(in_features, segments, dtype):
             weight_t = weight.t().contiguous()
             ends = torch.tensor(segments).cumsum(0).tolist()
             rows = [weight_t[:, e - s:e] for s, e in zip(segments, ends)]  # column slices of one W^T
-            keep = cpu_kernels.kept_channels(x, tau)
-            y = cpu_kernels.sparse_linear_cpu(x, keep, rows, bias)
+            y = cpu_kernels.sparse_linear_cpu(x, tau, rows, bias, ALWAYS)
             assert y.dtype == dtype and y.shape == (tokens, sum(segments))
             err = relative_error(y, masked_reference(x, weight, bias, tau, segments))
             assert err < TOLERANCE[dtype], (tokens, sparsity, err)
@@ -61,8 +61,8 @@ def test_gather_equals_masked_reference(in_features, segments, dtype):
 def test_every_threshold_infinite_gives_the_bias():
     for tokens in (1, 2):  # the one-token path and the general one
         x, weight, bias, tau = make_case(1000, (700, 1300), tokens, 0.5, torch.float32, seed=0)
-        keep = cpu_kernels.kept_channels(x, torch.full_like(tau, float("inf")))
-        y = cpu_kernels.sparse_linear_cpu(x, keep, [weight[:700].t(), weight[700:].t()], bias)
+        inf = torch.full_like(tau, float("inf"))
+        y = cpu_kernels.sparse_linear_cpu(x, inf, [weight[:700].t(), weight[700:].t()], bias, ALWAYS)
         assert torch.equal(y, bias.expand(tokens, -1))
 
 
@@ -72,8 +72,8 @@ def test_any_number_of_bags_gives_the_same_product(bags):
     included, must give the masked product."""
     for tokens, sparsity in ((1, 0.5), (1, 0.995), (3, 0.5)):
         x, weight, bias, tau = make_case(576, (1536,), tokens, sparsity, torch.float32, seed=bags)
-        keep = cpu_kernels.kept_channels(x, tau)
-        y = cpu_kernels.gather_rows_product(x, keep[0], weight.t().contiguous(), bags) + bias
+        plan = cpu_kernels.GatherPlan(math.inf, bags)  # one token: decode's own path; three: the general one
+        y = cpu_kernels.sparse_linear_cpu(x, tau, [weight.t().contiguous()], bias, plan)
         assert relative_error(y, masked_reference(x, weight, bias, tau, (1536,))) < TOLERANCE[torch.float32]
 
 
@@ -102,6 +102,13 @@ def test_sparse_linear_takes_the_gather_for_decode_and_dense_for_prefill(dtype, 
         assert calls == [1], "a 32-token prefill must take the masked dense product"
     assert relative_error(decode, reference[:1]) < TOLERANCE[dtype]
     assert relative_error(prefill, reference) < TOLERANCE[dtype]
+    # 6 of 7 channels kept: over the plan's 0.5 crossover, so the gather declines and the masked product runs
+    with torch.no_grad():
+        linear.tau.copy_(torch.where(torch.isinf(tau), tau, -1.0))
+        declined = linear(x[:1])
+    assert calls == [1, 1]
+    reference = masked_reference(x[:1], weight, bias, linear.tau, segments)
+    assert relative_error(declined, reference) < TOLERANCE[dtype]
     assert (dtype == torch.float32) == (linear.weight.stride(0) == 1), "fp32 keeps one copy, laid out as W^T"
 
 

@@ -28,10 +28,8 @@ new = 16 if name.startswith("smol") else 8
 per_thread = cpu_kernels.sparse_linear_cpu
 
 
-def one_bag(flat, keep, weights_t, bias):
-    outs = [cpu_kernels.gather_rows_product(flat, keep[s], w, 1) for s, w in enumerate(weights_t)]
-    y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-    return y if bias is None else y + bias
+def one_bag(flat, tau, weights_t, bias, plan):
+    return per_thread(flat, tau, weights_t, bias, plan._replace(bags=1))
 
 
 cells = {}
