@@ -180,8 +180,8 @@ def gather_rows_product(x_row_major: torch.Tensor, keep: torch.Tensor, weight_t:
 def _one_token_products(x: torch.Tensor, tau: torch.Tensor, segment_weights_t, plan: GatherPlan):
     """Decode's case, [out_s] per segment, in as few torch calls as possible: each costs microseconds, a decode
     step makes hundreds, and on a small model they were as much as the bytes the gather saves."""
-    magnitudes = x.abs()
-    channels = [(magnitudes > t).nonzero().view(-1) for t in tau]
+    keep = x.abs() > tau  # [segments, in]: one comparison for every segment
+    channels = [keep[s].nonzero().view(-1) for s in range(len(segment_weights_t))]
     if plan.max_row_fraction < 1:  # nonzero's sizes are known on the host: counting is free
         if sum(c.numel() for c in channels) > plan.max_row_fraction * len(channels) * x.numel():
             return None
