@@ -10,14 +10,21 @@ import time, statistics, numpy as np, torch, torch.nn.functional as F
 from numba import njit, prange, config
 from winaconv_runtime import cpu_kernels as K
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def gather_f32(x, tau, wt, out, chunks):
-    n_in, n_out = wt.shape
-    idx = np.empty(n_in, np.int64); vals = np.empty(n_in, np.float32); k = 0
-    for i in range(n_in):
+@njit(fastmath=True, cache=True, nogil=True)
+def kept_channels(x, tau):
+    """The kept channels and their values, compacted."""
+    idx = np.empty(x.shape[0], np.int64); vals = np.empty(x.shape[0], np.float32); k = 0
+    for i in range(x.shape[0]):
         v = x[i]
         if abs(v) > tau[i]:
             idx[k] = i; vals[k] = v; k += 1
+    return idx, vals, k
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def gather_f32(x, tau, wt, out, chunks):
+    n_in, n_out = wt.shape
+    idx, vals, k = kept_channels(x, tau)
     step = (n_out + chunks - 1) // chunks
     for c in prange(chunks):
         lo = c * step; hi = min(n_out, lo + step)
@@ -31,11 +38,7 @@ def gather_f32(x, tau, wt, out, chunks):
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def gather_bf16(x, tau, wt, out, chunks):  # x: float32, wt: uint16 bits of bf16, out float32
     n_in, n_out = wt.shape
-    idx = np.empty(n_in, np.int64); vals = np.empty(n_in, np.float32); k = 0
-    for i in range(n_in):
-        v = x[i]
-        if abs(v) > tau[i]:
-            idx[k] = i; vals[k] = v; k += 1
+    idx, vals, k = kept_channels(x, tau)
     step = (n_out + chunks - 1) // chunks
     for c in prange(chunks):
         lo = c * step; hi = min(n_out, lo + step)
