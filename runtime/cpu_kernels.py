@@ -147,15 +147,13 @@ def sparse_linear_cpu(flat: torch.Tensor, tau: torch.Tensor, segment_weights_t, 
     masked dense product, which makes the same decisions."""
     if flat.shape[0] == 1:
         outputs = _one_token_products(flat[0], tau, segment_weights_t, plan)
-        if outputs is None:
-            return None
-        y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).unsqueeze(0)
     else:
         keep = kept_channels(flat, tau)
-        if not gather_pays_off(keep, plan):
-            return None
-        outputs = [gather_rows_product(flat, keep[s], w_t, plan.bags) for s, w_t in enumerate(segment_weights_t)]
-        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        outputs = ([gather_rows_product(flat, keep[s], w_t, plan.bags) for s, w_t in enumerate(segment_weights_t)]
+                   if gather_pays_off(keep, plan) else None)
+    if outputs is None:
+        return None
+    y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)).view(flat.shape[0], -1)  # one token's are 1-D
     return y if bias is None else y + bias
 
 
@@ -174,7 +172,7 @@ def gather_rows_product(x_row_major: torch.Tensor, keep: torch.Tensor, weight_t:
     offsets[1:] = counts.cumsum(0)[:-1]
     out = F.embedding_bag(channel_ids, weight_t, offsets, mode="sum",
                           per_sample_weights=x_row_major[token_ids, channel_ids])
-    return out.view(tokens, bags_per_token, -1).sum(1, dtype=_accumulation(weight_t.dtype)).to(weight_t.dtype)
+    return out.view(tokens, bags_per_token, -1).sum(1)  # bf16 partial sums: see _bag_sum
 
 
 def _one_token_products(x: torch.Tensor, tau: torch.Tensor, segment_weights_t, plan: GatherPlan):
@@ -206,10 +204,6 @@ def _bag_starts(in_features: int, bags: int) -> torch.Tensor:
     if key not in _starts:
         _starts[key] = torch.tensor([in_features * b // bags for b in range(bags)], dtype=torch.long)
     return _starts[key]
-
-
-def _accumulation(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)  # bf16 partial sums added in fp32
 
 
 class TransposedRows:

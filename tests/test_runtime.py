@@ -27,12 +27,16 @@ LINEAR_PATHS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_att
                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
 
-def rule_thresholds(folder, sparsity) -> dict:
+def plain_float64(folder):
+    """The folder's weights in transformers' own model classes (no runtime), float64."""
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+
+
+def rule_thresholds(folder, model, sparsity) -> dict:
     """Per (layer, projection), the threshold on |x_i| of the paper's rule |x_i| * ||W[:, i]|| > t (or |x_i| > t),
-    from config.json's table and the weights, in float64."""
+    from config.json's table and the weights of `model` (plain_float64)."""
     config = json.loads((folder / "config.json").read_text())["winaconv"]
     table = config["levels"][f"{sparsity:g}"]["thresholds"]
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64)
     result = {}
     for idx, layer in enumerate(model.model.layers):
         for p, path in LINEAR_PATHS.items():
@@ -43,10 +47,9 @@ def rule_thresholds(folder, sparsity) -> dict:
     return result
 
 
-def masked_logits(folder, ids, taus) -> torch.Tensor:
-    """Independent float64 forward: a plain transformers model from the same folder whose linears zero the
-    inputs with |x_i| <= taus[layer, projection][i] before the product."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+def masked_logits(model, ids, taus) -> torch.Tensor:
+    """Independent float64 forward: `model` (plain_float64) with its linears zeroing the inputs with
+    |x_i| <= taus[layer, projection][i] before the product (hooks left in place)."""
 
     def masker(tau):
         def hook(module, args):
@@ -85,7 +88,8 @@ def test_sparse_logits_follow_the_reference_rule(wina_folder, tokenizer):
     a score 8e-8 above its threshold -- and that flip moved later positions' logits by 14%.)"""
     ids = tokenizer(" ".join(PROMPTS) * 3, return_tensors="pt").input_ids
     model = load(wina_folder, dtype=torch.float64, sparsity=0.5)  # float64 activations: no decision moves either
-    rule = rule_thresholds(wina_folder, 0.5)
+    plain = plain_float64(wina_folder)
+    rule = rule_thresholds(wina_folder, plain, 0.5)
     taus = {}
     for idx, layer in enumerate(model.model.layers):
         for p, path in LINEAR_PATHS.items():
@@ -95,7 +99,7 @@ def test_sparse_logits_follow_the_reference_rule(wina_folder, tokenizer):
         sparse = model(ids).logits.double()
         model.set_sparsity(0)
         dense = model(ids).logits.double()
-    reference = masked_logits(wina_folder, ids, taus)
+    reference = masked_logits(plain, ids, taus)
     scale = reference.abs().max()
     assert (sparse - reference).abs().max() / scale < 1e-9
     assert (dense - reference).abs().max() / scale > 2e-2, "sparsity 0.5 must really change the logits"
