@@ -14,11 +14,15 @@ Example (thresholds and sparsities are [layer][projection], projections in PROJE
       "default_sparsity": 0.5,
       "calibration": {"source": "...", "tokens": 16384, "seq_len": 512, "seed": 0},
       "base_model": {"id": "...", "revision": null},
-      "winaconv_version": "0.1.0"
+      "winaconv_version": "0.1.0",
+      "conversion_id": "3f1c...",      # also in every shard's safetensors metadata (winaconv_conversion_id)
+      "score_max": [[...7 floats...], ...]  # largest gating score calibration saw, [layer][projection]
     }
 """
 
+import json
 import math
+import struct
 from dataclasses import dataclass
 
 from .architectures import PROJECTIONS
@@ -28,6 +32,10 @@ SAFETENSORS_METADATA = {"format": "pt", "winaconv_format_version": str(FORMAT_VE
 METHODS = ("wina", "teal")
 TRANSFORMS = ("exact", "global", "pca", "none")
 
+
+CONVERSION_ID_KEY = "winaconv_conversion_id"  # safetensors metadata: the conversion a shard belongs to
+# a threshold may exceed the largest calibration score by float32 rounding of the interpolation, no more
+SCORE_MAX_SLACK = 1e-5
 
 EXACT_MODEL_TYPE_PREFIX = "winaconv_exact_"  # exact-transform checkpoints are not a plain model of the family
 
@@ -93,14 +101,17 @@ def section_problems(section: dict, num_layers, for_loading: bool = False) -> li
     if unknown:
         problems.append(f"norm_scored names unknown projections {sorted(unknown)}")
     if not for_loading:
-        for key in ("calibration", "base_model", "winaconv_version"):
+        for key in ("calibration", "base_model", "winaconv_version", "conversion_id", "score_max"):
             if not section.get(key):
                 problems.append(f"winaconv section lacks '{key}'")
+    if "conversion_id" in section and (not isinstance(section["conversion_id"], str) or not section["conversion_id"]):
+        problems.append(f"conversion_id {section['conversion_id']!r} is not a string")
     levels = section.get("levels")
     if not isinstance(levels, dict) or (not levels and not for_loading):
         problems.append("no sparsity levels stored")
         levels = {}
     tables = ("thresholds",) if for_loading else ("thresholds", "sparsities")
+    whole = len(problems)
     for key, entry in levels.items():
         level = _float_or_none(key)
         if level is None:
@@ -112,7 +123,10 @@ def section_problems(section: dict, num_layers, for_loading: bool = False) -> li
             problems.append(f"level {key} is not an object")
             continue
         for table_name in tables:
-            problems += _table_problems(entry.get(table_name), table_name, key, num_layers)
+            problems += _table_problems(entry.get(table_name), f"level {key}", table_name, num_layers,
+                                        upper=1 if table_name == "sparsities" else None)
+    if len(problems) == whole:  # every table is whole: they can be read against each other
+        problems += threshold_problems(section, num_layers, by_sparsity=not for_loading)
     if not for_loading:
         default = section.get("default_sparsity")
         stored = {_float_or_none(k) for k in levels}
@@ -121,19 +135,78 @@ def section_problems(section: dict, num_layers, for_loading: bool = False) -> li
     return problems
 
 
-def _table_problems(table, table_name: str, key: str, num_layers) -> list[str]:
+def _table_problems(table, where: str, table_name: str, num_layers, upper=None) -> list[str]:
+    """A [layer][projection] table of finite numbers in [0, upper] ("level 0.5", "thresholds")."""
     if (not isinstance(table, list) or (isinstance(num_layers, int) and len(table) != num_layers)
             or any(not isinstance(row, list) or len(row) != len(PROJECTIONS) for row in table)):
-        return [f"level {key} {table_name} must be {num_layers} layers x {len(PROJECTIONS)} projections"]
+        return [f"{where} {table_name} must be {num_layers} layers x {len(PROJECTIONS)} projections"]
+    value_name = {"thresholds": "threshold", "sparsities": "sparsity"}.get(table_name, table_name)
     problems = []
     for layer, row in enumerate(table):
         for projection, value in zip(PROJECTIONS, row):
-            where = f"level {key} layer {layer} {projection}"
+            where_value = f"{where} layer {layer} {projection}: {value_name}"
             if not _is_number(value) or not math.isfinite(value):
-                problems.append(f"{where}: {table_name[:-1]} {value!r} is not finite")
-            elif value < 0 or (table_name == "sparsities" and value > 1):
-                problems.append(f"{where}: {table_name[:-1]} {value!r} is out of range")
+                problems.append(f"{where_value} {value!r} is not finite")
+            elif value < 0 or (upper is not None and value > upper):
+                problems.append(f"{where_value} {value!r} is out of range")
     return problems
+
+
+def threshold_problems(section: dict, num_layers, by_sparsity: bool = True) -> list[str]:
+    """Thresholds that calibration cannot have made (a section whose tables are whole). Each (layer,
+    projection) has one distribution of scores, and every level's threshold is read off it at that level's
+    sparsity: no threshold exceeds the largest score calibration saw (`score_max`, where recorded), above
+    which every channel would be dropped, and (by_sparsity) a level storing a higher sparsity never has a
+    lower threshold."""
+    levels, score_max = section["levels"], section.get("score_max")
+    rows = [entry["thresholds"] for entry in levels.values()]
+    if score_max is not None:
+        problems = _table_problems(score_max, "winaconv", "score_max", len(rows[0]) if rows else num_layers)
+        if problems:
+            return problems
+    problems = []
+    for key, entry in levels.items():
+        for layer, (row, largest_row) in enumerate(zip(entry["thresholds"], score_max or ())):
+            for projection, value, largest in zip(PROJECTIONS, row, largest_row):
+                if value > largest * (1 + SCORE_MAX_SLACK):
+                    problems.append(f"level {key} layer {layer} {projection}: threshold {value!r} is above the "
+                                    f"largest score calibration saw ({largest!r}), so it would drop every channel")
+    if by_sparsity:
+        problems += _order_problems(levels)
+    return problems
+
+
+def _order_problems(levels: dict) -> list[str]:
+    problems = []
+    for layer in range(min((len(entry[table]) for entry in levels.values() for table in ("thresholds", "sparsities")),
+                           default=0)):
+        for index, projection in enumerate(PROJECTIONS):
+            points = sorted((entry["sparsities"][layer][index], entry["thresholds"][layer][index], key)
+                            for key, entry in levels.items())
+            for (s_low, t_low, low), (s_high, t_high, high) in zip(points, points[1:]):
+                if s_low < s_high and t_low > t_high:
+                    problems.append(f"layer {layer} {projection}: level {low}'s threshold {t_low!r} is above level "
+                                    f"{high}'s {t_high!r}, whose sparsity is higher ({s_low:g} < {s_high:g})")
+    return problems
+
+
+def safetensors_metadata(path) -> dict:
+    """The `__metadata__` of a safetensors file, from its header alone (8-byte length, then JSON)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(min(length, 100 << 20)))
+    return dict(header.get("__metadata__") or {}) if isinstance(header, dict) else {}
+
+
+def conversion_problems(section: dict, metadata_by_file: dict[str, dict]) -> list[str]:
+    """Weight files that belong to another conversion than config.json (a shard copied in from elsewhere).
+    A section without a conversion id (made before winaconv recorded one) is not checked here."""
+    expected = section.get("conversion_id")
+    if not expected:
+        return []
+    return [f"{name} belongs to another conversion (conversion id {meta.get(CONVERSION_ID_KEY)!r} in its metadata, "
+            f"{expected!r} in config.json)" for name, meta in metadata_by_file.items()
+            if meta.get(CONVERSION_ID_KEY) != expected]
 
 
 def _is_number(value) -> bool:

@@ -9,13 +9,15 @@ layers add those and the checkpoint gets a model_type of its own: it is not a pl
 """
 
 import importlib
+import json
 
 import torch
 import transformers
 from torch import nn
 
 from .architectures import FAMILIES, INPUT_ROTATIONS, PROJECTIONS, SHORTCUTS, Family, projection_sizes, shared_input_paths
-from .checkpoint_format import CheckpointFormatError, SparsitySettings, exact_model_type
+from .checkpoint_format import (CheckpointFormatError, SparsitySettings, conversion_problems, exact_model_type,
+                                safetensors_metadata)
 from .sparse_linear import SharedInputGroup, SparseLinear, announce_path
 from .generation import WinaconvGenerationMixin
 
@@ -127,8 +129,27 @@ class WinaconvMixin:
         if problems:
             kind, keys = next(iter(problems.items()))
             raise CheckpointFormatError(f"checkpoint tensors do not match the model ({kind}: {', '.join(keys[:5])})")
+        location = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        foreign = conversion_problems(model.config.winaconv, _weight_metadata(location, kwargs))
+        if foreign:
+            raise CheckpointFormatError(f"{foreign[0]}: the weights and config.json are not of one conversion")
         model.set_sparsity(model.sparsity_settings.default_sparsity if sparsity is None else sparsity)
         return (model, info) if want_info else model
+
+
+def _weight_metadata(location, kwargs) -> dict[str, dict]:
+    """The safetensors metadata of each weight file of a checkpoint from_pretrained has just loaded (a folder,
+    or a Hub repo whose files are in the cache by now)."""
+    from transformers.utils import cached_file
+
+    hub = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision", "subfolder") if kwargs.get(k)}
+    index = cached_file(location, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
+    if index:
+        with open(index) as handle:
+            names = sorted(set(json.load(handle)["weight_map"].values()))
+    else:
+        names = ["model.safetensors"]
+    return {name: safetensors_metadata(cached_file(location, name, **hub)) for name in names}
 
 
 def _family_classes(family_name: str, exact: bool) -> tuple[type, ...]:

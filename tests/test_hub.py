@@ -26,6 +26,7 @@ from fake_hub import FakeHub
 from support import CALIB_TEXT, TINY_OPTIONS, assert_one_line_error, one_error_line, run_cli, tiny_source
 from winaconv.model_card import RESULTS_FILE, build_model_card, write_model_card
 from winaconv_runtime.architectures import PROJECTIONS
+from winaconv_runtime.checkpoint_format import safetensors_metadata
 
 TOKEN = "hf_fake_token_for_tests"
 
@@ -252,7 +253,9 @@ def test_inspect_a_hub_repo_reads_headers_only(ckpt, hub):
     assert result.exit_code == 0, result.output
     assert "someone/tiny @ main (commit " in result.stdout and "sparsities at level 0.5" in result.stdout
     fetched = [p for m, p in hub.requests[before:] if m == "GET" and "/resolve/" in p]
-    assert not any(p.endswith(".py") or p.endswith("tokenizer.json") for p in fetched), fetched
+    # the runtime's .py files are fetched, to compare them with the installed runtime; tokenizer.json is not
+    assert not any(p.endswith("tokenizer.json") for p in fetched), fetched
+    assert any(p.endswith("/modeling_winaconv.py") for p in fetched), fetched
 
     # damage the stored weights: the header read over HTTP must show it
     from safetensors.torch import load, save
@@ -260,7 +263,7 @@ def test_inspect_a_hub_repo_reads_headers_only(ckpt, hub):
     files = hub.repos["someone/tiny"]["branches"]["main"]
     tensors = load(files["model.safetensors"])
     del tensors["model.layers.1.self_attn.o_proj.weight"]
-    files["model.safetensors"] = save(tensors, metadata={"format": "pt", "winaconv_format_version": "1"})
+    files["model.safetensors"] = save(tensors, metadata=safetensors_metadata(ckpt / "model.safetensors"))
     result = run("inspect", "someone/tiny")
     assert result.exit_code == 1
     assert [line for line in result.stderr.splitlines() if line.startswith("problem:")] == [
@@ -320,5 +323,7 @@ def test_a_hub_model_converts_layer_by_layer_from_its_snapshot(hub, tmp_path):
     folder_config, folder_tensors = load_checkpoint(tmp_path / "from-folder")
     assert hub_config["winaconv"].pop("base_model")["id"] == "someone/tiny-llama"
     folder_config["winaconv"].pop("base_model")
+    # the conversion id derives from the source's identity too (a Hub commit here, file sizes and times there)
+    assert hub_config["winaconv"].pop("conversion_id") != folder_config["winaconv"].pop("conversion_id")
     assert hub_config == folder_config and sorted(hub_tensors) == sorted(folder_tensors)
     assert all(torch.equal(t, folder_tensors[n]) for n, t in hub_tensors.items())

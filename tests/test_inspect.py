@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from winaconv.cli import main
-from winaconv_runtime.checkpoint_format import FORMAT_VERSION, SAFETENSORS_METADATA
+from winaconv_runtime.checkpoint_format import FORMAT_VERSION, safetensors_metadata
 
 from support import assert_one_line_error
 
@@ -46,10 +46,11 @@ def edit_config(folder: Path, change) -> None:
 
 
 def rewrite_weights(folder: Path, change, metadata=None) -> None:
+    """Change the tensors of model.safetensors; its metadata is kept unless `metadata` is given."""
     path = folder / "model.safetensors"
     tensors = load_file(path)
     change(tensors)
-    save_file(tensors, path, metadata=dict(SAFETENSORS_METADATA) if metadata is None else metadata)
+    save_file(tensors, path, metadata=safetensors_metadata(path) if metadata is None else metadata)
 
 
 @pytest.mark.parametrize("transform", ["global", "exact"])
@@ -114,7 +115,8 @@ def test_config_and_weights_disagree(broken):
 def test_bad_format_versions(broken):
     folder = broken()
     edit_config(folder, lambda c: c["winaconv"].update(format_version=99))
-    rewrite_weights(folder, lambda t: None, metadata={"format": "pt", "winaconv_format_version": "0"})
+    metadata = {**safetensors_metadata(folder / "model.safetensors"), "winaconv_format_version": "0"}
+    rewrite_weights(folder, lambda t: None, metadata=metadata)
     found = problems(inspect(folder))
     assert found == [
         f"problem: config.json: winaconv format_version is 99; this winaconv reads {FORMAT_VERSION}",
@@ -137,11 +139,12 @@ def test_sharded_checkpoint_with_missing_shard(broken, tmp_path):
     """An index whose shard is gone; and a shard that lost a tensor the index lists."""
     folder = broken()
     tensors = load_file(folder / "model.safetensors")
+    metadata = safetensors_metadata(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
     names = sorted(tensors)
     first, second = names[: len(names) // 2], names[len(names) // 2:]
-    save_file({k: tensors[k] for k in first}, folder / "model-00001-of-00002.safetensors", metadata=SAFETENSORS_METADATA)
-    save_file({k: tensors[k] for k in second}, folder / "model-00002-of-00002.safetensors", metadata=SAFETENSORS_METADATA)
+    save_file({k: tensors[k] for k in first}, folder / "model-00001-of-00002.safetensors", metadata=metadata)
+    save_file({k: tensors[k] for k in second}, folder / "model-00002-of-00002.safetensors", metadata=metadata)
     weight_map = {**{k: "model-00001-of-00002.safetensors" for k in first},
                   **{k: "model-00002-of-00002.safetensors" for k in second}}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

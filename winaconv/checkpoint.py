@@ -4,6 +4,7 @@ that looks finished.  `--overwrite` only ever replaces a previous winaconv check
 
 import contextlib
 import fnmatch
+import functools
 import json
 import os
 import re
@@ -99,6 +100,8 @@ def check_output_dir(out: Path, overwrite: bool, source: Path | None = None) -> 
     """Everything about --out that can be known before the model loads. --overwrite only ever replaces a
     previous winaconv checkpoint: never the source model, never a folder with anything else in it."""
     out = Path(out).expanduser().absolute()
+    if out.is_symlink():  # replacing it would move the link and write into whatever it points to
+        raise WinaconvError(f"--out {out} is a symbolic link (to {os.readlink(out)}); give the folder itself")
     if out.exists() and not out.is_dir():
         raise WinaconvError(f"--out {out} exists and is not a folder")
     ancestor = nearest_existing(out)
@@ -137,6 +140,13 @@ def runtime_files() -> list[Path]:
     return sorted(p for p in RUNTIME_DIR.glob("*.py") if p.name != "__init__.py")
 
 
+@functools.cache
+def runtime_sources() -> dict[str, bytes]:
+    """The installed runtime's files as this process first read them: what it copies into checkpoints and
+    compares checkpoints' copies with (checkpoint_code.py)."""
+    return {path.name: path.read_bytes() for path in runtime_files()}
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -156,6 +166,18 @@ def _dead_staging(out: Path) -> list[Path]:
         if match and entry.is_dir() and (entry / STAGING_MARKER).is_file() and not _pid_alive(int(match.group(2))):
             found.append(entry)
     return sorted(found)
+
+
+def check_no_live_conversion(out: Path) -> None:
+    """A second conversion to the same --out while one runs would race it for the folder: refused up front."""
+    out = Path(out).expanduser().absolute()
+    for entry in out.parent.glob(f".{glob_escape(out.name)}.partial-*"):
+        match = re.fullmatch(re.escape(f".{out.name}.") + r"partial-(\d+)-\w+", entry.name)
+        pid = int(match.group(1)) if match else None
+        if (pid is not None and pid != os.getpid() and entry.is_dir() and (entry / STAGING_MARKER).is_file()
+                and _pid_alive(pid)):
+            raise WinaconvError(f"another conversion to {out} is running (process {pid}, staging in {entry.name}); "
+                                "wait for it to finish, or choose another --out")
 
 
 def remove_stale_staging(out: Path, keep: Path | None = None) -> list[Path]:
@@ -201,6 +223,7 @@ def atomic_folder(out: Path, overwrite: bool, source: Path | None = None, finger
 
     out = Path(out).expanduser().absolute()
     check_output_dir(out, overwrite, source)
+    check_no_live_conversion(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         resumed = claim_interrupted(out, fingerprint, overwrite) if fingerprint is not None else None
@@ -227,9 +250,20 @@ def atomic_folder(out: Path, overwrite: bool, source: Path | None = None, finger
     try:
         _move_into_place(staging, out, overwrite, source)
     except (OSError, WinaconvError) as exc:
-        # The checkpoint in staging is complete: keep it, and say where, rather than lose the conversion.
+        # The checkpoint in staging is complete: keep it where it can be seen, and say where, rather than lose
+        # the conversion or leave it in a hidden folder that nothing ever looks at again.
         reason = str(exc) if isinstance(exc, WinaconvError) else f"{type(exc).__name__}: {exc}"
-        raise WinaconvError(f"{reason} -- the finished checkpoint was left in {staging}") from None
+        raise WinaconvError(f"{reason} -- the finished checkpoint was left in {_keep_visible(staging, out)}") from None
+
+
+def _keep_visible(staging: Path, out: Path) -> Path:
+    """A finished checkpoint that could not take --out's place, renamed next to it without the leading dot."""
+    kept = out.with_name(f"{out.name}.unplaced-{os.getpid()}")
+    try:
+        os.rename(staging, kept)  # never onto an existing folder: rename fails on a non-empty one
+        return kept
+    except OSError:
+        return staging
 
 
 def _move_into_place(staging: Path, out: Path, overwrite: bool, source: Path | None) -> None:
@@ -250,6 +284,35 @@ def _move_into_place(staging: Path, out: Path, overwrite: bool, source: Path | N
         shutil.rmtree(previous, ignore_errors=True)
 
 
+def checkpoint_file(folder: Path, name: str) -> Path:
+    """The path of a file winaconv may write into an existing checkpoint folder (results, model card): never
+    into a folder without a winaconv config (a source model), never through a symbolic link."""
+    folder = Path(folder)
+    path = folder / name
+    if not is_winaconv_checkpoint(folder):
+        raise WinaconvError(f"{folder} is not a winaconv checkpoint (no winaconv section in its config.json): "
+                            f"{name} is written only into one")
+    if path.is_symlink():
+        raise WinaconvError(f"{path} is a symbolic link (to {os.readlink(path)}); not writing through it")
+    if path.exists() and not path.is_file():
+        raise WinaconvError(f"{path} exists and is not a file")
+    return path
+
+
+def write_into_checkpoint(folder: Path, name: str, text: str) -> Path:
+    """Write one file into a checkpoint folder (checkpoint_file), replacing it atomically (a temporary sibling
+    renamed over it)."""
+    path = checkpoint_file(folder, name)
+    partial = path.with_name(f".{name}.partial-{os.getpid()}")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise WinaconvError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
 def write_checkpoint_files(model, family, tokenizer, folder: Path) -> None:
     """Everything but the weights: config with auto_map, generation config, tokenizer, the runtime's sources."""
     config = model.config
@@ -260,8 +323,8 @@ def write_checkpoint_files(model, family, tokenizer, folder: Path) -> None:
         model.generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    for source in runtime_files():
-        shutil.copyfile(source, folder / source.name)
+    for name, data in runtime_sources().items():
+        (folder / name).write_bytes(data)
 
 
 def saved_state_names(model) -> list[str]:

@@ -135,6 +135,12 @@ def parse_names(ctx, param, value):
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
+trust_checkpoint_code_option = click.option(
+    "--trust-checkpoint-code", is_flag=True,
+    help="Run the checkpoint folder's own Python files where they differ from the installed winaconv runtime "
+         "(refused otherwise: read them first). Without it the model is always built from the installed runtime.")
+
+
 @main.command("eval")
 @click.argument("model")
 @click.option("--text-file", type=click.Path(),
@@ -155,8 +161,10 @@ def parse_names(ctx, param, value):
 @click.option("--tasks", callback=parse_names, default="",
               help="Zero-shot lm-evaluation-harness tasks, e.g. piqa,arc_easy (needs lm_eval and network).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@trust_checkpoint_code_option
 @one_line_errors
-def eval_command(model, text_file, levels, window, stride, max_tokens, batch_size, device, dtype, tasks, as_json):
+def eval_command(model, text_file, levels, window, stride, max_tokens, batch_size, device, dtype, tasks, as_json,
+                 trust_checkpoint_code):
     """Perplexity of MODEL (a winaconv checkpoint, or a plain model evaluated dense) on held-out text,
     through the runtime's sparse path at each sparsity level."""
     from transformers.utils import logging as transformers_logging
@@ -165,16 +173,17 @@ def eval_command(model, text_file, levels, window, stride, max_tokens, batch_siz
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars: the command shows its own progress
     options = EvalOptions(model=model, text_file=text_file, levels=levels or None, window=window, stride=stride,
-                          max_tokens=max_tokens, batch_size=batch_size, device=device, dtype=dtype, tasks=tasks)
+                          max_tokens=max_tokens, batch_size=batch_size, device=device, dtype=dtype, tasks=tasks,
+                          trust_checkpoint_code=trust_checkpoint_code)
     if as_json:
         report = evaluate(options, say=lambda m: None)
         click.echo(report.to_json())
-        if report.tasks.get("error"):
-            click.echo(report.tasks["error"], err=True)
-        return
-    with progress_bar() as progress:
-        report = evaluate(options, progress=progress, say=say)
-    print_eval(report)
+    else:
+        with progress_bar() as progress:
+            report = evaluate(options, progress=progress, say=say)
+        print_eval(report)
+    if report.tasks.get("error"):  # the perplexities are printed, but what was asked for did not all run
+        raise click.ClickException(report.tasks["error"])
 
 
 def push_checkpoint(folder, repo_id, private=False, revision=None, token=None, base_model=None, write_card=True):
@@ -234,13 +243,16 @@ def inspect_command(checkpoint, sparsity, thresholds, revision, token):
 @click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template to the prompt.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="auto", show_default=True)
+@trust_checkpoint_code_option
 @one_line_errors
-def generate(model, prompt, sparsity, max_new_tokens, sample, temperature, top_p, chat, device, dtype):
-    """Stream a completion of PROMPT through model.generate(), then one line of speed."""
+def generate(model, prompt, sparsity, max_new_tokens, sample, temperature, top_p, chat, device, dtype,
+             trust_checkpoint_code):
+    """Stream a completion of PROMPT through model.generate(), then one line of speed (decode ms/token, timed
+    after the first tokens, which carry the prompt and the one-time start-up)."""
     from .speed import run_generate
 
     run_generate(model, prompt, sparsity, max_new_tokens, sample, temperature, top_p, chat, device, dtype,
-                 say=err.print)
+                 trust_checkpoint_code, say=lambda line: err.print(line, soft_wrap=True, markup=False))
 
 
 @main.command()
@@ -254,13 +266,14 @@ def generate(model, prompt, sparsity, max_new_tokens, sample, temperature, top_p
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--save", is_flag=True, help="Write the speed entries of winaconv_results.json in the folder.")
+@click.option("--save", is_flag=True, help="Write the speed entries of winaconv_results.json in the checkpoint folder.")
+@trust_checkpoint_code_option
 @one_line_errors
-def bench(model, levels, new_tokens, prompt_tokens, batch, device, dtype, as_json, save):
+def bench(model, levels, new_tokens, prompt_tokens, batch, device, dtype, as_json, save, trust_checkpoint_code):
     """Decode ms/token through model.generate() at each level, next to transformers' dense loop."""
     from .speed import run_bench, save_speed
 
-    report = run_bench(model, levels, new_tokens, prompt_tokens, batch, device, dtype, save)
+    report = run_bench(model, levels, new_tokens, prompt_tokens, batch, device, dtype, save, trust_checkpoint_code)
     if save:
         save_speed(report)
     if as_json:

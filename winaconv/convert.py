@@ -8,9 +8,7 @@ from pathlib import Path
 import torch
 
 from winaconv_runtime.architectures import PROJECTIONS, family_for_model_type, parameter_shares, projection_sizes
-from winaconv_runtime.checkpoint_format import store_level
-
-from winaconv_runtime.checkpoint_format import SAFETENSORS_METADATA
+from winaconv_runtime.checkpoint_format import CONVERSION_ID_KEY, SAFETENSORS_METADATA, store_level
 
 from . import sources
 from .calibrate import (
@@ -18,12 +16,13 @@ from .calibrate import (
 )
 from .calibration_data import load_calibration_text, token_sequences
 from .checkpoint import (
-    atomic_folder, check_output_dir, is_winaconv_checkpoint, parse_shard_size, saved_state_names, write_checkpoint_files,
+    atomic_folder, check_no_live_conversion, check_output_dir, is_winaconv_checkpoint, parse_shard_size, saved_state_names,
+    write_checkpoint_files,
 )
 from .errors import WinaconvError
 from .onload import LAYER_PREFIX, StreamedLayers, end_names, layer_names, load_ends, needed_names, skeleton
 from .options import ConvertOptions
-from .resume import ResumeJournal, finished_layers, fingerprint
+from .resume import ResumeJournal, conversion_id, finished_layers, fingerprint
 from .runtime_model import winaconv_section
 from .sensitivity import output_divergences
 from .shards import ShardedWriter
@@ -34,6 +33,9 @@ from .weights import FolderWeights, GGUFWeights, ModelWeights, check_complete
 
 # The reference code scores only these two with column norms; the paper scores all seven.
 REFERENCE_NORM_SCORED = ("k", "gate")
+# What peak_host_bound leaves out besides Python and the libraries: the allocator's caches and thread pools
+# (about 20 MiB on a one-layer model, tests/test_streaming.py); growth past bound + this is warned about
+PROCESS_ALLOWANCE = 128 << 20
 
 
 @dataclass
@@ -47,6 +49,13 @@ class ConvertReport:
     resumed_layers: int = 0  # layers a resumed run found finished
     host_bound_bytes: int | None = None  # peak_host_bound: what a streamed run should stay under, besides Python
     start_host_bytes: int = 0  # peak host memory before any weight was read (Python, libraries, tokenizer, metadata)
+
+    def host_growth_over_bound(self) -> int | None:
+        """Bytes a streamed conversion's host memory grew past its bound and the process allowance, else None."""
+        if self.host_bound_bytes is None:
+            return None
+        over = self.peak_host_bytes - self.start_host_bytes - self.host_bound_bytes - PROCESS_ALLOWANCE
+        return over if over > 0 else None
 
 
 def norm_scored_projections(method: str, scoring: str) -> tuple[str, ...]:
@@ -74,6 +83,8 @@ def validate(options: ConvertOptions, source_folder: Path | None = None) -> list
     if options.default_sparsity not in [0.0, *levels]:
         raise WinaconvError(f"--default-sparsity {options.default_sparsity:g} is not one of the levels "
                             f"{', '.join(f'{s:g}' for s in levels)} (or 0)")
+    if options.calib_file and options.calib_dataset:
+        raise WinaconvError("--calib-file and --calib-dataset both given: calibration uses one source; drop one")
     if options.seq_len < 8 or options.calib_tokens < options.seq_len:
         raise WinaconvError("--calib-tokens must be at least --seq-len, and --seq-len at least 8")
     if not 0.0 < options.greedy_step < 1.0:
@@ -84,7 +95,23 @@ def validate(options: ConvertOptions, source_folder: Path | None = None) -> list
     if source_folder is not None and is_winaconv_checkpoint(source_folder):  # exact ones included
         refuse_checkpoint_source(source_folder)
     check_output_dir(Path(options.out), options.overwrite, source_folder)
+    check_no_live_conversion(Path(options.out))
     return levels
+
+
+def check_context(config, seq_len: int) -> None:
+    """Calibration sequences longer than the model's context would calibrate positions it never runs."""
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and seq_len > context:
+        raise WinaconvError(f"--seq-len {seq_len} is longer than the model's context of {context} positions")
+
+
+def calibration_note(tokens: int, options: ConvertOptions) -> str | None:
+    """What to say when the calibration text holds fewer tokens than --calib-tokens asks for."""
+    if tokens >= options.calib_tokens:
+        return None
+    return (f"calibrating on {tokens} tokens, not the {options.calib_tokens} --calib-tokens asks for: the "
+            f"calibration text holds only {tokens // options.seq_len} sequences of {options.seq_len} tokens")
 
 
 def open_weights(source: sources.ModelSource, skeleton):
@@ -157,6 +184,7 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     config = sources.load_config(source)
     if isinstance(getattr(config, "winaconv", None), dict):  # a Hub id (local folders are refused in validate)
         refuse_checkpoint_source(source.model_id)
+    check_context(config, options.seq_len)
     family = family_for_model_type(config.model_type)
     transform = options.transform or default_transform(family)
     check_transform(family, transform)
@@ -173,6 +201,7 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     tokenizer = sources.load_tokenizer(source)
     norm_scored = norm_scored_projections(options.method, options.scoring)
     model = skeleton(config, winaconv_section(options.method, transform, norm_scored))
+    model.generation_config = sources.load_generation_config(source, config)
     weights, source_files = open_weights(source, model)
     # what the conversion's data adds is measured from here: the tokenizer and the source's metadata (a GGUF's
     # vocabulary is hundreds of MB of Python objects) are the process's overhead, like the libraries
@@ -183,6 +212,9 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     load_ends(model, weights)
 
     input_ids = token_sequences(tokenizer, calibration.texts, options.seq_len, options.calib_tokens, options.seed)
+    note = calibration_note(int(input_ids.numel()), options)
+    if note:
+        say(note)
     settings = CalibrationSettings(
         norm_scored=norm_scored,
         max_sparsity=max(levels),
@@ -199,7 +231,8 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
     bound = peak_host_bound(model, int(input_ids.numel()), work_dtype, settings)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    stamp = fingerprint(options, source.model_id, source_files, input_ids, device)
+    stamp = fingerprint(options, source.model_id, source_files, input_ids, device, config, model.generation_config)
+    metadata = {**SAFETENSORS_METADATA, CONVERSION_ID_KEY: conversion_id(stamp)}
     with atomic_folder(Path(options.out), options.overwrite, local, stamp) as staging:
         journal = ResumeJournal(staging, stamp)
         resumed = journal.progress()
@@ -218,7 +251,7 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
         names = saved_state_names(model)
         state = model.state_dict()
         writer = ShardedWriter(staging, {n: (save_dtype, tuple(state[n].shape)) for n in names},
-                               parse_shard_size(options.max_shard_size), SAFETENSORS_METADATA,
+                               parse_shard_size(options.max_shard_size), metadata,
                                resume=resumed is not None)
         for name in names:
             if not name.startswith(LAYER_PREFIX):
@@ -276,6 +309,8 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
                 "seed": options.seed,
             },
             base_model={"id": source.model_id, "revision": source.revision},
+            conversion_id=metadata[CONVERSION_ID_KEY],
+            score_max=[[float(layer.grids[p][-1]) for p in PROJECTIONS] for layer in layers],
         )
         model.config.dtype = save_dtype
         say(f"writing {options.out}")

@@ -1,9 +1,9 @@
 """Perplexity of a model on held-out text at its stored sparsity levels, through the runtime's real sparse path.
 
-A winaconv checkpoint is loaded as users load it (AutoModelForCausalLM with trust_remote_code,
-then model.set_sparsity(level) for each level), so the numbers are those of the thresholds the
-runtime applies: every token of every window is sparsified, prefill included. A plain model
-folder (no 'winaconv' section in config.json), a .gguf file or a Hub id is evaluated dense.
+A winaconv checkpoint is loaded through the installed runtime's model classes (loading.py), then
+model.set_sparsity(level) for each level, so the numbers are those of the thresholds the runtime
+applies: every token of every window is sparsified, prefill included. A plain model folder (no
+'winaconv' section in config.json), a .gguf file or a Hub id is evaluated dense.
 
 Sliding windows: the token stream is cut into windows of `window` tokens starting every
 `stride` tokens, each run on its own (no cache carried over). A token is scored at most once,
@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from winaconv_runtime.architectures import PROJECTIONS
-from winaconv_runtime.checkpoint_format import CheckpointFormatError, SparsitySettings, level_key
+from winaconv_runtime.checkpoint_format import level_key
 
 from . import __version__, sources
 from .calibration_data import read_text_file
 from .errors import WinaconvError
+from .loading import LoadedModel, ModelRef, find_model, load_model, load_tokenizer, resolve_dtype  # noqa: F401
 from .options import EvalOptions
-from .sources import DTYPES
 
 @dataclass
 class LevelResult:
@@ -61,88 +61,6 @@ class EvalReport:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
-
-
-# ---------------------------------------------------------------- loading
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    settings: SparsitySettings | None  # None for a plain model: dense only
-
-    def set_sparsity(self, level: float) -> None:
-        if self.settings is not None:
-            self.model.set_sparsity(level)
-        elif level != 0:
-            raise WinaconvError("a plain model has no sparsity levels")
-
-
-@dataclass
-class ModelRef:
-    """What to load, found without loading weights: levels are checked and text tokenized first."""
-
-    name: str
-    section: dict | None  # the config's winaconv section; None for a plain model
-    source: sources.ModelSource
-
-    def available(self) -> list[float]:
-        if self.section is None:
-            return [0.0]
-        return sorted([0.0] + [float(k) for k in self.section.get("levels", {})])
-
-
-def _winaconv_section(model: str) -> dict | None:
-    config = Path(model).expanduser() / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        values = json.loads(config.read_text())
-    except json.JSONDecodeError as exc:
-        raise WinaconvError(f"{config} is not valid JSON ({exc.msg})") from exc
-    section = values.get("winaconv")
-    return section if isinstance(section, dict) else None
-
-
-def find_model(model: str) -> ModelRef:
-    section = _winaconv_section(model)
-    source = sources.resolve_source(model)
-    if section is None:
-        sources.load_config(source)  # one-line errors for unknown architectures and unreachable models
-    return ModelRef(model, section, source)
-
-
-def load_tokenizer(ref: ModelRef):
-    try:
-        return sources.load_tokenizer(ref.source, trust_remote_code=ref.section is not None)
-    except OSError as exc:
-        raise WinaconvError(f"cannot load the tokenizer of {ref.name}: {str(exc).splitlines()[0]}") from exc
-
-
-def resolve_dtype(requested: str, device: str):
-    """float32 on CPU unless asked otherwise (bf16 matmuls there are slow and rounding blurs comparisons)."""
-    if requested != "auto":
-        return DTYPES[requested]
-    return torch.float32 if device == "cpu" else "auto"
-
-
-def load_model(ref: ModelRef, device: str = "cpu", dtype="auto") -> LoadedModel:
-    """A winaconv checkpoint through trust_remote_code (the runtime code shipped in the folder), else a plain model."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-
-    try:
-        if ref.section is not None:
-            model = AutoModelForCausalLM.from_pretrained(ref.source.location, trust_remote_code=True, dtype=dtype,
-                                                         sparsity=0.0)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(ref.source.location, dtype=dtype, **ref.source.load_kwargs())
-    except CheckpointFormatError:
-        raise
-    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupt shard
-        raise WinaconvError(f"cannot load {ref.name}: {str(exc).splitlines()[0]}") from None
-    model.to(device).eval()
-    return LoadedModel(model, model.sparsity_settings if ref.section is not None else None)
 
 
 def scoring_name(section: dict | None) -> str | None:
@@ -260,7 +178,12 @@ def evaluate(options: EvalOptions, progress=None, say=print) -> EvalReport:
         raise WinaconvError(f"text file not found: {options.text_file}")
     if options.batch_size < 1:
         raise WinaconvError("--batch-size must be at least 1")
-    ref = find_model(options.model)
+    unavailable = tasks_unavailable(options.tasks) if options.tasks else None
+    if unavailable:  # said before the perplexity runs, not after
+        raise WinaconvError(unavailable)
+    ref = find_model(options.model, options.trust_checkpoint_code)
+    if ref.context is not None and options.window > ref.context:  # the positions past it were never trained
+        raise WinaconvError(f"--window {options.window} is longer than the model's context of {ref.context} positions")
     levels = parse_levels(options.levels, ref)
     source, texts = load_eval_text(options.text_file)
     device = sources.resolve_device(options.device)

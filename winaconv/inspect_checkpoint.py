@@ -12,7 +12,7 @@ from pathlib import Path
 
 from winaconv_runtime.architectures import PROJECTIONS, FAMILIES
 from winaconv_runtime.checkpoint_format import (FORMAT_VERSION, SAFETENSORS_METADATA, TRANSFORMS, base_model_type,
-                                                is_exact_model_type, section_problems)
+                                                conversion_problems, is_exact_model_type, section_problems)
 
 from .errors import WinaconvError
 from .model_card import RESULTS_FILE, is_hub_id, parse_results
@@ -41,6 +41,9 @@ class LocalCheckpoint:
 
     def read_text(self, name: str) -> str:
         return (self.folder / name).read_text()
+
+    def read_bytes(self, name: str) -> bytes:
+        return (self.folder / name).read_bytes()
 
     def read_header(self, name: str) -> Header:
         from safetensors import safe_open
@@ -71,13 +74,16 @@ class HubCheckpoint:
             self.name = f"{repo_id} @ {revision or 'main'}" + (f" (commit {info.sha[:12]})" if info.sha else "")
             self.local = Path(snapshot_download(
                 repo_id, revision=self.revision, token=token, endpoint=constants.ENDPOINT,
-                allow_patterns=["config.json", "*.safetensors.index.json", RESULTS_FILE],
+                allow_patterns=["config.json", "*.safetensors.index.json", RESULTS_FILE, "*.py", "tokenizer_config.json"],
             ))
         except Exception as exc:  # noqa: BLE001: any failure to reach the repo is one line for the user
             raise WinaconvError(f"cannot read Hub repo {repo_id}: {hub_error_line(exc)}") from None
 
     def read_text(self, name: str) -> str:
         return (self.local / name).read_text()
+
+    def read_bytes(self, name: str) -> bytes:
+        return (self.local / name).read_bytes()
 
     def read_header(self, name: str) -> Header:
         meta = self.api.parse_safetensors_file_metadata(self.repo_id, name, revision=self.revision)
@@ -184,6 +190,7 @@ def check_weights(ckpt, inspection: Inspection) -> None:
         problems.append(f"no weights: neither {INDEX_FILE} nor {SINGLE_FILE} is present")
         return
     inspection.weight_files = shards
+    metadata_by_file = {}
     for shard in shards:
         if shard not in files:
             problems.append(f"{shard}: listed in {INDEX_FILE} but missing")
@@ -193,6 +200,7 @@ def check_weights(ckpt, inspection: Inspection) -> None:
         except Exception as exc:  # noqa: BLE001: a broken file is a problem to report, not a crash
             problems.append(f"{shard}: cannot read the safetensors header ({type(exc).__name__}: {str(exc)[:200]})")
             continue
+        metadata_by_file[shard] = header.metadata
         version = header.metadata.get("winaconv_format_version")
         if version != SAFETENSORS_METADATA["winaconv_format_version"]:
             problems.append(
@@ -212,6 +220,7 @@ def check_weights(ckpt, inspection: Inspection) -> None:
         for name, shard in weight_map.items():
             if shard in files and name not in located:
                 problems.append(f"{name}: listed in {INDEX_FILE} under {shard} but not in that file")
+    problems += conversion_problems(inspection.section, metadata_by_file)
 
     config = inspection.config
     try:
@@ -238,6 +247,7 @@ def check_weights(ckpt, inspection: Inspection) -> None:
 
 def check_files(ckpt, inspection: Inspection) -> None:
     from .checkpoint import runtime_files
+    from .checkpoint_code import code_problems
 
     config = inspection.config
     auto_map = config.get("auto_map") or {}
@@ -250,6 +260,7 @@ def check_files(ckpt, inspection: Inspection) -> None:
     for source in runtime_files():
         if source.name not in ckpt.files:
             inspection.problems.append(f"{source.name}: runtime file missing (trust_remote_code needs it)")
+    inspection.problems += code_problems(ckpt, config)
     if RESULTS_FILE in ckpt.files:
         try:
             parse_results(json.loads(ckpt.read_text(RESULTS_FILE)))

@@ -316,9 +316,7 @@ def write_model_card(folder: Path, repo_id: str | None = None, base_model: str |
     path = Path(folder) / CARD_FILE
     if path.is_file() and not overwrite_foreign and CARD_MARKER not in path.read_text(errors="replace"):
         return path, False
+    from .checkpoint import write_into_checkpoint
+
     card = build_model_card(folder, repo_id, base_model)
-    try:
-        path.write_text(str(card))
-    except OSError as exc:
-        raise WinaconvError(f"cannot write the model card {path}: {exc}") from None
-    return path, True
+    return write_into_checkpoint(folder, CARD_FILE, str(card)), True

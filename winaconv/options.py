@@ -55,6 +55,7 @@ class EvalOptions:
     device: str = "auto"
     dtype: str = "auto"
     tasks: tuple[str, ...] = ()
+    trust_checkpoint_code: bool = False  # run the checkpoint's own Python files where they differ from the runtime
 
 
 @dataclass

@@ -53,6 +53,11 @@ def print_summary(report, default_sparsity: float) -> None:
         err.print(f"host memory grew by {grown:.2f} GiB once the source was opened; a streamed conversion should stay under "
                   f"{report.host_bound_bytes / 2**30:.2f} GiB (embeddings + lm_head in float32, 3 decoder layers in "
                   "float64, 3x the calibration activations, the score samples, the largest tensor read twice in float32)")
+        over = report.host_growth_over_bound()
+        if over is not None:
+            err.print(f"warning: that is {over / 2**30:.2f} GiB more than the bound and the process's own allowance "
+                      "(allocator, threads): a larger model may not fit where the bound says it would",
+                      style="bold yellow", soft_wrap=True)
 
 
 def print_eval(report) -> None:

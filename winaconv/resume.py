@@ -1,8 +1,9 @@
 """Resuming an interrupted streamed conversion from its last finished layer.
 
 A streamed conversion keeps in its staging folder, besides the shards it fills, a `.resume` folder: the
-fingerprint of the run (source files or revision, calibration tokens, every option that changes the output,
-winaconv and torch versions), the global/pca basis, each finished layer's calibration, and the activations
+fingerprint of the run (source files or revision, the source's config and generation config as loaded,
+calibration tokens, every option that changes the output, winaconv, torch and transformers versions), the
+global/pca basis, each finished layer's calibration, and the activations
 and sampler state the next layer starts from. Each layer's entry is written after its tensors are synced to
 disk and is renamed into place, so a kill or a power cut leaves either the old entry or the new one.
 The same command run again finds the folder (checkpoint.atomic_folder) and starts after the last layer.
@@ -24,27 +25,52 @@ STATE_FILE = "state.json"
 # ConvertOptions fields that do not change the checkpoint's tensors or config (the source and the device are
 # fingerprinted on their own; --in-memory reads the same tensors another way)
 NOT_FINGERPRINTED = ("out", "overwrite", "model", "revision", "device", "in_memory")
+# fields of a loaded config that say where it was read from, not what it is
+WHERE_FROM = ("_name_or_path", "transformers_version", "_commit_hash")
+LABELS = {"source_config": "the source's config", "source_generation_config": "the source's generation config",
+          "source_files": "the source's weight files"}
 
 
-def fingerprint(options, source_id: str, source_files, input_ids: torch.Tensor, device: str) -> dict:
+def digest(values) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_digest(config) -> str:
+    """sha256 of a transformers config's values (config.json as loaded, defaults filled in)."""
+    return digest({k: v for k, v in config.to_dict().items() if k not in WHERE_FROM})
+
+
+def fingerprint(options, source_id: str, source_files, input_ids: torch.Tensor, device: str, config,
+                generation_config) -> dict:
     """Everything a checkpoint depends on: equal fingerprints, equal conversions."""
+    import transformers
+
     from . import __version__
 
     settings = {k: v for k, v in asdict(options).items() if k not in NOT_FINGERPRINTED}
     return {
         "source": source_id,
         "source_files": source_files,
+        "source_config": config_digest(config),
+        "source_generation_config": config_digest(generation_config),
         "calibration_sha256": hashlib.sha256(input_ids.contiguous().numpy().tobytes()).hexdigest(),
         "options": json.loads(json.dumps(settings, default=str)),
         "device_type": device.split(":")[0],  # CPU and GPU round differently
         "winaconv": __version__,
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
     }
+
+
+def conversion_id(stamp: dict) -> str:
+    """The id every shard and the config of a conversion carry: a resumed or repeated run gets the same one."""
+    return digest(stamp)[:16]
 
 
 def differences(old: dict, new: dict) -> list[str]:
     """Names of what differs, for a one-line refusal."""
-    names = [key for key in sorted(set(old) | set(new)) if key != "options" and old.get(key) != new.get(key)]
+    names = [LABELS.get(key, key) for key in sorted(set(old) | set(new))
+             if key != "options" and old.get(key) != new.get(key)]
     old_options, new_options = old.get("options", {}), new.get("options", {})
     names += [f"--{k.replace('_', '-')}" for k in sorted(set(old_options) | set(new_options))
               if old_options.get(k) != new_options.get(k)]

@@ -30,11 +30,17 @@ class ModelSource:
         return kwargs
 
 
+GGUF_MAGIC = b"GGUF"
+
+
 def resolve_source(model: str, revision: str | None = None) -> ModelSource:
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise WinaconvError(f"model file not found: {model}")
+        with open(path, "rb") as handle:
+            if handle.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                raise WinaconvError(f"{model} is not a GGUF file (it does not start with the GGUF magic bytes)")
         return ModelSource(str(path.parent), path.name, path.name, None)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -77,13 +83,21 @@ def load_config(source: ModelSource):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source.location, **source.load_kwargs())
+        # trust_remote_code=False: a config whose auto_map names code in the folder is never run, nor asked about
+        config = AutoConfig.from_pretrained(source.location, trust_remote_code=False, **source.load_kwargs())
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         hint = " (HF_HUB_OFFLINE is set)" if offline else ""
         raise WinaconvError(f"cannot load the config of {source.model_id}{hint}: {str(exc).splitlines()[0]}") from exc
-    except ValueError as exc:  # transformers' message for a model_type it does not know
-        raise WinaconvError(f"unsupported architecture in {source.model_id}: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # noqa: BLE001: a GGUF reader fails in many ways on a truncated file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if source.gguf_file and not _unsupported_gguf_architecture(first):
+            raise WinaconvError(f"cannot read the GGUF file {source.gguf_file} ({type(exc).__name__}: {first}); "
+                                "is it whole?") from None
+        if not isinstance(exc, ValueError):
+            raise
+        # transformers' message for a model_type it does not know
+        raise WinaconvError(f"unsupported architecture in {source.model_id}: {first}") from exc
     try:
         family_for_model_type(config.model_type)
     except UnsupportedArchitecture as exc:
@@ -91,26 +105,54 @@ def load_config(source: ModelSource):
     return config
 
 
+def _unsupported_gguf_architecture(message: str) -> bool:
+    """transformers' words for a GGUF file it reads but whose architecture it does not convert."""
+    return "architecture" in message and "not supported" in message
+
+
+def load_generation_config(source: ModelSource, config):
+    """The source's generation config (generation_config.json of a folder or Hub repo), else the one transformers
+    derives from the model config (a GGUF file has none of its own)."""
+    from transformers import GenerationConfig
+
+    if not source.gguf_file:
+        try:
+            return GenerationConfig.from_pretrained(source.location, **source.load_kwargs())
+        except OSError:
+            pass
+        except ValueError as exc:
+            raise WinaconvError(f"the generation config of {source.model_id} is invalid: "
+                                f"{str(exc).splitlines()[0]}") from None
+    return GenerationConfig.from_model_config(config)
+
+
 def load_model(source: ModelSource, dtype: torch.dtype):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.load_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, trust_remote_code=False,
+                                                     **source.load_kwargs(), **safetensors_only(source))
     except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupt shard
         raise WinaconvError(f"cannot load the weights of {source.model_id}: {str(exc).splitlines()[0]}") from None
     model.eval()
     return model
 
 
+def safetensors_only(source: ModelSource) -> dict:
+    """from_pretrained's option that never falls back to pickle (.bin) weights; GGUF files are read as they are."""
+    return {} if source.gguf_file else {"use_safetensors": True}
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
-    """trust_remote_code only for winaconv checkpoints (their config's auto_map names the shipped runtime);
-    without it transformers would ask "run the custom code? [y/N]" on stdout."""
+    """The tokenizer, never running code from the model's folder unless trust_remote_code (the user's explicit
+    opt-in): trust_remote_code=False is passed, so transformers neither runs an auto_map's code nor asks
+    "run the custom code? [y/N]" on stdout (for an exact-transform checkpoint it would, for its config class)."""
     from transformers import AutoTokenizer
 
-    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
     try:
-        return AutoTokenizer.from_pretrained(source.location, **source.load_kwargs(), **kwargs)
+        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code,
+                                             **source.load_kwargs())
     except (OSError, ValueError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WinaconvError(f"cannot load the tokenizer of {source.model_id}: {first}") from None
