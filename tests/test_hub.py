@@ -220,6 +220,16 @@ def test_push_refuses_a_broken_checkpoint(ckpt, hub):
     assert "invalid Hub repo id" in one_error_line(run("push", ckpt, "not a repo").output)
 
 
+def test_push_refuses_code_that_is_not_the_runtimes(ckpt, hub):
+    """Issue 25: a checkpoint whose runtime copy was changed (or that carries other Python files) was pushed."""
+    with open(ckpt / "sparse_linear.py", "a") as module:
+        module.write("print('not the runtime')\n")
+    result = run("push", ckpt, "someone/tiny")
+    line = one_error_line(result.output)
+    assert "refusing to push" in line and "sparse_linear.py: differs from the installed winaconv runtime" in line
+    assert hub.requests == []
+
+
 def test_convert_push_to(hub, tmp_path, checkpoints):
     source = tiny_source(checkpoints().parent)
     calib = tmp_path / "calib.txt"

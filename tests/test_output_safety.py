@@ -207,6 +207,8 @@ def test_output_that_changed_during_the_conversion_is_left_alone(tmp_path):
     assert (out / "thesis.tex").read_text() == "user data" and (out / "model.safetensors").read_bytes() == b"old"
     left = Path(str(error.value).rsplit(" ", 1)[-1])
     assert (left / "config.json").is_file() and not (left / STAGING_MARKER).exists()
+    # next to --out and not hidden (issue 25: it stayed in the hidden staging folder, never looked at again)
+    assert left.parent == out.parent and not left.name.startswith(".") and left.name.startswith("ckpt")
 
 
 def test_calibration_text_that_is_not_text_is_refused(tmp_path):

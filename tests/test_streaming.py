@@ -17,6 +17,7 @@ from winaconv.convert import ConvertOptions, convert
 from winaconv.shards import ShardedWriter, save_sharded
 from winaconv.transform import available_transforms
 from winaconv_runtime.architectures import family_for_model_type
+from winaconv_runtime.checkpoint_format import safetensors_metadata
 
 from random_models import ALL_FAMILIES, random_model
 from support import CALIB_TEXT, TINY_OPTIONS, assert_one_line_error, run_cli
@@ -210,6 +211,9 @@ def test_a_killed_conversion_resumes_after_its_last_layer(uninterrupted, tmp_pat
     assert f"resuming after layer {kept} of 8" in again.stderr and f"(resumed after layer {kept})" in again.stderr
     assert_same_checkpoint(out, reference)
     assert _staging(out) == [] and not (out / ".resume").exists()
+    # the resumed run's shards, written by two processes, carry the one conversion id of the config (issue 25)
+    ids = {safetensors_metadata(shard)["winaconv_conversion_id"] for shard in out.glob("*.safetensors")}
+    assert ids == {json.loads((out / "config.json").read_text())["winaconv"]["conversion_id"]}
 
 
 def test_ctrl_c_keeps_the_finished_layers_for_the_same_command(uninterrupted, tmp_path):
@@ -238,6 +242,44 @@ def test_a_resume_with_other_settings_is_refused_in_one_line(uninterrupted, tmp_
     assert discarded.exit_code == 0, discarded.output
     assert "resuming" not in discarded.output and _staging(out) == []
     assert json.loads((out / "config.json").read_text())["winaconv"]["calibration"]["greedy_step"] == 0.03
+
+
+def test_a_second_conversion_to_the_same_out_is_refused_while_one_runs(uninterrupted, tmp_path):
+    """Issue 25: two conversions racing for one --out both ran; the loser's finished checkpoint stayed in a hidden
+    staging folder for good."""
+    source, _ = uninterrupted
+    out = tmp_path / "ckpt"
+    first = subprocess.Popen(_convert_command(source, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not _staging(out) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _staging(out), "the first conversion never started"
+        line = assert_one_line_error(run_cli(*_convert_command(source, out)[3:]), f"another conversion to {out} is "
+                                     f"running (process {first.pid}")
+        assert "choose another --out" in line
+    finally:
+        first.kill()
+        first.wait(60)
+
+
+def test_a_resume_after_the_source_changed_is_refused(tmp_path):
+    """Issue 25: the fingerprint covered the weight files' names, sizes and times, not config.json: a conversion
+    killed after a layer, whose source config was then edited, resumed and mixed two models in one checkpoint."""
+    source = _slow_source(tmp_path)
+    out = tmp_path / "ckpt"
+    _start_and_stop(_convert_command(source, out), out, 1, signal.SIGKILL)
+    leftover = _staging(out)
+    assert len(leftover) == 1 and _finished_layers(out) >= 1
+    for name, change, what in (("config.json", {"rms_norm_eps": 1e-3}, "the source's config"),
+                               ("generation_config.json", {"max_length": 99}, "the source's generation config")):
+        original = (source / name).read_text()
+        (source / name).write_text(json.dumps({**json.loads(original), **change}))
+        line = assert_one_line_error(run_cli(*_convert_command(source, out)[3:]), "interrupted conversion",
+                                     after_progress=True)
+        assert f"(differs in: {what})" in line, line
+        assert _staging(out) == leftover and not out.exists()
+        (source / name).write_text(original)
 
 
 MEMORY_SCRIPT = """
