@@ -59,6 +59,27 @@ def checkpoints(tmp_path_factory):
     return lambda transform="global": tiny_checkpoint(root, transform)
 
 
+@pytest.fixture
+def checkpoint_copy(checkpoints, tmp_path):
+    """checkpoint_copy(transform, name) -> a private copy of a tiny converted checkpoint, to change."""
+    import shutil
+
+    def make(transform="global", name="ckpt"):
+        folder = tmp_path / name
+        shutil.copytree(checkpoints(transform), folder)
+        return folder
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def held_out_text(tmp_path_factory):
+    """A few hundred tokens of plain English in a .txt file (for eval runs that only need to run)."""
+    path = tmp_path_factory.mktemp("text") / "held_out.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 60)
+    return path
+
+
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory):
     from winaconv.calibration_data import builtin_texts

@@ -49,6 +49,18 @@ def assert_one_line_error(result, *words, after_progress=False) -> str:
     return line
 
 
+def problem_lines(result) -> list[str]:
+    """The `problem: ...` lines `winaconv inspect` printed on stderr."""
+    return [line for line in result.stderr.splitlines() if line.startswith("problem: ")]
+
+
+def edit_config(folder: Path, change) -> None:
+    """Apply `change` to the dict of folder/config.json and write it back."""
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 def assert_one_line_exception(exc_info, *class_names) -> str:
     """A raised exception of one of these class names (by name: a checkpoint's own copy of the runtime
     raises its own classes) whose message is one line."""

@@ -4,45 +4,28 @@ folder that is not a winaconv checkpoint; and the messages say what really happe
 random Llama (128 positions) and its converted checkpoints (support.tiny_checkpoint)."""
 
 import json
-import os
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from support import CALIB_TEXT, TINY, assert_one_line_error, run_cli, tiny_source
+from support import CALIB_TEXT, TINY, assert_one_line_error, edit_config, run_cli, tiny_source
 
 CONTEXT = 128  # the tiny models' max_position_embeddings
 
 
 @pytest.fixture
-def ckpt(checkpoints, tmp_path):
-    folder = tmp_path / "ckpt"
-    shutil.copytree(checkpoints("global"), folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "held_out.txt"
-    path.write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 60)
-    return path
-
-
-def edit_config(folder: Path, change) -> None:
-    config = json.loads((folder / "config.json").read_text())
-    change(config)
-    (folder / "config.json").write_text(json.dumps(config))
+def ckpt(checkpoint_copy):
+    return checkpoint_copy("global")
 
 
 # ---------------------------------------------------------------- item 3: context length
 
 
-def test_eval_window_past_the_context_is_refused(ckpt, checkpoints, text):
+def test_eval_window_past_the_context_is_refused(ckpt, checkpoints, held_out_text):
     for model in (ckpt, tiny_source(checkpoints().parent)):  # a checkpoint, and a plain model evaluated dense
-        line = assert_one_line_error(run_cli("eval", model, "--text-file", text, "--window", 2 * CONTEXT))
+        line = assert_one_line_error(run_cli("eval", model, "--text-file", held_out_text, "--window", 2 * CONTEXT))
         assert f"--window {2 * CONTEXT} is longer than the model's context of {CONTEXT} positions" in line
 
 
@@ -83,8 +66,8 @@ def test_bench_prompt_past_the_context_is_one_line(ckpt):
     assert f"exceed the model's context of {CONTEXT}" in line
 
 
-def test_broken_checkpoint_configs_are_one_line(ckpt, text):
-    args = ("--text-file", text, "--window", 32, "--max-tokens", 64, "--device", "cpu")
+def test_broken_checkpoint_configs_are_one_line(ckpt, held_out_text):
+    args = ("--text-file", held_out_text, "--window", 32, "--max-tokens", 64, "--device", "cpu")
     edit_config(ckpt, lambda c: c["winaconv"]["levels"].update(abc=c["winaconv"]["levels"]["0.5"]))
     assert_one_line_error(run_cli("eval", ckpt, *args), "level key 'abc' is not a number")
     edit_config(ckpt, lambda c: c["winaconv"]["levels"].pop("abc"))
@@ -93,7 +76,7 @@ def test_broken_checkpoint_configs_are_one_line(ckpt, text):
     assert "but the config expects [" in line and "winaconv inspect" in line
 
 
-def test_pickle_only_folders_are_refused_by_every_command(checkpoints, tmp_path, text):
+def test_pickle_only_folders_are_refused_by_every_command(checkpoints, tmp_path, held_out_text):
     """convert refused pickles; eval, generate and bench unpickled them."""
     source = tiny_source(checkpoints().parent)
     pickled = tmp_path / "pickled"
@@ -104,7 +87,7 @@ def test_pickle_only_folders_are_refused_by_every_command(checkpoints, tmp_path,
     from safetensors.torch import load_file
 
     torch.save(load_file(source / "model.safetensors"), pickled / "pytorch_model.bin")
-    for args in (("eval", pickled, "--text-file", text, "--window", 32), ("generate", pickled, "Hello"),
+    for args in (("eval", pickled, "--text-file", held_out_text, "--window", 32), ("generate", pickled, "Hello"),
                  ("bench", pickled, "--prompt-tokens", 8, "--new-tokens", 4),
                  ("convert", pickled, "--out", tmp_path / "out", *TINY)):
         assert_one_line_error(run_cli(*args), "only pickle files: pytorch_model.bin", "safetensors only")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from winaconv.cli import main
 from winaconv_runtime.checkpoint_format import FORMAT_VERSION, safetensors_metadata
 
-from support import assert_one_line_error
+from support import assert_one_line_error, edit_config, problem_lines as problems
 
 @pytest.fixture
 def broken(checkpoints, tmp_path):
@@ -33,16 +33,6 @@ def broken(checkpoints, tmp_path):
 
 def inspect(*args):
     return CliRunner().invoke(main, ["inspect", *map(str, args)], catch_exceptions=False)
-
-
-def problems(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("problem: ")]
-
-
-def edit_config(folder: Path, change) -> None:
-    config = json.loads((folder / "config.json").read_text())
-    change(config)
-    (folder / "config.json").write_text(json.dumps(config))
 
 
 def rewrite_weights(folder: Path, change, metadata=None) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from support import assert_one_line_error, run_cli
+from support import assert_one_line_error, edit_config, problem_lines as problems, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,56 +23,29 @@ def trace(folder: Path) -> str:
     return f"import pathlib; pathlib.Path({str(folder / 'ran.txt')!r}).write_text('the checkpoint code ran')\n"
 
 
-@pytest.fixture
-def copy_of(checkpoints, tmp_path):
-    def make(transform="global", name="copy"):
-        folder = tmp_path / name
-        shutil.copytree(checkpoints(transform), folder)
-        return folder
-
-    return make
-
-
-@pytest.fixture(scope="module")
-def held_out(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "held_out.txt"
-    path.write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 40)
-    return path
-
-
-def problems(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("problem: ")]
-
-
-def edit_config(folder: Path, change) -> None:
-    config = json.loads((folder / "config.json").read_text())
-    change(config)
-    (folder / "config.json").write_text(json.dumps(config))
-
-
 def eval_args(folder, text):
     return ["eval", folder, "--text-file", text, "--window", 32, "--max-tokens", 64, "--sparsity", "0,0.5",
             "--device", "cpu"]
 
 
-def test_commands_refuse_modified_checkpoint_code_and_never_run_it(copy_of, held_out):
-    folder = copy_of()
+def test_commands_refuse_modified_checkpoint_code_and_never_run_it(checkpoint_copy, held_out_text):
+    folder = checkpoint_copy()
     with open(folder / "modeling_winaconv.py", "a") as module:
         module.write(trace(folder))
     found = problems(run_cli("inspect", folder))
     assert found == ["problem: modeling_winaconv.py: differs from the installed winaconv runtime's modeling_winaconv.py"]
-    for args in (eval_args(folder, held_out), ["generate", folder, "Once upon a time", "--max-new-tokens", 4],
+    for args in (eval_args(folder, held_out_text), ["generate", folder, "Once upon a time", "--max-new-tokens", 4],
                  ["bench", folder, "--new-tokens", 4, "--prompt-tokens", 8]):
         line = assert_one_line_error(run_cli(*args), "modeling_winaconv.py: differs", "--trust-checkpoint-code")
         assert not (folder / "ran.txt").exists(), (args, line)
     # the explicit opt-in runs the folder's code, as it says
-    result = run_cli(*eval_args(folder, held_out), "--trust-checkpoint-code")
+    result = run_cli(*eval_args(folder, held_out_text), "--trust-checkpoint-code")
     assert result.exit_code == 0, result.output
     assert (folder / "ran.txt").read_text() == "the checkpoint code ran"
 
 
-def test_unknown_python_files_and_foreign_auto_maps_are_reported(copy_of):
-    folder = copy_of()
+def test_unknown_python_files_and_foreign_auto_maps_are_reported(checkpoint_copy):
+    folder = checkpoint_copy()
     (folder / "helpers.py").write_text(trace(folder))
     edit_config(folder, lambda c: c["auto_map"].update(AutoModelForCausalLM="helpers.Model", AutoTokenizer="helpers.T"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
@@ -111,15 +84,15 @@ def test_the_readme_tokenizer_line_never_asks_to_run_code(checkpoints):
     assert "[y/N]" not in done.stdout + done.stderr
 
 
-def test_a_shard_from_another_conversion_is_refused(copy_of, held_out):
+def test_a_shard_from_another_conversion_is_refused(checkpoint_copy, held_out_text):
     """Same architecture and tensor names (global and pca of one model), another conversion."""
     from transformers import AutoModelForCausalLM
 
-    folder = copy_of("global")
-    shutil.copyfile(copy_of("pca", "other") / "model.safetensors", folder / "model.safetensors")
+    folder = checkpoint_copy("global")
+    shutil.copyfile(checkpoint_copy("pca", "other") / "model.safetensors", folder / "model.safetensors")
     found = problems(run_cli("inspect", folder))
     assert len(found) == 1 and "model.safetensors belongs to another conversion" in found[0], found
-    assert_one_line_error(run_cli(*eval_args(folder, held_out)), "belongs to another conversion")
+    assert_one_line_error(run_cli(*eval_args(folder, held_out_text)), "belongs to another conversion")
     with pytest.raises(ValueError, match="belongs to another conversion"):
         AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
@@ -140,22 +113,22 @@ def test_a_repeated_conversion_gets_the_same_id(checkpoints, tmp_path):
     assert len(ids) == 1 and len(next(iter(ids))) == 16
 
 
-def test_a_threshold_above_every_calibration_score_is_refused(copy_of, held_out):
+def test_a_threshold_above_every_calibration_score_is_refused(checkpoint_copy, held_out_text):
     from transformers import AutoModelForCausalLM
 
-    folder = copy_of()
+    folder = checkpoint_copy()
     edit_config(folder, lambda c: c["winaconv"]["levels"]["0.5"]["thresholds"][1].__setitem__(4, 1e30))
     found = problems(run_cli("inspect", folder))
     assert len(found) == 1 and "level 0.5 layer 1 gate: threshold 1e+30 is above the largest score" in found[0], found
-    assert_one_line_error(run_cli(*eval_args(folder, held_out)), "level 0.5 layer 1 gate: threshold 1e+30")
+    assert_one_line_error(run_cli(*eval_args(folder, held_out_text)), "level 0.5 layer 1 gate: threshold 1e+30")
     with pytest.raises(ValueError, match="threshold 1e"):
         AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
 
-def test_a_lower_level_with_a_higher_threshold_is_reported(copy_of):
+def test_a_lower_level_with_a_higher_threshold_is_reported(checkpoint_copy):
     """Thresholds grow with sparsity on one score distribution: a level that drops less with a higher threshold
     cannot come from calibration (found by inspect also where score_max is not recorded)."""
-    folder = copy_of()
+    folder = checkpoint_copy()
     config = json.loads((folder / "config.json").read_text())
     levels = config["winaconv"]["levels"]
     layer, index = next((layer, i) for layer, row in enumerate(levels["0.5"]["sparsities"]) for i, s in enumerate(row)
