@@ -198,15 +198,17 @@ def safetensors_metadata(path) -> dict:
     return dict(header.get("__metadata__") or {}) if isinstance(header, dict) else {}
 
 
-def conversion_problems(section: dict, metadata_by_file: dict[str, dict]) -> list[str]:
+def conversion_problems(section: dict, metadata_by_file: dict[str, dict], unmarked_ok: bool = False) -> list[str]:
     """Weight files that belong to another conversion than config.json (a shard copied in from elsewhere).
-    A section without a conversion id (made before winaconv recorded one) is not checked here."""
+    A section without a conversion id (made before winaconv recorded one) is not checked here; unmarked_ok
+    (loading) lets files without any id pass too: transformers' save_pretrained writes none when a loaded
+    checkpoint is saved again."""
     expected = section.get("conversion_id")
     if not expected:
         return []
     return [f"{name} belongs to another conversion (conversion id {meta.get(CONVERSION_ID_KEY)!r} in its metadata, "
             f"{expected!r} in config.json)" for name, meta in metadata_by_file.items()
-            if meta.get(CONVERSION_ID_KEY) != expected]
+            if meta.get(CONVERSION_ID_KEY) != expected and not (unmarked_ok and CONVERSION_ID_KEY not in meta)]
 
 
 def _is_number(value) -> bool:

@@ -130,7 +130,7 @@ class WinaconvMixin:
             kind, keys = next(iter(problems.items()))
             raise CheckpointFormatError(f"checkpoint tensors do not match the model ({kind}: {', '.join(keys[:5])})")
         location = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        foreign = conversion_problems(model.config.winaconv, _weight_metadata(location, kwargs))
+        foreign = conversion_problems(model.config.winaconv, _weight_metadata(location, kwargs), unmarked_ok=True)
         if foreign:
             raise CheckpointFormatError(f"{foreign[0]}: the weights and config.json are not of one conversion")
         model.set_sparsity(model.sparsity_settings.default_sparsity if sparsity is None else sparsity)
