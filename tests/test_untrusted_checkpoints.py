@@ -97,6 +97,18 @@ def test_a_shard_from_another_conversion_is_refused(checkpoint_copy, held_out_te
         AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
 
+def test_a_checkpoint_saved_again_by_transformers_still_loads(checkpoints, tmp_path):
+    """save_pretrained writes no conversion id into the files: loading accepts files without one (inspect
+    reports them), only another conversion's id is refused."""
+    from winaconv.loading import installed_class
+
+    folder = checkpoints("global")
+    cls = installed_class(json.loads((folder / "config.json").read_text()))
+    cls.from_pretrained(folder).save_pretrained(tmp_path / "saved-again")
+    again = cls.from_pretrained(tmp_path / "saved-again", sparsity=0.25)
+    assert again.sparsity == 0.25
+
+
 def test_a_repeated_conversion_gets_the_same_id(checkpoints, tmp_path):
     from support import CALIB_TEXT, TINY_OPTIONS, tiny_source
     from winaconv.convert import ConvertOptions, convert

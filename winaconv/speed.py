@@ -69,7 +69,9 @@ def speed_line(arrivals: list[tuple[float, int]], start: float, end: float) -> s
     statement that there were too few tokens to tell the decode apart."""
     total = arrivals[-1][1] if arrivals else 0
     if len(arrivals) < 2:
-        return (f"{total} tokens in {end - start:.2f} s, prompt and start-up included (too few tokens to time the "
+        seconds = end - start
+        return (f"{total} tokens in {seconds:.2f} s: {1000 * seconds / max(total, 1):.1f} ms/token, "
+                f"{total / seconds:.1f} tokens/s with the prompt and start-up included (too few tokens to time the "
                 "decode alone; winaconv bench measures it)")
     first_time, first_tokens = arrivals[0]
     per_token = (arrivals[-1][0] - first_time) / (total - first_tokens)
