@@ -185,3 +185,6 @@ def test_generate_times_the_decode_apart_from_the_start_up(ckpt):
     total, per_token, rate, last, first, first_ms = (float(g) for g in match.groups())
     assert first + last == total and last >= 1 and first_ms > 0
     assert abs(rate - 1000 / per_token) <= 0.1 * rate
+    short = run_cli("generate", ckpt, "The quick brown fox", "--max-new-tokens", 4, "--device", "cpu")
+    assert short.exit_code == 0, short.output
+    assert "with the prompt and start-up included (too few tokens to time the decode alone" in short.stderr
