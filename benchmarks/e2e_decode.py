@@ -100,7 +100,7 @@ def _time_graph_decoder(decoder, prompt, new_tokens: int) -> tuple[float, torch.
     return _ms_per_token(lambda n: decoder.generate(prompt, n), new_tokens)
 
 
-KERNEL_KINDS = (("winaconv sparse", ("_wina_", "_split_reduce_kernel")),
+KERNEL_KINDS = (("winaconv sparse", ("_wina_", "_split_reduce_kernel")),  # both kinds and the reduce
                 ("dense matmul", ("gemv", "gemm", "cutlass", "nvjet", "sm90_", "cublas", "splitkreduce")),
                 ("attention", ("flash", "fmha", "attention", "sdpa")))
 
@@ -111,21 +111,25 @@ def profile_step(decoder, prompt, steps: int = 4) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     decoder.generate(prompt, 1)  # prefill; the profiled steps continue this sequence
-    decoder.step_fn()
+    step = decoder.engine._step  # the compiled step without its CUDA graph: kernels stay visible
+    step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            decoder.step_fn()
+            step()
         torch.cuda.synchronize()
-    totals, counts = {}, {}
+    totals, counts, kernels = {}, {}, {}
     for event in prof.key_averages():
         if event.device_type.name != "CUDA" or event.self_device_time_total <= 0:
             continue
         name = event.key.lower()
         kind = next((k for k, keys in KERNEL_KINDS if any(x in name for x in keys)), "other")
-        totals[kind] = totals.get(kind, 0.0) + event.self_device_time_total / steps / 1000
+        ms = event.self_device_time_total / steps / 1000
+        totals[kind] = totals.get(kind, 0.0) + ms
         counts[kind] = counts.get(kind, 0) + event.count // steps
-    return {"ms_per_step": totals, "kernels_per_step": counts}
+        kernels[event.key[:90]] = (round(ms, 4), event.count // steps)
+    top = dict(sorted(kernels.items(), key=lambda item: -item[1][0])[:25])
+    return {"ms_per_step": totals, "kernels_per_step": counts, "top_kernels_ms_count": top}
 
 
 @torch.no_grad()
@@ -247,7 +251,8 @@ def decode(work: Path, out: Path, new_tokens: int, checkpoints: list[str], synth
     print(json.dumps(results, indent=1))
 
 
-def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baselines: bool = True) -> None:
+def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baselines: bool = True,
+                    profile_levels=(0.5,)) -> None:
     """model.generate() greedy and sampling (temperature 0.7, top-p 0.9) at each level and batch size, next to
     the GreedyDecoder front of the same engine and transformers' static cache + compile on the base model."""
     import transformers
@@ -261,6 +266,7 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
     torch.manual_seed(0)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
                "triton": _version("triton"), "prompt_tokens": 128, "new_tokens": new_tokens, "command": " ".join(sys.argv),
+               "sparse_kernel": os.environ.get("WINACONV_SPARSE_KERNEL", "list"),
                "sampling": "do_sample, temperature 0.7, top_p 0.9, top_k 50 (transformers' default)"}
 
     def save():
@@ -272,7 +278,7 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
         results[f"transformers_static_compile_ms_b{b}"] = _time_generate(base, prompts[b], new_tokens)
         print(f"transformers static+compile batch {b}: {results[f'transformers_static_compile_ms_b{b}']:.2f}", flush=True)
         save()
-    model = synthetic_runtime(base, "none", prompts[1], levels)
+    model = synthetic_runtime(base, "none", prompts[batches[0]][:1], levels)
 
     def ours(prompt, **options):
         return lambda n: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
@@ -295,6 +301,12 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
             key = f"b{b}_{level:g}"
             results[f"graph_decoder_ms_{key}"] = stage(
                 f"{key} graph decoder", lambda: _time_graph_decoder(decoder, prompts[b], new_tokens)[0])
+            if b == 1 and level in profile_levels:
+                try:  # a diagnostic: its failure must not cost the timings
+                    results[f"profile_{key}"] = profile_step(decoder, prompts[b])
+                    print(key, "profile", json.dumps(results[f"profile_{key}"]["ms_per_step"]), flush=True)
+                except Exception as error:  # noqa: BLE001
+                    results[f"profile_{key}"] = f"failed: {error!r}"
             results[f"generate_greedy_ms_{key}"] = stage(
                 f"{key} generate greedy", lambda: _ms_per_token(ours(prompts[b], do_sample=False), new_tokens)[0])
             torch.manual_seed(0)
@@ -342,7 +354,8 @@ def main():
         convert(args.work, args.transform, args.fast)
     elif args.stage == "generate":
         generate_speeds(args.out, args.new_tokens, [float(x) for x in args.levels.split(",")],
-                        tuple(int(b) for b in args.batches.split(",")), not args.no_baselines)
+                        tuple(int(b) for b in args.batches.split(",")), not args.no_baselines,
+                        [float(x) for x in args.profile_levels.split(",") if x])
     else:
         names = lambda text: [t for t in text.split(",") if t]  # noqa: E731
         levels = [float(x) for x in args.levels.split(",")]

@@ -43,6 +43,7 @@ SHAPES = {  # name: (in, segment_ends)
 }
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
 LINES = []
+DEVICE = "cuda"  # a dry run of the table code sets "cpu" (tests under TRITON_INTERPRET=1)
 _LOG_PATH = None  # set by main(): every line is appended as it is logged (a timed-out run keeps its lines)
 
 
@@ -56,66 +57,138 @@ def log(*a):
 
 
 # ---------------------------------------------------------------------------------------------
-# TEAL-style baseline (own implementation of the published design: W^T rows, split-K tiles,
-# |x| > t masked row loads, fp32 atomics into a zeroed output; batch 1 only)
+KC = K.KernelConfig
+# Batch-1 candidates. "t": the split-K tile (columns x rows per program; `e` = weight loads marked evict-first).
+# "L": the kept-list kind (columns, kept rows per loop step, channel groups, loads in flight; `f` = the groups'
+# partials summed by the last program of each column block instead of a reduce launch). The retired 2026-12-04
+# sweep of wide tiles (TEAL's geometry: 128-512 columns x 16-128 rows) lost to the tall tile everywhere:
+# results/kernel_sweep_h200.txt.
+def _list(bn, rows, groups, stages, fused=True, warps=4):
+    return KC(kind="list", block_n=bn, block_k=rows, groups=groups, num_stages=stages, fused_reduce=fused,
+              evict_first=True, num_warps=warps)
+
+
+CANDS_T1 = {
+    "t64x512w4": KC(block_n=64, block_k=512),
+    "t64x512w4e": KC(block_n=64, block_k=512, evict_first=True),
+    "L128r32g8s3f": _list(128, 32, 8, 3),
+    "L128r32g8s3": _list(128, 32, 8, 3, fused=False),
+    "L128r32g16s3f": _list(128, 32, 16, 3),
+    "L128r32g4s3f": _list(128, 32, 4, 3),
+    "L128r32g2s3f": _list(128, 32, 2, 3),
+    "L256r32g4s3f": _list(256, 32, 4, 3),
+    "L256r32g8s3f": _list(256, 32, 8, 3),
+    "L128r16g8s4f": _list(128, 16, 8, 4),
+    "L128r64g8s2f": _list(128, 64, 8, 2),
+    "L64r32g16s3f": _list(64, 32, 16, 3),
+    "L64r64g16s3f": _list(64, 64, 16, 3),
+    "L256r16g8s4f": _list(256, 16, 8, 4),
+    "L128r32g32s3f": _list(128, 32, 32, 3),
+}
+CANDS_TB = {  # batch 2-8: tensor-core tile, each kept row read once for all tokens
+    "d128x128w4": KC(block_n=128, block_k=128),
+    "d64x256w4": KC(block_n=64, block_k=256),
+    "d128x64w4e": KC(block_n=128, block_k=64, evict_first=True),
+    "d256x64w8e": KC(block_n=256, block_k=64, num_warps=8, evict_first=True),
+    "d256x32w4e": KC(block_n=256, block_k=32, evict_first=True),
+}
+ALL_CANDS = {**CANDS_T1, **CANDS_TB}
+
+
+# ---------------------------------------------------------------------------------------------
+# TEAL's public kernel (FasterDecoding/TEAL kernels/sparse_gemv.py), fetched into .peers/teal/ (ignored by git,
+# never shipped): fp16 only, batch 1, one scalar threshold per matrix (three for its fused qkv), autotuned
+# per sparsity bin, fp16 atomics into a zeroed output (the memset is part of each call, as in TEAL).
+# ---------------------------------------------------------------------------------------------
+def load_teal():
+    peers = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".peers", "teal")
+    if not os.path.exists(os.path.join(peers, "sparse_gemv.py")):
+        return None
+    sys.path.insert(0, peers)
+    import sparse_gemv  # noqa: PLC0415
+
+    return sparse_gemv
+
+
+def teal_public(mod, x16, wt16, ends, q, sparsity_bin):
+    """One TEAL launch on W^T [in, out] (TEAL wants the [out, in] view of it, 'column major')."""
+    w = wt16.t()
+    x3 = x16.view(1, 1, -1)
+    if len(ends) == 3:
+        return mod.qkv_gemv(x3, w, q, q, q, sparsity_bin, ends[1] - ends[0])
+    return mod.splitk_sparse_gemv(x3, w, q, sparsity_bin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment: the product if the kept-channel list came for free (made by the kernel that writes x, e.g. a fused
+# RMSNorm): programs own BLOCK_R consecutive KEPT rows x BLOCK_N columns, so work scales with kept rows; the list
+# is made outside the timed region here. One threshold per matrix (as TEAL), so it bounds what that design buys.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _teal_style_kernel(x_ptr, w_ptr, y_ptr, thr, K_, N_, stride_w,
-                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    kmask = ks < K_
-    cmask = cols < N_
-    xv = tl.load(x_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
-    keep = tl.abs(xv) > thr
-    w = tl.load(w_ptr + ks[:, None] * stride_w + cols[None, :], mask=keep[:, None] & cmask[None, :], other=0.0)
-    acc = tl.sum(xv[:, None] * w.to(tl.float32), axis=0)
-    tl.atomic_add(y_ptr + cols, acc, mask=cmask)
+def _gather_list_kernel(idx_ptr, xk_ptr, cnt_ptr, w_ptr, ws_ptr, N, stride_w, stride_ws,
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    c = tl.program_id(1)
+    count = tl.load(cnt_ptr)
+    if c * BLOCK_R < count:
+        j = c * BLOCK_R + tl.arange(0, BLOCK_R)
+        kept = j < count
+        rows = tl.load(idx_ptr + j)          # the list buffer is K long: no mask needed on the index load
+        xv = tl.load(xk_ptr + j).to(tl.float32)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=kept[:, None] & cmask[None, :],
+                    other=0.0, eviction_policy="evict_first")
+        part = tl.sum(xv[:, None] * w.to(tl.float32), axis=0)
+        tl.store(ws_ptr + c * stride_ws + cols, part, mask=cmask)
 
 
-def teal_style(x, wt, thr, cfg):
-    bk, bn, nw = cfg
+@triton.jit
+def _gather_list_reduce(ws_ptr, cnt_ptr, y_ptr, N, stride_ws, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    n_chunks = tl.cdiv(tl.load(cnt_ptr), BLOCK_R)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s0 in range(0, n_chunks, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        part = tl.load(ws_ptr + ss[:, None] * stride_ws + cols[None, :], mask=(ss < n_chunks)[:, None] & cmask[None, :],
+                       other=0.0)
+        acc += tl.sum(part, axis=0)
+    tl.store(y_ptr + cols, acc.to(y_ptr.dtype.element_ty), mask=cmask)
+
+
+def kept_list(x, q):
+    """(indices, kept x values, count) of one token's kept channels, in K-long buffers."""
+    Kd = x.shape[1]
+    keep = x[0].float().abs() > q
+    idx = torch.zeros(Kd, dtype=torch.int32, device=x.device)
+    xk = torch.zeros(Kd, dtype=x.dtype, device=x.device)
+    nz = keep.nonzero().flatten()
+    idx[:nz.numel()] = nz.int()
+    xk[:nz.numel()] = x[0, nz]
+    return idx, xk, torch.tensor([nz.numel()], dtype=torch.int32, device=x.device)
+
+
+def gather_list(lst, wt, cfg):
+    idx, xk, cnt = lst
+    br, bn, nw = cfg
     Kd, N = wt.shape
-    y = torch.zeros((1, N), device=x.device, dtype=torch.float32)  # memset launch, as TEAL
-    _teal_style_kernel[(triton.cdiv(N, bn), triton.cdiv(Kd, bk))](x, wt, y, thr, Kd, N, wt.stride(0),
-                                                                   BLOCK_K=bk, BLOCK_N=bn, num_warps=nw)
+    chunks = triton.cdiv(Kd, br)
+    ws = torch.empty((chunks, N), device=wt.device, dtype=torch.float32)
+    y = torch.empty((1, N), device=wt.device, dtype=wt.dtype)
+    _gather_list_kernel[(triton.cdiv(N, bn), chunks)](idx, xk, cnt, wt, ws, N, wt.stride(0), ws.stride(0),
+                                                      BLOCK_R=br, BLOCK_N=bn, num_warps=nw)
+    _gather_list_reduce[(triton.cdiv(N, 128),)](ws, cnt, y, N, ws.stride(0), BLOCK_R=br, BLOCK_S=32, BLOCK_N=128,
+                                                num_warps=4)
     return y
 
 
-TEAL_CFGS = [(128, 128, 4), (256, 64, 4), (64, 256, 4), (256, 128, 8), (128, 256, 8), (512, 64, 4)]
-
-# ---------------------------------------------------------------------------------------------
-KC = K.KernelConfig
-# Tile geometries tried (the retired stream / sem / gather kinds and their numbers: NOTES_kernels.md).
-CANDS_T1 = {
-    "t64x512w4": KC(block_n=64, block_k=512),
-    "t64x256w4": KC(block_n=64, block_k=256),
-    "t32x512w4": KC(block_n=32, block_k=512),
-    "t128x256w8": KC(block_n=128, block_k=256, num_warps=8),
-    "t64x256w4i2": KC(block_n=64, block_k=256, iters=2),
-    "t32x1024w8": KC(block_n=32, block_k=1024, num_warps=8),
-    "t128x128w4": KC(block_n=128, block_k=128),
-}
-CANDS_TB = {
-    "d64x256w4": KC(block_n=64, block_k=256),
-    "d64x128w4": KC(block_n=64, block_k=128),
-    "d128x128w4": KC(block_n=128, block_k=128),
-    "d32x256w4": KC(block_n=32, block_k=256),
-    "d64x512w8": KC(block_n=64, block_k=512, num_warps=8),
-}
-CANDS_MINI = {  # follow-up questions after the first sweep (more warps / taller tiles at batch 1)
-    "t64x512w4": KC(block_n=64, block_k=512),
-    "t64x512w8": KC(block_n=64, block_k=512, num_warps=8),
-    "t64x1024w8": KC(block_n=64, block_k=1024, num_warps=8),
-    "t128x512w8": KC(block_n=128, block_k=512, num_warps=8),
-    "t32x512w2": KC(block_n=32, block_k=512, num_warps=2),
-}
-ALL_CANDS = {**CANDS_T1, **CANDS_TB, **CANDS_MINI}
+FP16_PROBES = ("t64x512w4", "L128r32g8s3f")
+GATHER_CFGS = [(32, 256, 4), (64, 256, 4), (16, 512, 4), (32, 512, 8), (64, 128, 4)]
 
 
-def make_inputs(Kd, ends, T, s, dtype=torch.bfloat16, seed=0, dev="cuda"):
+def make_inputs(Kd, ends, T, s, dtype=torch.bfloat16, seed=0, dev=None):
+    dev = dev or DEVICE
     g = torch.Generator(device=dev).manual_seed(seed)
     x = torch.randn((T, Kd), device=dev, dtype=torch.float32, generator=g).to(dtype)
     ax = x.float().abs().flatten()
@@ -184,8 +257,8 @@ def quick_check():
             for s in (0.0, 0.5, 0.9):
                 x, tau, _ = make_inputs(Kd, ends, T, s, seed=3)
                 tau[:, ::13] = float("inf")
-                y = K._launch(x, wt, tau, ends, None, cfg)
-                same = same and torch.equal(y, K._launch(x, wt, tau, ends, None, cfg))
+                y = K.launch(x, wt, tau, ends, None, cfg)
+                same = same and torch.equal(y, K.launch(x, wt, tau, ends, None, cfg))
                 worst = max(worst, relerr(y, ref64(x, wt, tau, ends, None)))
         log(f"{cname} T={T} worst rel err vs float64 {worst:.2e}, deterministic {same}")
 
@@ -225,7 +298,7 @@ def correctness(full=False):
                                 and y.shape == (T, N)):
                             fails.append((Kd, ends, name, T, s, use_bias, e, er, torch.equal(y, y2)))
     # forced configs incl. split and FMA paths
-    check_cfgs = ALL_CANDS if full else {**CANDS_MINI, "d128x128w4": CANDS_TB["d128x128w4"]}
+    check_cfgs = ALL_CANDS
     for cname, cfg in check_cfgs.items():
         for Kd, ends in [(1000, (576, 768, 3000))]:
             N = ends[-1]
@@ -234,8 +307,8 @@ def correctness(full=False):
                 wt = (torch.randn(Kd, N, device=dev) / math.sqrt(Kd)).bfloat16()
                 tau = torch.rand(len(ends), Kd, device=dev)
                 b = torch.randn(N, device=dev).bfloat16()
-                y = K._launch(x, wt, tau, ends, b, cfg)
-                y2 = K._launch(x, wt, tau, ends, b, cfg)
+                y = K.launch(x, wt, tau, ends, b, cfg)
+                y2 = K.launch(x, wt, tau, ends, b, cfg)
                 e = relerr(y, ref64(x, wt, tau, ends, b))
                 n += 1
                 if not (e < 1.5e-2 and torch.equal(y, y2)):
@@ -281,11 +354,34 @@ def correctness(full=False):
         log("CUDA graph capture of the op: max rel err", max(errs))
     except Exception as ex:  # noqa: BLE001
         log("CUDA graph capture ERROR", type(ex).__name__, str(ex)[:300])
-    # TEAL-style baseline sanity
+    # the list kind's tickets across CUDA-graph replays: new x each replay, every result against float64
+    Kd, ends = 4096, (4096, 5120, 6144)
+    wt = (torch.randn(Kd, ends[-1], device=dev) / 64).bfloat16()
+    tau = torch.rand(3, Kd, device=dev)
+    b = torch.randn(ends[-1], device=dev).bfloat16()
+    for cname in ("L128r32g8s3f", "L64r32g16s3f"):
+        xs = torch.randn(1, Kd, device=dev).bfloat16()
+        g, yg = capture_graph(lambda v: K.launch(v, wt, tau, ends, b, CANDS_T1[cname]), xs)
+        errs, firsts = [], []
+        for _ in range(4):
+            xs.copy_(torch.randn(1, Kd, device=dev).bfloat16())
+            g.replay()
+            first = yg.clone()
+            g.replay()
+            torch.cuda.synchronize()
+            errs.append(relerr(yg, ref64(xs, wt, tau, ends, b)))
+            firsts.append(torch.equal(first, yg))
+        log(f"{cname} graph replays: max rel err {max(errs):.1e}, replays bit-equal {all(firsts)}")
+        if not (max(errs) < 1.5e-2 and all(firsts)):
+            fails.append(("graph", cname, max(errs), firsts))
+    # the kept-list experiment against the same reference (one threshold, one segment)
     x, tau1, q = make_inputs(4096, (4096,), 1, 0.5)
     wt1 = (torch.randn(4096, 4096, device=dev) / 64).bfloat16()
-    yt = teal_style(x, wt1, q, TEAL_CFGS[0])
-    log("TEAL-style baseline rel err:", relerr(yt, ref64(x, wt1, tau1, (4096,), None)))
+    for cfg in GATHER_CFGS:
+        e = relerr(gather_list(kept_list(x, q), wt1, cfg), ref64(x, wt1, tau1, (4096,), None))
+        log(f"kept-list {cfg} rel err: {e:.1e}")
+        if not e < 1.5e-2:
+            fails.append(("kept-list", cfg, e))
     return not fails
 
 
@@ -313,122 +409,98 @@ def env_and_bandwidth():
     return bw_copy, bw_read
 
 
-def pick(times):
-    gm = {c: math.exp(sum(math.log(v) for v in ts) / len(ts)) for c, ts in times.items()}
-    return sorted(gm, key=gm.get)
-
-
-def run_shape(name, Kd, ends, do_sweep, results, best, mini=False, batches=(1, 2, 4, 8)):
+def run_shape(name, Kd, ends, teal, results, batches=(1, 2, 4, 8), sweep=True):
+    """Graph-timed table of one shape: cuBLAS, every candidate (or the runtime's choice), TEAL's public kernel
+    and the kept-list experiment at every level, batch 1; then batch 2/4/8 at 0/50/90%."""
     N = ends[-1]
     wbytes = Kd * N * 2
-    ncp = max(2, math.ceil(400e6 / wbytes))
-    wts = [(torch.randn(Kd, N, device="cuda") / math.sqrt(Kd)).bfloat16() for _ in range(ncp)]
+    ncp = min(64, max(2, math.ceil(400e6 / wbytes)))
+    wts = [(torch.randn(Kd, N, device=DEVICE) / math.sqrt(Kd)).bfloat16() for _ in range(ncp)]
     ws = [w.t().contiguous() for w in wts]  # W [out, in] for F.linear
-
-    def ours(cfg, x, tau):
-        return lambda i: K._launch(x, wts[i], tau, ends, None, cfg)
-
-    if mini:
-        times = {}
-        for cname, cfg in CANDS_MINI.items():
-            ts = []
-            for s in (0.0, 0.5, 0.8):
-                x, tau, _ = make_inputs(Kd, ends, 1, s, seed=1)
-                ts.append(graph_time(ours(cfg, x, tau), ncp, loop=16, replays=7))
-            times[cname] = ts
-        log(f"mini-sweep {name} T=1 graph us at s=(0, 0.5, 0.8): " + "; ".join(
-            f"{c} " + "/".join(f"{v:.1f}" for v in times[c]) for c in pick(times)))
-    def sweep(label, T, cands):
-        """Graph-time every candidate config at batch T; returns the names, fastest first (geomean)."""
-        sps = (0.0, 0.5, 0.8) if T == 1 else (0.5,)
-        times = {}
-        for cname, cfg in cands.items():
-            try:
-                ts = []
-                for s in sps:
-                    x, tau, _ = make_inputs(Kd, ends, T, s, seed=T)
-                    ts.append(graph_time(ours(cfg, x, tau), ncp, loop=16, replays=7))
-                times[cname] = ts
-            except Exception as ex:  # noqa: BLE001
-                log(f"  {label} {name} T={T} {cname}: ERROR {type(ex).__name__} {str(ex)[:200]}")
-        order = pick(times)
-        if order:
-            log(f"{label} {name} T={T} graph us at s={sps}: " + "; ".join(
-                f"{c} " + "/".join(f"{v:.1f}" for v in times[c]) for c in order))
-        return order
-
-    if do_sweep:
-        for T in (1, 2, 4, 8):
-            best[(name, T)] = sweep("sweep", T, CANDS_T1 if T == 1 else CANDS_TB)[0]
-        x, tau, q = make_inputs(Kd, ends, 1, 0.5)
-        tt = {c: [graph_time(lambda i: teal_style(x, wts[i], q, c), ncp, loop=16, replays=7)] for c in TEAL_CFGS}
-        best[(name, "teal")] = pick(tt)[0]
-        log(f"sweep {name} TEAL-style at 50%: " + "; ".join(f"{c}: {tt[c][0]:.1f}" for c in pick(tt)))
-
-    def cfg_for(T):
-        c = best.get((name, T))
-        return ALL_CANDS[c] if c else K.choose_config(T, Kd, N)
-
-    cfg = cfg_for(1)
-    tcfg = best.get((name, "teal"), (512, 64, 4))
+    wts16 = [w.half() for w in wts] if teal is not None else None
+    ws16 = [w.t().contiguous() for w in wts16] if teal is not None else None
     log("")
-    log(f"-- {name}: in {Kd}, out {N}, segments {ends}, weights {wbytes / 1e6:.1f} MB, ours {dataclasses.astuple(cfg)}, "
-        f"teal-style {tcfg}, {ncp} rotating weight copies")
-    log(f"{'shape':8} {'sp':>4} {'union':>5} | {'g.dense':>7} {'g.teal':>6} {'g.ours':>6} {'x dense':>7} {'x teal':>6} "
-        f"{'effBW':>5} | {'e.dense':>7} {'e.mmWt':>6} {'e.teal':>6} {'e.ours':>6}")
+    log(f"-- {name}: in {Kd}, out {N}, segments {ends}, weights {wbytes / 1e6:.1f} MB, {ncp} rotating weight copies")
+
+    def timed(make_call):
+        try:
+            return graph_time(make_call, ncp, loop=16, replays=9)
+        except Exception as ex:  # noqa: BLE001
+            log(f"   ERROR {type(ex).__name__}: {str(ex)[:200]}")
+            return float("nan")
+
     for s in SPARSITIES:
         x, tau, q = make_inputs(Kd, ends, 1, s, seed=11)
-        union = float((x.float().abs() > q).any(0).float().mean())
-        g_dense = graph_time(lambda i: F.linear(x, ws[i]), ncp)
-        g_teal = graph_time(lambda i: teal_style(x, wts[i], q, tcfg), ncp)
-        g_ours = graph_time(ours(cfg, x, tau), ncp)
-        t_dense = bench(lambda: F.linear(x, ws[0]))
-        t_mm = bench(lambda: torch.mm(x, wts[0]))
-        t_teal = bench(lambda: teal_style(x, wts[0], q, tcfg))
-        t_ours = bench(lambda: K._launch(x, wts[0], tau, ends, None, cfg))
-        rb = union * wbytes
-        results.append(dict(shape=name, T=1, sparsity=s, union=union, dense=t_dense, mm_wt=t_mm, teal=t_teal,
-                            ours=t_ours, g_dense=g_dense, g_teal=g_teal, g_ours=g_ours, read_bytes=rb,
-                            cfg=dataclasses.astuple(cfg)))
-        log(f"{name:8} {s:4.2f} {union:5.2f} | {g_dense:7.1f} {g_teal:6.1f} {g_ours:6.1f} {g_dense / g_ours:7.2f} "
-            f"{g_teal / g_ours:6.2f} {rb / g_ours / 1e6:5.2f} | {t_dense:7.1f} {t_mm:6.1f} {t_teal:6.1f} {t_ours:6.1f}")
+        kept = float((x.float().abs() > q).float().mean())
+        kept_percent = round(100 * (1 - s))  # what a stored level of this sparsity tells the runtime
+        runtime = K.choose_config(1, Kd, N, kept_percent)
+        cands = CANDS_T1 if sweep else {"runtime": runtime}
+        row = {"shape": name, "T": 1, "sparsity": s, "kept": kept, "dense_bytes": wbytes, "runtime_config": str(runtime)}
+        row["cublas"] = timed(lambda i: F.linear(x, ws[i]))
+        for cname, cfg in cands.items():
+            row[cname] = timed(lambda i: K.launch(x, wts[i], tau, ends, None, cfg))
+        if teal is not None:
+            x16, sbin = x.half(), int(round(s * 100))
+            teal_public(teal, x16, wts16[0], ends, q, sbin)  # autotune outside the graph
+            row["teal_fp16"] = timed(lambda i: teal_public(teal, x16, wts16[i], ends, q, sbin))
+            row["cublas_fp16"] = timed(lambda i: F.linear(x16, ws16[i]))
+            for cname in FP16_PROBES if sweep else ():  # is bf16 slower than fp16 in our kernel
+                row["fp16:" + cname] = timed(lambda i: K.launch(x16, wts16[i], tau, ends, None, ALL_CANDS[cname]))
+        results.append(row)
+        ours = {k: v for k, v in row.items() if k in cands}
+        best = min(ours, key=ours.get)
+        if sweep:
+            row["runtime"] = timed(lambda i: K.launch(x, wts[i], tau, ends, None, runtime))
+        teal_s = (f" | TEAL fp16 {row['teal_fp16']:.1f} (x{row['cublas_fp16'] / row['teal_fp16']:.2f} of fp16 cuBLAS "
+                  f"{row['cublas_fp16']:.1f}), best/TEAL {row['teal_fp16'] / row[best]:.2f}") if teal is not None else ""
+        log(f"{name:8} {s:4.2f} kept {kept:4.2f} | cuBLAS {row['cublas']:6.1f} | best {best} ({runtime.kind} is the runtime's) {row[best]:6.1f} "
+            f"x{row['cublas'] / row[best]:.2f} effBW {kept * wbytes / row[best] / 1e6:.2f} TB/s{teal_s} | "
+            f"runtime's choice {row['runtime']:.1f} x{row['cublas'] / row['runtime']:.2f}")
+        log("    all: " + "  ".join(f"{k} {v:.1f}" for k, v in row.items() if isinstance(v, float)
+                                 and (k in cands or k.startswith(("fp16:", "teal", "runtime")))))
     for T in [b for b in batches if b > 1]:
-        cfg_b = cfg_for(T)
         for s in (0.0, 0.5, 0.9):
             x, tau, q = make_inputs(Kd, ends, T, s, seed=T)
             union = float((x.float().abs() > q).any(0).float().mean())
-            g_dense = graph_time(lambda i: F.linear(x, ws[i]), ncp)
-            g_ours = graph_time(ours(cfg_b, x, tau), ncp)
-            results.append(dict(shape=name, T=T, sparsity=s, union=union, g_dense=g_dense, g_ours=g_ours,
-                                read_bytes=union * wbytes, cfg=dataclasses.astuple(cfg_b)))
-            log(f"{name:8} T={T} sp {s:4.2f} union {union:5.2f} | graph dense {g_dense:6.1f} ours {g_ours:6.1f} "
-                f"x{g_dense / g_ours:5.2f} effBW {union * wbytes / g_ours / 1e6:.2f} TB/s  cfg {dataclasses.astuple(cfg_b)}")
-    del wts, ws
+            row = {"shape": name, "T": T, "sparsity": s, "kept": union, "dense_bytes": wbytes}
+            row["cublas"] = timed(lambda i: F.linear(x, ws[i]))
+            for cname, cfg in (CANDS_TB if sweep else {"runtime": K.choose_config(T, Kd, N)}).items():
+                row[cname] = timed(lambda i: K.launch(x, wts[i], tau, ends, None, cfg))
+            results.append(row)
+            ours = {k: v for k, v in row.items() if k in CANDS_TB or k == "runtime"}
+            best = min(ours, key=ours.get)
+            log(f"{name:8} T={T} {s:4.2f} union {union:4.2f} | cuBLAS {row['cublas']:6.1f} | best {best} {row[best]:6.1f} "
+                f"x{row['cublas'] / row[best]:.2f} | all: " + "  ".join(f"{k} {v:.1f}" for k, v in ours.items()))
+    del wts, ws, wts16, ws16
     torch.cuda.empty_cache()
 
 
 def summary(results, bw_copy):
     log("")
-    log(f"== summary: speed-up over dense F.linear under CUDA graphs, batch 1; copy BW {bw_copy:.2f} TB/s ==")
+    log(f"== summary: speed-up over cuBLAS (F.linear) under CUDA graphs, batch 1; copy BW {bw_copy:.2f} TB/s ==")
     for name in SHAPES:
         rs = [r for r in results if r["shape"] == name and r["T"] == 1]
         if not rs:
             continue
-        log(f"{name:8} ours " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_ours']:.2f}" for r in rs))
-        log(f"{name:8} teal " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_teal']:.2f}" for r in rs))
+        for key in [k for k in rs[0] if k in CANDS_T1 or k == "runtime"]:
+            log(f"{name:8} {key:14} " + "  ".join(f"{int(r['sparsity'] * 100)}%:{r['cublas'] / r[key]:.2f}" for r in rs))
+        if "teal_fp16" in rs[0]:
+            log(f"{name:8} {'TEAL fp16':14} " + "  ".join(
+                f"{int(r['sparsity'] * 100)}%:{r['cublas_fp16'] / r['teal_fp16']:.2f}" for r in rs))
+            log(f"{name:8} {'TEAL / ours':14} " + "  ".join(
+                f"{int(r['sparsity'] * 100)}%:{r['teal_fp16'] / r['runtime']:.2f}" for r in rs))
     for T in (2, 4, 8):
-        rs = [r for r in results if r["T"] == T]
-        if not rs:  # batch size not run (--batches)
-            continue
-        log(f"T={T}: " + "  ".join(f"{r['shape']}@{int(r['sparsity'] * 100)}%:{r['g_dense'] / r['g_ours']:.2f}" for r in rs))
+        rs = [r for r in results if r["T"] == T and "runtime" in r]
+        if rs:
+            log(f"T={T} runtime over cuBLAS: " + "  ".join(
+                f"{r['shape']}@{int(r['sparsity'] * 100)}%:{r['cublas'] / r['runtime']:.2f}" for r in rs))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true", help="pick configs by measurement (else the runtime's choose_config)")
-    ap.add_argument("--mini", action="store_true", help="small follow-up sweep at batch 1 (table still uses choose_config)")
-    ap.add_argument("--full-check", action="store_true", help="check every candidate config on the GPU")
+    ap.add_argument("--sweep", action="store_true", help="time every candidate config (else the runtime's choose_config)")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--full-check", action="store_true", help="check every candidate config on the GPU")
     ap.add_argument("--quick-check", action="store_true",
                     help="a minute's correctness check (default op eager/compiled/graphed, every candidate tile config)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
@@ -440,26 +512,25 @@ def main():
     open(_LOG_PATH, "w").close()
     t0 = time.time()
     bw_copy, _ = env_and_bandwidth()
-    ok = True
+    teal = load_teal()
+    log("TEAL's public kernel: " + ("loaded from .peers/teal" if teal is not None else "not found (.peers/teal)"))
     if args.quick_check:
         quick_check()
     if not args.skip_check:
         ok = correctness(args.full_check)
         log(f"[{time.time() - t0:.0f}s] correctness {'OK' if ok else 'FAILED'}")
-    best, res = {}, []
+    res = []
     for name, (Kd, ends) in SHAPES.items():
         if name not in args.shapes.split(","):
             continue
-        run_shape(name, Kd, ends, args.sweep, res, best, mini=args.mini,
-                  batches=tuple(int(b) for b in args.batches.split(",")))
+        run_shape(name, Kd, ends, teal, res, batches=tuple(int(b) for b in args.batches.split(",")), sweep=args.sweep)
         log(f"[{time.time() - t0:.0f}s] {name} done")
-    log(f"best: {best}")
     summary(res, bw_copy)
     log(f"[{time.time() - t0:.0f}s] done")
     with open(args.out, "w") as fh:
         fh.write("\n".join(LINES) + "\n")
     with open(os.path.splitext(args.out)[0] + ".json", "w") as fh:
-        json.dump({"results": res, "best": {str(k): v for k, v in best.items()}, "copy_bw_tbs": bw_copy}, fh, indent=1)
+        json.dump({"results": res, "copy_bw_tbs": bw_copy}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -262,3 +262,13 @@ class SparsitySettings:
             stored = ", ".join(f"{s:g}" for s in self.available())
             raise CheckpointFormatError(f"sparsity {sparsity:g} is not stored in this checkpoint; stored: {stored}")
         return self.levels[key]["thresholds"]
+
+    def sparsities(self, sparsity: float) -> list[list[float]] | None:
+        """Per-layer, per-projection calibrated sparsities of a stored level; None where the checkpoint has no
+        well-formed table (they only pick the GPU kernel's kind, so the thresholds alone still load)."""
+        if sparsity == 0:
+            return None
+        table = self.levels[level_key(sparsity)].get("sparsities")
+        if table is None or _table_problems(table, "", "sparsities", self.num_layers, upper=1.0):
+            return None
+        return table

@@ -47,6 +47,7 @@ __all__ = [
     "HAS_TRITON",
     "KernelConfig",
     "choose_config",
+    "launch",
     "sparse_linear_reference",
     "sparse_linear_triton",
     "use_sparse_kernel",
@@ -54,9 +55,10 @@ __all__ = [
 
 # Kernel version: part of the torch.library op name so that two different copies of this file
 # loaded in one process (package + model folder) never silently share an incompatible op.
-# v2: the op lost v1's `counters` argument (the retired "sem" reduction).
-_OP_VERSION = 2
+# v2: the op lost v1's `counters` argument (the retired "sem" reduction); v3: `kept_percent`.
+_OP_VERSION = 3
 _MAX_SEG_PER_LAUNCH = 4
+_REDUCE_BLOCK_N = 128
 # Every output / workspace buffer of a launch comes from here: the tests swap in a poisoning
 # allocator to catch unwritten elements without patching torch itself.
 _new_buffer = torch.empty
@@ -172,6 +174,7 @@ if HAS_TRITON:
         e0, e1, e2, e3, o1, o2, o3,
         N_SEG: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
         SPLIT: tl.constexpr,        # False: one K split, store y directly; True: fp32 partials for the reduce
+        EVICT_FIRST: tl.constexpr,
         ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Split-K: program (n, k) multiplies the [ITERS*BLOCK_K, BLOCK_N] tile (n, k); every load of
@@ -191,7 +194,11 @@ if HAS_TRITON:
         for it in tl.static_range(ITERS):
             ks = (pid_k * ITERS + it) * BLOCK_K + rk
             xm, row = _masked_x(x_ptr, tau_row, ks, K, t_idx, T, stride_x, USE_DOT)
-            w = tl.load(w_ptr + ks[:, None] * stride_w + cols[None, :], mask=row[:, None] & cmask[None, :], other=0.0)
+            w_ptrs = w_ptr + ks[:, None] * stride_w + cols[None, :]
+            if EVICT_FIRST:  # each weight byte is read once per token: keep x, tau and the partials in L2 instead
+                w = tl.load(w_ptrs, mask=row[:, None] & cmask[None, :], other=0.0, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=row[:, None] & cmask[None, :], other=0.0)
             acc = _accumulate(acc, xm, w, USE_DOT, IEEE)
         if USE_DOT:
             out = acc
@@ -206,18 +213,85 @@ if HAS_TRITON:
             tl.store(y_ptr + t_idx[:, None] * stride_y + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=omask)
 
     @triton.jit
-    def _split_reduce_kernel(ws_ptr, b_ptr, y_ptr, N, total, stride_split, stride_ws, stride_y,
-                             NSPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < total
-        t = offs // N
-        n = offs - t * N
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in tl.static_range(NSPLIT):  # fixed order: deterministic
-            acc += tl.load(ws_ptr + s * stride_split + t * stride_ws + n, mask=m, other=0.0)
+    def _wina_list_kernel(
+        x_ptr, w_ptr, tau_ptr, ws_ptr, idx_ptr, xs_ptr, tickets_ptr, b_ptr, y_ptr,
+        K, KC, stride_w, stride_tau, stride_ws, stride_list_seg, stride_list_group,
+        e0, e1, e2, e3, o1, o2, o3,
+        N_SEG: tl.constexpr, EVICT_FIRST: tl.constexpr, NUM_STAGES: tl.constexpr,
+        FUSED_REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """One token. Program (n, g): column block n, input channels [g*KC, (g+1)*KC).
+        1. compaction: the group's kept channels (|x| > tau of the block's segment) and their x values are
+           written, in channel order, to the list of (segment, group) -- every program of that pair writes the
+           same values, and reads only entries it wrote itself;
+        2. a software-pipelined loop over the kept rows, BLOCK_R at a time: the row indices come from the list,
+           so no load waits on a keep test and the number of rows read follows the kept count;
+        3. the fp32 partial of the group goes to ws[g]; the groups' partials are summed in group order either by
+           the reduce launch or (FUSED_REDUCE) by the last program of the column block to finish, which it
+           learns from a per-column-block ticket that it resets for the next call."""
+        pid = tl.program_id(0)
+        g = tl.program_id(1)
+        seg, start, end, poff = _segment_of(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG)
+        cols = start + (pid - poff) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < end
+        rc = tl.arange(0, BLOCK_C)
+        ch = g * KC + rc
+        cm = (rc < KC) & (ch < K)
+        xv = tl.load(x_ptr + ch, mask=cm, other=0.0).to(tl.float32)
+        th = tl.load(tau_ptr + seg * stride_tau + ch, mask=cm, other=float("inf"))
+        keep = tl.abs(xv) > th
+        pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        count = tl.sum(keep.to(tl.int32), axis=0)
+        list_off = seg * stride_list_seg + g * stride_list_group
+        tl.store(idx_ptr + list_off + pos, ch, mask=keep)
+        tl.store(xs_ptr + list_off + pos, xv, mask=keep)
+        tl.debug_barrier()  # the list is read back by other threads of this program
+        rr = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for r0 in tl.range(0, count, BLOCK_R, num_stages=NUM_STAGES):
+            j = r0 + rr
+            jm = j < count
+            rows = tl.load(idx_ptr + list_off + j, mask=jm, other=0)
+            xr = tl.load(xs_ptr + list_off + j, mask=jm, other=0.0)
+            w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
+            if EVICT_FIRST:
+                w = tl.load(w_ptrs, mask=jm[:, None] & cmask[None, :], other=0.0, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=jm[:, None] & cmask[None, :], other=0.0)
+            acc += xr[:, None] * w.to(tl.float32)
+        tl.store(ws_ptr + g * stride_ws + cols, tl.sum(acc, axis=0), mask=cmask)
+        if FUSED_REDUCE:
+            tl.debug_barrier()  # every thread's partial is stored before the ticket is taken (release)
+            n_groups = tl.num_programs(1)
+            if tl.atomic_add(tickets_ptr + pid, 1, sem="acq_rel") == n_groups - 1:
+                total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for gg in range(0, n_groups):  # fixed order: deterministic
+                    total += tl.load(ws_ptr + gg * stride_ws + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+                tl.store(y_ptr + cols, total.to(y_ptr.dtype.element_ty), mask=cmask)
+                tl.atomic_xchg(tickets_ptr + pid, 0)
+
+
+    @triton.jit
+    def _split_reduce_kernel(ws_ptr, b_ptr, y_ptr, N, n_split, stride_split, stride_ws, stride_y,
+                             HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+        """y[t, cols] = sum over the K splits of the fp32 partials (+ bias), in a fixed order: program
+        (n, t) walks the splits BLOCK_S at a time, so many splits (short K tiles) still reduce in few steps."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        t = tl.program_id(1)
+        cmask = cols < N
+        rs = tl.arange(0, BLOCK_S)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for s0 in range(0, n_split, BLOCK_S):
+            ss = s0 + rs
+            part = tl.load(ws_ptr + ss[:, None] * stride_split + t * stride_ws + cols[None, :],
+                           mask=(ss < n_split)[:, None] & cmask[None, :], other=0.0)
+            acc += tl.sum(part, axis=0)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + n, mask=m, other=0.0).to(tl.float32)
-        tl.store(y_ptr + t * stride_y + n, acc.to(y_ptr.dtype.element_ty), mask=m)
+            acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + t * stride_y + cols, acc.to(y_ptr.dtype.element_ty), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,26 +299,41 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile geometry of one launch: block_n output columns x (iters x block_k) input rows per program."""
+    """Geometry of one product's launches.
+
+    kind "tile": program = block_n output columns x (iters x block_k) input rows, weight rows loaded where kept;
+    kind "list" (one token): program = block_n columns x one of `groups` channel groups, looping over the
+    group's kept rows block_k at a time with num_stages loads in flight."""
 
     block_n: int = 64
     block_k: int = 512
     num_warps: int = 4
     iters: int = 1
     num_stages: int = 1
+    evict_first: bool = False
+    kind: str = "tile"
+    groups: int = 8
+    fused_reduce: bool = False
 
 
-def choose_config(num_tokens: int, in_features: int, out_features: int) -> KernelConfig:
-    """Launch configuration, a pure function of the shape (same config in eager, compile, graphs)."""
+# At or under this percentage of kept input channels the kept-list kind beats the tile at batch 1
+# (benchmarks/kernels.md, H200 sweep of 2026-12-04).
+LIST_KIND_MAX_KEPT_PERCENT = 25
+
+
+def choose_config(num_tokens: int, in_features: int, out_features: int, kept_percent: int = 100) -> KernelConfig:
+    """Launch configuration, a pure function of the shape and of the percentage of input channels the stored
+    level keeps (the same config in eager, compile and graphs)."""
     if _interpreting():
         # the interpreter runs every program in numpy: big tiles = fewer python-level steps
         return KernelConfig(block_n=512, block_k=512)
     if num_tokens == 1:
-        # best of 13 candidates on all four Llama-3-8B shapes (graph-timed sweep, kernel_h100.txt);
-        # still the best against 7 split-K stream configs on the H200 (kernel_stream_h200.txt)
-        return KernelConfig(block_n=64, block_k=512)
-    # batch > 1: tensor-core tile, best of 8 candidates -- but still slower than dense (see
-    # use_sparse_kernel), so this is used only when a caller insists.
+        if kept_percent <= LIST_KIND_MAX_KEPT_PERCENT:
+            return KernelConfig(kind="list", block_n=256 if out_features >= 16384 else 128, block_k=32,
+                                groups=4 if in_features <= 8192 else 8, num_stages=3, evict_first=True,
+                                fused_reduce=True)
+        return KernelConfig(block_n=64, block_k=512, evict_first=out_features != in_features)
+    # batch > 1: tensor-core tile (the dispatch runs dense there: see use_sparse_kernel)
     return KernelConfig(block_n=128, block_k=128)
 
 
@@ -263,7 +352,7 @@ def _plan(T, K, ends, cfg):
         offs = [0]
         prev = 0
         for e in rel:
-            offs.append(offs[-1] + -(-(e - prev) // cfg.block_n))
+            offs.append(offs[-1] + triton.cdiv(e - prev, cfg.block_n))
             prev = e
         n_prog = offs[n_seg]
         rel_p = rel + [rel[-1]] * (4 - n_seg)
@@ -273,23 +362,25 @@ def _plan(T, K, ends, cfg):
     return groups
 
 
-def _launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = None):
-    """Raw launch (no torch.library wrapper)."""
+def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = None, kept_percent: int = 100):
+    """The launches of one product with an explicit config (no torch.library wrapper: benchmarks and tests)."""
     T, K = x.shape
     N = weight_t.shape[1]
     ends = [int(e) for e in segment_ends]
     if cfg is None:
-        cfg = choose_config(T, K, N)
+        cfg = choose_config(T, K, N, kept_percent)
     if T > 16:  # decode-sized kernel: larger batches go 16 tokens per launch (callers use dense there)
-        return torch.cat([_launch(x[i:i + 16], weight_t, tau, segment_ends, bias, cfg)
+        return torch.cat([launch(x[i:i + 16], weight_t, tau, segment_ends, bias, cfg)
                           for i in range(0, T, 16)], dim=0)
     use_dot = T > 1 or x.dtype == torch.float64
+    if cfg.kind == "list" and not use_dot:
+        return _launch_list(x, weight_t, tau, ends, bias, cfg)
     block_t = 16 if use_dot else 1
     ieee = x.dtype == torch.float32 or _interpreting()
     y = _new_buffer((T, N), device=x.device, dtype=x.dtype)
     has_bias = bias is not None
     unused = x  # pointer for arguments a launch does not read
-    nsplit = -(-K // (cfg.block_k * cfg.iters))
+    nsplit = triton.cdiv(K, cfg.block_k * cfg.iters)
     split = nsplit > 1
     ws = _new_buffer((nsplit, T, N), device=x.device, dtype=torch.float32) if split else y
     for g, col0, n_cols, n_seg, n_prog, rel_p, offs_p in _plan(T, K, ends, cfg):
@@ -302,14 +393,61 @@ def _launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = 
             x, w_g, tau_g, b_g, y_g, ws_g, T, K,
             x.stride(0), w_g.stride(0), tau_g.stride(0), y.stride(0), ws.stride(0), ws.stride(1) if split else 0,
             rel_p[0], rel_p[1], rel_p[2], rel_p[3], offs_p[0], offs_p[1], offs_p[2],
-            N_SEG=n_seg, HAS_BIAS=has_bias, USE_DOT=use_dot, IEEE=ieee, SPLIT=split, ITERS=cfg.iters,
+            N_SEG=n_seg, HAS_BIAS=has_bias, USE_DOT=use_dot, IEEE=ieee, SPLIT=split, EVICT_FIRST=cfg.evict_first,
+            ITERS=cfg.iters,
             BLOCK_T=block_t, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
     if split:
-        total = T * N
-        rb = 1024
-        _split_reduce_kernel[(-(-total // rb),)](ws, bias if has_bias else unused, y, N, total, ws.stride(0), ws.stride(1),
-                                     y.stride(0), NSPLIT=nsplit, HAS_BIAS=has_bias, BLOCK=rb, num_warps=4)
+        _split_reduce_kernel[(triton.cdiv(N, _REDUCE_BLOCK_N), T)](
+            ws, bias if has_bias else unused, y, N, nsplit, ws.stride(0), ws.stride(1), y.stride(0),
+            HAS_BIAS=has_bias, BLOCK_S=min(32, triton.next_power_of_2(nsplit)), BLOCK_N=_REDUCE_BLOCK_N, num_warps=4)
+    return y
+
+
+_TICKETS = {}
+
+
+def _tickets(device) -> torch.Tensor:
+    """Per-column-block reduction tickets, zero between launches (the last program of a block resets its
+    ticket). One set per device: launches on one stream never overlap."""
+    key = str(device)
+    if key not in _TICKETS:
+        _TICKETS[key] = torch.zeros(1 << 14, dtype=torch.int32, device=device)
+    return _TICKETS[key]
+
+
+def _launch_list(x, weight_t, tau, ends, bias, cfg: KernelConfig):
+    """The "list" kind (one token): compaction + pipelined kept-row loop, then the fixed-order reduce."""
+    K = x.shape[1]
+    N = weight_t.shape[1]
+    groups = max(1, min(cfg.groups, K))
+    kc = triton.cdiv(K, groups)
+    block_c = triton.next_power_of_2(kc)
+    y = _new_buffer((1, N), device=x.device, dtype=x.dtype)
+    ws = _new_buffer((groups, 1, N), device=x.device, dtype=torch.float32)
+    idx = _new_buffer((len(ends), groups, block_c), device=x.device, dtype=torch.int32)
+    xs = _new_buffer((len(ends), groups, block_c), device=x.device, dtype=torch.float32)
+    has_bias = bias is not None
+    tickets = _tickets(x.device) if cfg.fused_reduce else idx
+    for g, col0, n_cols, n_seg, n_prog, rel_p, offs_p in _plan(1, K, ends, cfg):
+        if cfg.fused_reduce and n_prog > tickets.numel():
+            raise ValueError(f"{n_prog} column blocks exceed the {tickets.numel()} reduction tickets")
+        w_g = weight_t if col0 == 0 else weight_t[:, col0:]
+        tau_g = tau if g == 0 else tau[g:]
+        ws_g = ws if col0 == 0 else ws[:, :, col0:]
+        b_g = (bias if col0 == 0 else bias[col0:]) if has_bias else x
+        _wina_list_kernel[(n_prog, groups)](
+            x, w_g, tau_g, ws_g, idx[g:], xs[g:], tickets, b_g, y[:, col0:], K, kc, w_g.stride(0), tau_g.stride(0),
+            ws.stride(0), idx.stride(0), idx.stride(1), rel_p[0], rel_p[1], rel_p[2], rel_p[3],
+            offs_p[0], offs_p[1], offs_p[2],
+            N_SEG=n_seg, EVICT_FIRST=cfg.evict_first, NUM_STAGES=cfg.num_stages, FUSED_REDUCE=cfg.fused_reduce,
+            HAS_BIAS=has_bias, BLOCK_C=block_c, BLOCK_R=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+    if cfg.fused_reduce:
+        return y
+    _split_reduce_kernel[(triton.cdiv(N, _REDUCE_BLOCK_N), 1)](
+        ws, bias if bias is not None else x, y, N, groups, ws.stride(0), ws.stride(1), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_S=min(32, triton.next_power_of_2(groups)), BLOCK_N=_REDUCE_BLOCK_N,
+        num_warps=4)
     return y
 
 
@@ -323,11 +461,11 @@ if HAS_TRITON:
         # kernel; benchmarks/experiments/gpu_generate_probe.py.)
         @torch.library.custom_op(_OP_NAME, mutates_args=())
         def _sparse_linear_op(x: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor,
-                              segment_ends: List[int], bias: Optional[torch.Tensor]) -> torch.Tensor:
-            return _launch(x, weight_t, tau, segment_ends, bias)
+                              segment_ends: List[int], bias: Optional[torch.Tensor], kept_percent: int) -> torch.Tensor:
+            return launch(x, weight_t, tau, segment_ends, bias, kept_percent=kept_percent)
 
         @_sparse_linear_op.register_fake
-        def _(x, weight_t, tau, segment_ends, bias):
+        def _(x, weight_t, tau, segment_ends, bias, kept_percent):
             return x.new_empty((x.shape[0], weight_t.shape[1]))
     except RuntimeError:
         # already registered by another copy of this file (package + model folder): the version
@@ -336,8 +474,9 @@ if HAS_TRITON:
     _op = getattr(torch.ops.winaconv, f"sparse_linear_v{_OP_VERSION}")
 
 
-def sparse_linear_triton(x, weight_t, tau, segment_ends, bias=None):
-    """Triton path (GPU, or CPU under TRITON_INTERPRET=1), registered as torch.ops.winaconv.sparse_linear_v2."""
+def sparse_linear_triton(x, weight_t, tau, segment_ends, bias=None, kept_percent: int = 100):
+    """Triton path (GPU, or CPU under TRITON_INTERPRET=1), registered as torch.ops.winaconv.sparse_linear_v3.
+    kept_percent: the share of input channels the stored level keeps (it picks the kernel kind)."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use sparse_linear_reference")
     _check_args(x, weight_t, tau, segment_ends, bias)
@@ -347,7 +486,7 @@ def sparse_linear_triton(x, weight_t, tau, segment_ends, bias=None):
         raise ValueError("weight_t must be contiguous along the output dimension ([in, out] row-major)")
     if tau.dtype != torch.float32 or tau.stride(1) != 1:
         tau = tau.float().contiguous()
-    return _op(x, weight_t, tau, [int(e) for e in segment_ends], bias)
+    return _op(x, weight_t, tau, [int(e) for e in segment_ends], bias, int(kept_percent))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ class WinaconvMixin:
     def set_sparsity(self, sparsity: float) -> None:
         """Switch to a stored sparsity level (0 is the dense model)."""
         table = self.sparsity_settings.thresholds(float(sparsity))
+        shares = self.sparsity_settings.sparsities(float(sparsity))
         norm_scored = self.sparsity_settings.norm_scored
         for layer_idx, layer in enumerate(self._decoder_layers()):
             for projections, linear in sparse_linears(layer, self.winaconv_family):
@@ -101,7 +102,8 @@ class WinaconvMixin:
                 else:
                     row = table[layer_idx]
                     linear.set_thresholds(
-                        [row[PROJECTIONS.index(p)] for p in projections], [p in norm_scored for p in projections]
+                        [row[PROJECTIONS.index(p)] for p in projections], [p in norm_scored for p in projections],
+                        [shares[layer_idx][PROJECTIONS.index(p)] for p in projections] if shares else None,
                     )
         self.sparsity = float(sparsity)
         if table is not None:

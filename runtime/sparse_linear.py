@@ -85,6 +85,7 @@ class SparseLinear(nn.Linear):
             raise ValueError(f"segments {self.segment_sizes} do not add up to {self.out_features} outputs")
         self.segment_ends = tuple(itertools.accumulate(self.segment_sizes))
         self.register_buffer("tau", None, persistent=False)
+        self.kept_percent = 100  # share of input channels the stored level keeps: it picks the GPU kernel's kind
         self.shared_input_group = None
         self._pending = None  # (input, output) left by the SharedInputGroup member that ran the launch
         self._cpu_rows = TransposedRows()
@@ -94,8 +95,11 @@ class SparseLinear(nn.Linear):
         return self.tau is not None
 
     @torch.no_grad()
-    def set_thresholds(self, thresholds, scored_with_norm) -> None:
-        """thresholds: one per segment, or None for dense. scored_with_norm: one bool per segment."""
+    def set_thresholds(self, thresholds, scored_with_norm, sparsities=None) -> None:
+        """thresholds: one per segment, or None for dense. scored_with_norm: one bool per segment. sparsities:
+        the calibrated share of dropped channels per segment, if known (the least sparse segment decides the
+        kernel kind of the product)."""
+        self.kept_percent = 100 if not sparsities else round(100 * (1 - min(float(s) for s in sparsities)))
         if thresholds is None:
             self.tau = None
             self._cpu_rows.clear()  # the dense model keeps no second copy
@@ -162,7 +166,8 @@ class SparseLinear(nn.Linear):
         elif self.shared_input_group is not None:
             y = self.shared_input_group.output_for(self, x, flat)
         else:
-            y = sparse_linear_triton(flat.contiguous(), self.weight.t(), self.tau, self.segment_ends, self.bias)
+            y = sparse_linear_triton(flat.contiguous(), self.weight.t(), self.tau, self.segment_ends, self.bias,
+                                     self.kept_percent)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _cpu_forward(self, flat: torch.Tensor) -> torch.Tensor:
@@ -256,7 +261,8 @@ class SharedInputGroup:
         if pending is not None and pending[0] is x:
             member._pending = None
             return pending[1]
-        y = sparse_linear_triton(flat.contiguous(), self.weight_t, self.tau, self.segment_ends, self.bias)
+        kept_percent = max(m.kept_percent for m in self.members)
+        y = sparse_linear_triton(flat.contiguous(), self.weight_t, self.tau, self.segment_ends, self.bias, kept_percent)
         own = None
         for m, (start, end) in zip(self.members, self.column_ranges):
             if m is member:

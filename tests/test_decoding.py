@@ -33,9 +33,9 @@ def kernels_on_cpu(monkeypatch):
     launches = []
     original = sparse_linear.sparse_linear_triton
 
-    def counted(x, weight_t, tau, segment_ends, bias=None):
+    def counted(x, weight_t, tau, segment_ends, bias=None, kept_percent=100):
         launches.append(tuple(segment_ends))
-        return original(x, weight_t, tau, segment_ends, bias)
+        return original(x, weight_t, tau, segment_ends, bias, kept_percent)
 
     monkeypatch.setattr(sparse_linear, "sparse_linear_triton", counted)
     return launches
@@ -64,6 +64,21 @@ def test_shared_input_linears_take_one_launch_and_keep_the_rule(family, kernels_
     gate_up = (sizes["gate"], sizes["gate"] + sizes["up"])
     per_layer = [qkv, (sizes["o"],), gate_up, (sizes["down"],)]
     assert kernels_on_cpu == per_layer * model.config.num_hidden_layers, "one launch per input, not per projection"
+
+
+def test_stored_sparsities_pick_the_kernel_kind(kernels_on_cpu):
+    """Each linear learns the share of channels its stored level keeps (it picks the GPU kernel's kind); a
+    joined q/k/v or gate/up launch goes by its least sparse member; level 0 is dense."""
+    model, _ = sparse_random_model("llama")
+    model.config.winaconv["levels"]["0.5"]["sparsities"][0][PROJECTIONS.index("k")] = 0.9
+    model.sparsity_settings = type(model.sparsity_settings).from_config(model.config)
+    model.set_sparsity(0.5)
+    attention = model.model.layers[0].self_attn
+    assert attention.k_proj.kept_percent == 10 and attention.q_proj.kept_percent == 50
+    assert attention.o_proj.kept_percent == 50 and model.model.layers[1].self_attn.k_proj.kept_percent == 50
+    assert max(m.kept_percent for m in attention.k_proj.shared_input_group.members) == 50
+    model.set_sparsity(0)
+    assert attention.k_proj.kept_percent == 100
 
 
 def test_switching_levels_updates_joined_thresholds_in_place(kernels_on_cpu):

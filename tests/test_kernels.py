@@ -184,19 +184,26 @@ CONFIGS = [
     K.KernelConfig(block_n=64, block_k=128),             # split-K + reduce launch, T=1 FMA path
     K.KernelConfig(block_n=64, block_k=64, iters=2),     # two sub-tiles per program
     K.KernelConfig(block_n=128, block_k=1024),           # one K split: direct store
+    # kept-list kind (one token; more tokens take the tile): reduce launch, and the last program's ticket reduce
+    K.KernelConfig(kind="list", block_n=64, block_k=16, groups=3, num_stages=2),
+    K.KernelConfig(kind="list", block_n=128, block_k=32, groups=5, num_stages=3, fused_reduce=True, evict_first=True),
 ] if K.HAS_TRITON else []
 
 
+def _config_id(c):
+    return f"{c.kind}-n{c.block_n}k{c.block_k}i{c.iters}g{c.groups}{'f' if c.fused_reduce else ''}"
+
+
 @needs_interp
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}i{c.iters}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_config_id)
 def test_triton_configs(cfg, poisoned_empty):
     seed = 5000
     for in_f, ends in [(333, (64, 200, 451)), (300, (100, 200, 300, 400, 500, 650))]:
         for T, dtype in ((1, torch.float32), (3, torch.bfloat16), (1, torch.bfloat16), (8, torch.float32)):
             seed += 1
             x, w, tau, b = _make(in_f, ends, T, 0.5, dtype, True, seed)
-            y = K._launch(x, w, tau, ends, b, cfg)
-            y2 = K._launch(x, w, tau, ends, b, cfg)
+            y = K.launch(x, w, tau, ends, b, cfg)
+            y2 = K.launch(x, w, tau, ends, b, cfg)
             assert torch.equal(y, y2), "not deterministic"
             assert _rel(y, masked_product_float64(x, w, tau, ends, b)) < _tol(dtype)
 
@@ -218,6 +225,40 @@ def test_triton_inf_and_zero_thresholds(poisoned_empty):
     # everything dropped, no bias: exact zeros (no partial is read unwritten)
     y = K.sparse_linear_triton(x, w, torch.full((3, in_f), float("inf")), ends)
     assert torch.equal(y, torch.zeros_like(y))
+
+
+@needs_interp
+@pytest.mark.parametrize("fused", [False, True])
+def test_list_kind_edges(fused, poisoned_empty):
+    """The kept-list kind with nothing kept (exactly the bias), everything kept, one segment of none; and
+    the reduction tickets are all back at zero after every launch (the next launch counts from zero)."""
+    cfg = K.KernelConfig(kind="list", block_n=64, block_k=16, groups=4, num_stages=2, fused_reduce=fused)
+    in_f, ends = 301, (100, 250, 400)
+    x, w, _, b = _make(in_f, ends, 1, 0.0, torch.float32, True, 23)
+    x[:, ::5] = 0.0
+    y = K.launch(x, w, torch.full((3, in_f), float("inf")), ends, b, cfg)
+    assert torch.equal(y, b[None])
+    y = K.launch(x, w, torch.zeros(3, in_f), ends, b, cfg)
+    assert _rel(y, x.double() @ w.double() + b.double()) < 1e-5
+    tau = torch.rand(3, in_f)
+    tau[1] = float("inf")
+    y = K.launch(x, w, tau, ends, None, cfg)
+    assert torch.equal(y[:, 100:250], torch.zeros(1, 150))
+    assert _rel(y, masked_product_float64(x, w, tau, ends, None)) < 1e-5
+    if fused:
+        assert int(K._tickets(x.device).abs().sum()) == 0
+
+
+def test_kernel_kind_follows_the_kept_share(monkeypatch):
+    """Batch 1: the tile kernel where a level keeps more than a quarter of the channels, the kept-list kind at
+    or under it (the H200 sweep's crossover); batches always take the tensor-core tile."""
+    monkeypatch.setattr(K, "_interpreting", lambda: False)
+    for in_f, out_f in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)):
+        assert K.choose_config(1, in_f, out_f, 100).kind == "tile"
+        assert K.choose_config(1, in_f, out_f, 50).kind == "tile"
+        assert K.choose_config(1, in_f, out_f, K.LIST_KIND_MAX_KEPT_PERCENT).kind == "list"
+        assert K.choose_config(1, in_f, out_f, 10).kind == "list"
+        assert K.choose_config(4, in_f, out_f, 10).kind == "tile"
 
 
 @needs_interp
