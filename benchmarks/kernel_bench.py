@@ -3,17 +3,16 @@
 One run does everything (the GPU lease is short):
   1. environment + measured device copy bandwidth;
   2. correctness on the GPU against a float64 reference (eager op, torch.compile(fullgraph=True),
-     CUDA-graph capture, determinism), odd and Llama-3-8B shapes, T = 1..8;
-  3. optional config sweep (--sweep) for batch 1 and batch 2/4/8;
-  4. the table: torch dense (F.linear on W[out,in], and mm on W^T), a TEAL-style split-K atomic
-     baseline written here, and the winaconv kernel, at sparsity 0..90 %, timed with
-     triton.testing.do_bench (median, L2 flushed) and under CUDA graphs (a loop of launches over
-     rotating weight copies, so nothing is served from L2).
+     CUDA-graph capture and replays with new inputs, determinism), odd and Llama-3-8B shapes, T = 1..8;
+  3. per shape and level (0..90 %), timed under CUDA graphs (a loop of launches over rotating weight copies,
+     so nothing is served from L2): cuBLAS (F.linear), the runtime's choice for that level (or, with --sweep,
+     every candidate config), and TEAL's public kernel beside its own fp16 cuBLAS when `.peers/teal/` holds it
+     (FasterDecoding/TEAL kernels/sparse_gemv.py without its compile-wrapper tail; fetched at benchmark time,
+     ignored by git, never shipped); then batch 2/4/8 at 0/50/90 %.
 
-Usage (on the GPU machine, repo root):
-    PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py --sweep --out $OUT/kernel_h100.txt
-    # the table alone (default config vs dense and the TEAL-style baseline), after a minute's check:
-    PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py --quick-check --skip-check --out $OUT/kernel_h200.txt
+Usage (on the GPU machine, in benchmarks/, with runtime/ importable as winaconv_runtime):
+    PYTHONUNBUFFERED=1 python3 kernel_bench.py --skip-check --out $OUT/kernel_h200.txt   # the runtime's table
+    PYTHONUNBUFFERED=1 python3 kernel_bench.py --sweep --batches 1 --out $OUT/sweep.txt   # every candidate
 """
 from __future__ import annotations
 
