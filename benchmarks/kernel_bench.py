@@ -70,6 +70,8 @@ def _list(bn, rows, groups, stages, fused=True, warps=4):
 CANDS_T1 = {
     "t64x512w4": KC(block_n=64, block_k=512),
     "t64x512w4e": KC(block_n=64, block_k=512, evict_first=True),
+    "t64x512w4f": KC(block_n=64, block_k=512, fused_reduce=True),
+    "t64x512w4ef": KC(block_n=64, block_k=512, evict_first=True, fused_reduce=True),
     "L128r32g8s3f": _list(128, 32, 8, 3),
     "L128r32g8s3": _list(128, 32, 8, 3, fused=False),
     "L128r32g16s3f": _list(128, 32, 16, 3),
@@ -86,12 +88,14 @@ CANDS_T1 = {
 }
 CANDS_TB = {  # batch 2-8: tensor-core tile, each kept row read once for all tokens
     "d128x128w4": KC(block_n=128, block_k=128),
+    "d128x128w4f": KC(block_n=128, block_k=128, fused_reduce=True),
     "d64x256w4": KC(block_n=64, block_k=256),
     "d128x64w4e": KC(block_n=128, block_k=64, evict_first=True),
     "d256x64w8e": KC(block_n=256, block_k=64, num_warps=8, evict_first=True),
     "d256x32w4e": KC(block_n=256, block_k=32, evict_first=True),
 }
 ALL_CANDS = {**CANDS_T1, **CANDS_TB}
+SELECTED = set(ALL_CANDS)  # --candidates narrows the sweep and the quick check
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +253,10 @@ def quick_check():
     log(f"default op: compiled {e_compiled:.1e}, graph {relerr(y, ref):.1e}, "
         f"eager {relerr(K.sparse_linear_triton(x, wt, tau, ends, b), ref):.1e}")
     for cname, cfg in {**CANDS_T1, **CANDS_TB}.items():
+        if cname not in SELECTED:
+            continue
+        if cfg.fused_reduce:
+            graph_replays_check(cname)
         worst, same = 0.0, True
         T = 1 if cname in CANDS_T1 else 3
         for Kd, ends in [(4096, (4096, 5120, 6144)), (14336, (4096,))]:
@@ -260,6 +268,28 @@ def quick_check():
                 same = same and torch.equal(y, K.launch(x, wt, tau, ends, None, cfg))
                 worst = max(worst, relerr(y, ref64(x, wt, tau, ends, None)))
         log(f"{cname} T={T} worst rel err vs float64 {worst:.2e}, deterministic {same}")
+
+
+def graph_replays_check(cname):
+    """A config's results across CUDA-graph replays with new inputs each time (tickets must reset), against
+    float64, and two replays of one input bit-equal."""
+    Kd, ends = 4096, (4096, 5120, 6144)
+    wt = (torch.randn(Kd, ends[-1], device="cuda") / 64).bfloat16()
+    tau = torch.rand(3, Kd, device="cuda")
+    b = torch.randn(ends[-1], device="cuda").bfloat16()
+    xs = torch.randn(1, Kd, device="cuda").bfloat16()
+    g, yg = capture_graph(lambda v: K.launch(v, wt, tau, ends, b, ALL_CANDS[cname]), xs)
+    errs, same = [], []
+    for _ in range(4):
+        xs.copy_(torch.randn(1, Kd, device="cuda").bfloat16())
+        g.replay()
+        first = yg.clone()
+        g.replay()
+        torch.cuda.synchronize()
+        errs.append(relerr(yg, ref64(xs, wt, tau, ends, b)))
+        same.append(torch.equal(first, yg))
+    log(f"{cname} graph replays: max rel err {max(errs):.1e}, replays bit-equal {all(same)}")
+    return max(errs) < 1.5e-2 and all(same)
 
 
 def correctness(full=False):
@@ -353,26 +383,9 @@ def correctness(full=False):
         log("CUDA graph capture of the op: max rel err", max(errs))
     except Exception as ex:  # noqa: BLE001
         log("CUDA graph capture ERROR", type(ex).__name__, str(ex)[:300])
-    # the list kind's tickets across CUDA-graph replays: new x each replay, every result against float64
-    Kd, ends = 4096, (4096, 5120, 6144)
-    wt = (torch.randn(Kd, ends[-1], device=dev) / 64).bfloat16()
-    tau = torch.rand(3, Kd, device=dev)
-    b = torch.randn(ends[-1], device=dev).bfloat16()
-    for cname in ("L128r32g8s3f", "L64r32g16s3f"):
-        xs = torch.randn(1, Kd, device=dev).bfloat16()
-        g, yg = capture_graph(lambda v: K.launch(v, wt, tau, ends, b, CANDS_T1[cname]), xs)
-        errs, firsts = [], []
-        for _ in range(4):
-            xs.copy_(torch.randn(1, Kd, device=dev).bfloat16())
-            g.replay()
-            first = yg.clone()
-            g.replay()
-            torch.cuda.synchronize()
-            errs.append(relerr(yg, ref64(xs, wt, tau, ends, b)))
-            firsts.append(torch.equal(first, yg))
-        log(f"{cname} graph replays: max rel err {max(errs):.1e}, replays bit-equal {all(firsts)}")
-        if not (max(errs) < 1.5e-2 and all(firsts)):
-            fails.append(("graph", cname, max(errs), firsts))
+    for cname in ("L128r32g8s3f", "L64r32g16s3f", "t64x512w4ef"):
+        if not graph_replays_check(cname):
+            fails.append(("graph", cname))
     # the kept-list experiment against the same reference (one threshold, one segment)
     x, tau1, q = make_inputs(4096, (4096,), 1, 0.5)
     wt1 = (torch.randn(4096, 4096, device=dev) / 64).bfloat16()
@@ -433,7 +446,7 @@ def run_shape(name, Kd, ends, teal, results, batches=(1, 2, 4, 8), sweep=True):
         kept = float((x.float().abs() > q).float().mean())
         kept_percent = round(100 * (1 - s))  # what a stored level of this sparsity tells the runtime
         runtime = K.choose_config(1, Kd, N, kept_percent)
-        cands = CANDS_T1 if sweep else {"runtime": runtime}
+        cands = {k: v for k, v in CANDS_T1.items() if k in SELECTED} if sweep else {"runtime": runtime}
         row = {"shape": name, "T": 1, "sparsity": s, "kept": kept, "dense_bytes": wbytes, "runtime_config": str(runtime)}
         row["cublas"] = timed(lambda i: F.linear(x, ws[i]))
         for cname, cfg in cands.items():
@@ -463,10 +476,13 @@ def run_shape(name, Kd, ends, teal, results, batches=(1, 2, 4, 8), sweep=True):
             union = float((x.float().abs() > q).any(0).float().mean())
             row = {"shape": name, "T": T, "sparsity": s, "kept": union, "dense_bytes": wbytes}
             row["cublas"] = timed(lambda i: F.linear(x, ws[i]))
-            for cname, cfg in (CANDS_TB if sweep else {"runtime": K.choose_config(T, Kd, N)}).items():
+            for cname, cfg in ({k: v for k, v in CANDS_TB.items() if k in SELECTED} if sweep
+                               else {"runtime": K.choose_config(T, Kd, N)}).items():
                 row[cname] = timed(lambda i: K.launch(x, wts[i], tau, ends, None, cfg))
             results.append(row)
             ours = {k: v for k, v in row.items() if k in CANDS_TB or k == "runtime"}
+            if not ours:
+                continue
             best = min(ours, key=ours.get)
             log(f"{name:8} T={T} {s:4.2f} union {union:4.2f} | cuBLAS {row['cublas']:6.1f} | best {best} {row[best]:6.1f} "
                 f"x{row['cublas'] / row[best]:.2f} | all: " + "  ".join(f"{k} {v:.1f}" for k, v in ours.items()))
@@ -504,8 +520,11 @@ def main():
                     help="a minute's correctness check (default op eager/compiled/graphed, every candidate tile config)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     ap.add_argument("--batches", default="1,2,4,8", help="batch sizes of the table (1 = the batch-1 rows; others: the batched rows)")
+    ap.add_argument("--candidates", default="", help="comma-separated candidate names (default: all)")
     ap.add_argument("--out", default="kernel_bench.txt")
     args = ap.parse_args()
+    if args.candidates:
+        SELECTED.intersection_update(args.candidates.split(","))
     global _LOG_PATH
     _LOG_PATH = args.out + ".partial"
     open(_LOG_PATH, "w").close()

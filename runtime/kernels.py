@@ -168,12 +168,31 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def _reduce_if_last(tickets_ptr, pid, n_parts, ws_ptr, stride_part, stride_ws, b_ptr, y_ptr, stride_y,
+                        t_idx, T, cols, cmask, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The program that finishes a column block last (its ticket says so) sums the block's n_parts fp32
+        partials in part order (deterministic), adds the bias, stores y and resets the ticket for the next
+        launch: the reduction without a second launch."""
+        tl.debug_barrier()  # every thread's partial is stored before the ticket is taken (release)
+        if tl.atomic_add(tickets_ptr + pid, 1, sem="acq_rel") == n_parts - 1:
+            omask = (t_idx < T)[:, None] & cmask[None, :]
+            offs = t_idx[:, None] * stride_ws + cols[None, :]
+            total = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+            for part in range(0, n_parts):
+                total += tl.load(ws_ptr + part * stride_part + offs, mask=omask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + t_idx[:, None] * stride_y + cols[None, :], total.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(tickets_ptr + pid, 0)
+
+    @triton.jit
     def _wina_tile_kernel(
-        x_ptr, w_ptr, tau_ptr, b_ptr, y_ptr, ws_ptr,
+        x_ptr, w_ptr, tau_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr,
         T, K, stride_x, stride_w, stride_tau, stride_y, stride_split, stride_ws,
         e0, e1, e2, e3, o1, o2, o3,
         N_SEG: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
         SPLIT: tl.constexpr,        # False: one K split, store y directly; True: fp32 partials for the reduce
+        FUSED_REDUCE: tl.constexpr,  # with SPLIT: the column block's last program reduces (else a reduce launch)
         EVICT_FIRST: tl.constexpr,
         ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
@@ -207,6 +226,9 @@ if HAS_TRITON:
         omask = (t_idx < T)[:, None] & cmask[None, :]
         if SPLIT:
             tl.store(ws_ptr + pid_k * stride_split + t_idx[:, None] * stride_ws + cols[None, :], out, mask=omask)
+            if FUSED_REDUCE:
+                _reduce_if_last(tickets_ptr, pid, tl.num_programs(1), ws_ptr, stride_split, stride_ws, b_ptr, y_ptr,
+                                stride_y, t_idx, T, cols, cmask, HAS_BIAS, BLOCK_T, BLOCK_N)
         else:
             if HAS_BIAS:
                 out = out + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -262,16 +284,8 @@ if HAS_TRITON:
             acc += xr[:, None] * w.to(tl.float32)
         tl.store(ws_ptr + g * stride_ws + cols, tl.sum(acc, axis=0), mask=cmask)
         if FUSED_REDUCE:
-            tl.debug_barrier()  # every thread's partial is stored before the ticket is taken (release)
-            n_groups = tl.num_programs(1)
-            if tl.atomic_add(tickets_ptr + pid, 1, sem="acq_rel") == n_groups - 1:
-                total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                for gg in range(0, n_groups):  # fixed order: deterministic
-                    total += tl.load(ws_ptr + gg * stride_ws + cols, mask=cmask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-                tl.store(y_ptr + cols, total.to(y_ptr.dtype.element_ty), mask=cmask)
-                tl.atomic_xchg(tickets_ptr + pid, 0)
+            _reduce_if_last(tickets_ptr, pid, tl.num_programs(1), ws_ptr, stride_ws, 0, b_ptr, y_ptr, 0,
+                            tl.arange(0, 1), 1, cols, cmask, HAS_BIAS, 1, BLOCK_N)
 
 
     @triton.jit
@@ -303,7 +317,9 @@ class KernelConfig:
 
     kind "tile": program = block_n output columns x (iters x block_k) input rows, weight rows loaded where kept;
     kind "list" (one token): program = block_n columns x one of `groups` channel groups, looping over the
-    group's kept rows block_k at a time with num_stages loads in flight."""
+    group's kept rows block_k at a time with num_stages loads in flight.
+    fused_reduce: the partials of a column block are summed by its last program (tickets) instead of a second
+    launch."""
 
     block_n: int = 64
     block_k: int = 512
@@ -383,21 +399,26 @@ def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = N
     nsplit = triton.cdiv(K, cfg.block_k * cfg.iters)
     split = nsplit > 1
     ws = _new_buffer((nsplit, T, N), device=x.device, dtype=torch.float32) if split else y
+    fused = split and cfg.fused_reduce
+    tickets = _tickets(x.device) if fused else ws
     for g, col0, n_cols, n_seg, n_prog, rel_p, offs_p in _plan(T, K, ends, cfg):
+        if fused and n_prog > tickets.numel():
+            raise ValueError(f"{n_prog} column blocks exceed the {tickets.numel()} reduction tickets")
         w_g = weight_t if col0 == 0 else weight_t[:, col0:]
         tau_g = tau if g == 0 else tau[g:]
         b_g = (bias if col0 == 0 else bias[col0:]) if has_bias else unused
         y_g = y if col0 == 0 else y[:, col0:]
         ws_g = ws if (col0 == 0 or not split) else ws[:, :, col0:]
         _wina_tile_kernel[(n_prog, nsplit)](
-            x, w_g, tau_g, b_g, y_g, ws_g, T, K,
+            x, w_g, tau_g, b_g, y_g, ws_g, tickets, T, K,
             x.stride(0), w_g.stride(0), tau_g.stride(0), y.stride(0), ws.stride(0), ws.stride(1) if split else 0,
             rel_p[0], rel_p[1], rel_p[2], rel_p[3], offs_p[0], offs_p[1], offs_p[2],
-            N_SEG=n_seg, HAS_BIAS=has_bias, USE_DOT=use_dot, IEEE=ieee, SPLIT=split, EVICT_FIRST=cfg.evict_first,
+            N_SEG=n_seg, HAS_BIAS=has_bias, USE_DOT=use_dot, IEEE=ieee, SPLIT=split, FUSED_REDUCE=fused,
+            EVICT_FIRST=cfg.evict_first,
             ITERS=cfg.iters,
             BLOCK_T=block_t, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
-    if split:
+    if split and not fused:
         _split_reduce_kernel[(triton.cdiv(N, _REDUCE_BLOCK_N), T)](
             ws, bias if has_bias else unused, y, N, nsplit, ws.stride(0), ws.stride(1), y.stride(0),
             HAS_BIAS=has_bias, BLOCK_S=min(32, triton.next_power_of_2(nsplit)), BLOCK_N=_REDUCE_BLOCK_N, num_warps=4)

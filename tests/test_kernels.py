@@ -184,6 +184,7 @@ CONFIGS = [
     K.KernelConfig(block_n=64, block_k=128),             # split-K + reduce launch, T=1 FMA path
     K.KernelConfig(block_n=64, block_k=64, iters=2),     # two sub-tiles per program
     K.KernelConfig(block_n=128, block_k=1024),           # one K split: direct store
+    K.KernelConfig(block_n=64, block_k=128, fused_reduce=True),  # split-K, the last program of a block reduces
     # kept-list kind (one token; more tokens take the tile): reduce launch, and the last program's ticket reduce
     K.KernelConfig(kind="list", block_n=64, block_k=16, groups=3, num_stages=2),
     K.KernelConfig(kind="list", block_n=128, block_k=32, groups=5, num_stages=3, fused_reduce=True, evict_first=True),
@@ -192,6 +193,16 @@ CONFIGS = [
 
 def _config_id(c):
     return f"{c.kind}-n{c.block_n}k{c.block_k}i{c.iters}g{c.groups}{'f' if c.fused_reduce else ''}"
+
+
+@needs_interp
+def test_tickets_are_back_at_zero_after_fused_reductions():
+    """A fused reduction leaves every ticket at zero, whatever the kind, batch or number of launches."""
+    for cfg in (c for c in CONFIGS if c.fused_reduce):
+        for T in (1, 3):
+            x, w, tau, b = _make(300, (100, 200, 300, 400, 500, 650), T, 0.5, torch.float32, True, 31 + T)
+            K.launch(x, w, tau, (100, 200, 300, 400, 500, 650), b, cfg)
+            assert int(K._tickets(x.device).abs().sum()) == 0, (cfg, T)
 
 
 @needs_interp
