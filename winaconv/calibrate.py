@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from winaconv_runtime.architectures import ATTENTION_PROJECTIONS, PROJECTIONS
+from winaconv_runtime.architectures import PROJECTIONS
 from winaconv_runtime.checkpoint_format import SparsitySettings, store_level
-from winaconv_runtime.modeling_winaconv import attention_residual, mlp_residual, sparse_linears
+from winaconv_runtime.modeling_winaconv import sparse_linears
 
+from .greedy import BlockTrials
 from .options import LAYER_ALLOCATIONS
 from .statistics import ScoreSampler, gating_scores, quantile_grid, threshold_at
 
@@ -194,7 +195,7 @@ def collect_statistics(layer, family, hidden, layer_kwargs, settings, generator)
 
         def record(module, args, projections=projections, norms=norms):
             for p in projections:
-                samplers[p].add(gating_scores(args[0], norms[p]))
+                samplers[p].add(args[0], norms[p])
 
         handles.append(linear.register_forward_pre_hook(record))
     try:
@@ -212,8 +213,8 @@ def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, s
 
     From all-dense, repeatedly raise by one step (base step / parameter share) the projection
     whose step adds the least block-output error, until the weighted sparsity reaches the
-    path's end (settings.path_end). Attention projections need the whole block; MLP projections
-    only the MLP part, on the measured tail positions, reusing this step's attention output.
+    path's end (settings.path_end). The trials' block outputs come from greedy.BlockTrials, which
+    computes each piece once (the same bits as a plain forward per trial).
     Errors are relative to the dense output's own scale, the better of two cross-layer yardsticks measured
     for the "error" allocation: relative errors send sparsity to the late layers (slightly worse than
     uniform at 25-50%, better at 65%), absolute ones to the early layers (far worse; benchmarks/accuracy_pca_4k.md).
@@ -224,40 +225,31 @@ def greedy_path(layer, family, grids, inputs, reference, layer_kwargs, shares, s
     sparsity = {p: 0.0 for p in PROJECTIONS}
     path = [dict(sparsity)]
 
-    def thresholds(s):
-        return {p: threshold_at(grids[p], s[p]) for p in PROJECTIONS}
-
     def error(output):
         return (output.float() - reference).square().sum(dim=(0, 1)).sqrt().mean().item()
 
     scale = reference.square().sum(dim=(0, 1)).sqrt().mean().item() or 1.0
 
-    def after_attention():
-        return attention_residual(layer, inputs, **layer_kwargs)[:, tail:]
-
-    apply_thresholds(layer, family, thresholds(sparsity), settings.norm_scored)
-    attention_now = after_attention()
-    errors = [error(mlp_residual(layer, attention_now)) / scale]
-    while sum(shares[p] * sparsity[p] for p in PROJECTIONS) < settings.path_end - 1e-9:
-        best = None
-        for p in PROJECTIONS:
-            if sparsity[p] >= MAX_PROJECTION_SPARSITY:
-                continue
-            trial = dict(sparsity)
-            trial[p] = min(sparsity[p] + settings.greedy_step / shares[p], MAX_PROJECTION_SPARSITY)
-            apply_thresholds(layer, family, thresholds(trial), settings.norm_scored)
-            attended = after_attention() if p in ATTENTION_PROJECTIONS else attention_now
-            trial_error = error(mlp_residual(layer, attended))
-            if best is None or trial_error < best[0]:
-                best = (trial_error, trial, attended)
-        if best is None:
-            break
-        best_error, sparsity, attention_now = best  # the winner's attention output is the next step's baseline
-        path.append(dict(sparsity))
-        errors.append(best_error / scale)
-        if on_step:
-            on_step(sum(shares[p] * sparsity[p] for p in PROJECTIONS))
-    clear_thresholds(layer, family)
+    with BlockTrials(layer, family, grids, settings.norm_scored, inputs, layer_kwargs, tail) as block:
+        errors = [error(block.output(sparsity)) / scale]
+        while sum(shares[p] * sparsity[p] for p in PROJECTIONS) < settings.path_end - 1e-9:
+            best = None
+            for p in PROJECTIONS:
+                if sparsity[p] >= MAX_PROJECTION_SPARSITY:
+                    continue
+                trial = dict(sparsity)
+                trial[p] = min(sparsity[p] + settings.greedy_step / shares[p], MAX_PROJECTION_SPARSITY)
+                trial_error = error(block.output(trial))
+                if best is None or trial_error < best[0]:
+                    best = (trial_error, trial)
+            if best is None:
+                break
+            best_error, sparsity = best
+            block.step_done()
+            path.append(dict(sparsity))
+            errors.append(best_error / scale)
+            if on_step:
+                on_step(sum(shares[p] * sparsity[p] for p in PROJECTIONS))
     return path, errors
 
 
