@@ -86,7 +86,7 @@ def _is_checkpoint_entry(entry: Path, runtime_files_here: set[str]) -> bool:
 
 def foreign_entries(folder: Path) -> list[str]:
     """Entries of `folder` that a winaconv checkpoint does not hold."""
-    runtime_files_here = runtime_module_names(folder) | {p.name for p in runtime_files()}
+    runtime_files_here = runtime_module_names(folder) | set(runtime_sources())
     return sorted(entry.name for entry in folder.iterdir() if not _is_checkpoint_entry(entry, runtime_files_here))
 
 

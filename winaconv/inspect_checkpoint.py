@@ -246,7 +246,7 @@ def check_weights(ckpt, inspection: Inspection) -> None:
 
 
 def check_files(ckpt, inspection: Inspection) -> None:
-    from .checkpoint import runtime_files
+    from .checkpoint import runtime_sources
     from .checkpoint_code import code_problems
 
     config = inspection.config
@@ -257,9 +257,9 @@ def check_files(ckpt, inspection: Inspection) -> None:
         inspection.problems.append(problems)
     elif f"{target.split('.')[0]}.py" not in ckpt.files:
         inspection.problems.append(f"config.json: auto_map names {target} but {target.split('.')[0]}.py is missing")
-    for source in runtime_files():
-        if source.name not in ckpt.files:
-            inspection.problems.append(f"{source.name}: runtime file missing (trust_remote_code needs it)")
+    for name in runtime_sources():
+        if name not in ckpt.files:
+            inspection.problems.append(f"{name}: runtime file missing (trust_remote_code needs it)")
     inspection.problems += code_problems(ckpt, config)
     if RESULTS_FILE in ckpt.files:
         try:
