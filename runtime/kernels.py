@@ -140,6 +140,13 @@ if HAS_TRITON:
         return seg, start, end, poff
 
     @triton.jit
+    def _column_block(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Segment, output columns and their bounds mask of column-block program `pid`."""
+        seg, start, end, poff = _segment_of(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG)
+        cols = start + (pid - poff) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return seg, cols, cols < end
+
+    @triton.jit
     def _masked_x(x_ptr, tau_row, ks, K, t_idx, T, stride_x, USE_DOT: tl.constexpr):
         """Masked activations of rows ks: ([BT, BK] or [BK]) and the row mask 'some token keeps k'."""
         kmask = ks < K
@@ -200,9 +207,7 @@ if HAS_TRITON:
         the program is issued up front (no loop-carried dependency), occupancy hides the latency."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        seg, start, end, poff = _segment_of(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG)
-        cols = start + (pid - poff) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < end
+        seg, cols, cmask = _column_block(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG, BLOCK_N)
         t_idx = tl.arange(0, BLOCK_T)
         tau_row = tau_ptr + seg * stride_tau
         rk = tl.arange(0, BLOCK_K)
@@ -254,9 +259,7 @@ if HAS_TRITON:
            learns from a per-column-block ticket that it resets for the next call."""
         pid = tl.program_id(0)
         g = tl.program_id(1)
-        seg, start, end, poff = _segment_of(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG)
-        cols = start + (pid - poff) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < end
+        seg, cols, cmask = _column_block(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG, BLOCK_N)
         rc = tl.arange(0, BLOCK_C)
         ch = g * KC + rc
         cm = (rc < KC) & (ch < K)
