@@ -27,6 +27,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .tensor_parallel import local, set_local
+
 # Where the gather beats the masked dense product depends on the machine more than on anything else: on
 # one 2-core host the gather streamed kept rows faster per byte than torch's dense GEMV (2.6x at 50% on
 # 576x1536, fp32), on another one of the same kind it ran at 0.55-0.95x of it, and small matrices lost
@@ -214,7 +216,7 @@ class TransposedRows:
         self.segments = ()
 
     def for_weight(self, linear) -> tuple:
-        weight = linear.weight
+        weight = local(linear.weight)  # this rank's shard under tensor parallelism
         key = (weight.data_ptr(), weight.dtype, tuple(weight.shape), weight.stride())
         if self.source != key:
             with torch.no_grad():
@@ -224,8 +226,8 @@ class TransposedRows:
                 else:
                     weight_t = weight.detach().t().contiguous()
                     if not separate_transpose_needed(weight.dtype):
-                        linear.weight.data = weight_t.t()  # one copy serves dense and gather
-                        weight = linear.weight
+                        set_local(linear, "weight", weight_t.t())  # one copy serves dense and gather
+                        weight = local(linear.weight)
                         key = (weight.data_ptr(), weight.dtype, tuple(weight.shape), weight.stride())
             ends, start, segments = linear.segment_ends, 0, []
             for end in ends:

@@ -19,6 +19,7 @@ from .architectures import FAMILIES, INPUT_ROTATIONS, PROJECTIONS, SHORTCUTS, Fa
 from .checkpoint_format import (CheckpointFormatError, SparsitySettings, conversion_problems, exact_model_type,
                                 safetensors_metadata)
 from .sparse_linear import SharedInputGroup, SparseLinear, announce_path
+from .tensor_parallel import check_plan
 from .generation import WinaconvGenerationMixin
 
 
@@ -75,6 +76,7 @@ class WinaconvMixin:
     winaconv_family: Family
 
     def _winaconv_setup(self, decoder) -> None:
+        check_plan(self.config, self.winaconv_family)  # from_pretrained(tp_plan=...) builds the model before loading
         self.sparsity_settings = SparsitySettings.from_config(self.config)
         self._shared_input_groups = []
         for layer in decoder.layers:

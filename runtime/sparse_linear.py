@@ -7,6 +7,10 @@ which is WINA's |x_i| * ||W[:, i]|| > t written so one comparison per channel se
 methods. A fused linear (Phi-3's qkv_proj, gate_up_proj) has one segment per projection, each with
 its own threshold, all reading one input. Separate linears that read one input (Llama's q/k/v and
 gate/up) are joined in a SharedInputGroup on the GPU, so decode still makes one launch for them.
+
+Under transformers' tensor parallelism (tp_plan) each rank's module holds a shard of the weight; its forward
+sees this rank's input channels and returns this rank's outputs, and runtime/tensor_parallel.py gives it the
+whole-column norms and the segments its rows hold, so every keep decision is the single-process model's.
 """
 
 import itertools
@@ -18,6 +22,7 @@ from torch import nn
 
 from .cpu_kernels import TransposedRows, gather_may_win, gather_supported, sparse_linear_cpu
 from .kernels import HAS_TRITON, sparse_linear_triton, use_sparse_kernel
+from .tensor_parallel import column_norms, held_segments, is_sharded, local, row_shard, set_local
 
 logger = logging.getLogger(__name__)
 _announced_paths: set[str] = set()
@@ -66,6 +71,10 @@ class SparseLinear(nn.Linear):
     With no thresholds set it is exactly nn.Linear (the dense model).
     """
 
+    # transformers' tensor-parallel wrappers hand a module flagged so its local shard and local input even where
+    # autograd is on: the keep rule compares the input with this rank's own (plain tensor) thresholds.
+    _hf_quantized_needs_local_tp = True
+
     def __init__(self, in_features, out_features, bias=True, segment_sizes=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_sparse_state(segment_sizes)
@@ -84,6 +93,9 @@ class SparseLinear(nn.Linear):
         if sum(self.segment_sizes) != self.out_features:
             raise ValueError(f"segments {self.segment_sizes} do not add up to {self.out_features} outputs")
         self.segment_ends = tuple(itertools.accumulate(self.segment_sizes))
+        # The projections' segments; segment_sizes become those of this rank's rows once the weight is sharded.
+        self.projection_segments = self.segment_sizes
+        self._segment_index = tuple(range(len(self.segment_sizes)))  # the projection segment each one is
         self.register_buffer("tau", None, persistent=False)
         self.kept_percent = 100  # share of input channels the stored level keeps: it picks the GPU kernel's kind
         self.shared_input_group = None
@@ -105,7 +117,7 @@ class SparseLinear(nn.Linear):
             self._cpu_rows.clear()  # the dense model keeps no second copy
             return
         norms = self._column_norms()
-        tau = torch.stack([channel_thresholds(c, t, n) for c, t, n in zip(norms, thresholds, scored_with_norm)])
+        tau = torch.stack([channel_thresholds(norms[i], thresholds[i], scored_with_norm[i]) for i in self._segment_index])
         if self.tau is not None and self.tau.shape == tau.shape:
             self.tau.copy_(tau)  # in place: compiled graphs and CUDA graphs keep reading this buffer
         else:
@@ -114,25 +126,41 @@ class SparseLinear(nn.Linear):
                 self.shared_input_group.invalidate()  # the group's thresholds must take the new tensor in
         self._lay_out_for_kernel()
 
-    def _column_norms(self) -> list[torch.Tensor]:
-        """Per segment, the float32 column norms of the weight, kept while the weight is unchanged: the greedy
-        allocation sets thresholds thousands of times per layer, and recomputing them was a quarter of its time."""
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
+    def _column_norms(self) -> torch.Tensor:
+        """Per projection segment, the float32 norms of whole weight columns over this module's input channels,
+        kept while the weight is unchanged: the greedy allocation sets thresholds thousands of times per layer,
+        and recomputing them was a quarter of its time."""
+        weight = self.weight
+        if is_sharded(weight):
+            # Computing them takes a collective, which every rank must enter together: key on what all ranks
+            # share, never on local storage (a tensor-parallel model's weights do not change after loading).
+            self._adopt_shard()
+            key = ("sharded", weight.dtype, weight.device)
+        else:
+            key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if getattr(self, "_norms_key", None) != key:
-            segments = self.weight.split(self.segment_sizes, dim=0)
-            self._norms, self._norms_key = [w.float().norm(dim=0) for w in segments], key
+            self._norms, self._norms_key = column_norms(weight, self.projection_segments), key
         return self._norms
 
+    def _adopt_shard(self) -> None:
+        """Take the segments this rank's rows hold as the ones the forward computes (a fused linear's column-wise
+        shard may hold part of one projection, or none of another)."""
+        held = held_segments(self.projection_segments, row_shard(self.weight))
+        self._segment_index = tuple(index for index, _ in held)
+        self.segment_sizes = tuple(rows for _, rows in held)
+        self.segment_ends = tuple(itertools.accumulate(self.segment_sizes))
+
     def _lay_out_for_kernel(self) -> None:
-        if self.weight.device.type == "cpu" and not KERNELS_ON_CPU:
-            if gather_supported(self.weight.dtype):
+        weight = local(self.weight)
+        if weight.device.type == "cpu" and not KERNELS_ON_CPU:
+            if gather_supported(weight.dtype):
                 self._cpu_rows.for_weight(self)  # W^T rows for the CPU gather, made at load rather than mid-decode
         elif self.shared_input_group is not None:
             self.shared_input_group.fuse()  # lays out all members at once
-        elif (self.weight.is_cuda or KERNELS_ON_CPU) and HAS_TRITON and self.weight.stride(0) != 1:
+        elif (weight.is_cuda or KERNELS_ON_CPU) and HAS_TRITON and weight.stride(0) != 1:
             # The decode kernel reads one contiguous row of W^T per kept channel; F.linear
             # takes the transposed layout just as well, so one copy serves both paths.
-            self.weight.data = self.weight.data.t().contiguous().t()
+            set_local(self, "weight", weight.detach().t().contiguous().t())
 
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)
@@ -146,19 +174,21 @@ class SparseLinear(nn.Linear):
 
     def _runs_kernel(self, flat: torch.Tensor) -> bool:
         group = self.shared_input_group
-        out_features = self.out_features if group is None else group.out_features
+        out_features = self.weight.shape[0] if group is None else group.out_features
         return (
             HAS_TRITON
             and (flat.is_cuda or KERNELS_ON_CPU)
             and self.weight.stride(0) == 1
             and (group is None or group.is_fused)
-            and use_sparse_kernel(flat.shape[0], self.in_features, out_features)
+            and use_sparse_kernel(flat.shape[0], flat.shape[1], out_features)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Shapes come from the tensors, not in_features / out_features: under tensor parallelism x holds this
+        # rank's input channels, self.weight its shard, and the output is its rows.
         if self.tau is None:
             return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(-1, self.in_features)
+        flat = x.reshape(-1, x.shape[-1])
         if flat.device.type == "cpu" and not KERNELS_ON_CPU:
             y = self._cpu_forward(flat)
         elif not self._runs_kernel(flat):
@@ -168,11 +198,11 @@ class SparseLinear(nn.Linear):
         else:
             y = sparse_linear_triton(flat.contiguous(), self.weight.t(), self.tau, self.segment_ends, self.bias,
                                      self.kept_percent)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _cpu_forward(self, flat: torch.Tensor) -> torch.Tensor:
         """Row gather where cpu_kernels' measured policy says it beats the masked dense product."""
-        plan = gather_may_win(flat.shape[0], self.in_features, self.out_features, flat.dtype)
+        plan = gather_may_win(flat.shape[0], flat.shape[1], self.weight.shape[0], flat.dtype)
         if plan is not None:
             y = sparse_linear_cpu(flat, self.tau, self._cpu_rows.for_weight(self), self.bias, plan)
             if y is not None:
@@ -195,15 +225,19 @@ class SharedInputGroup:
 
     def __init__(self, members):
         self.members = tuple(members)
-        self.segment_sizes = tuple(size for m in self.members for size in m.segment_sizes)
-        self.segment_ends = tuple(itertools.accumulate(self.segment_sizes))
-        ends = tuple(itertools.accumulate(m.out_features for m in self.members))
-        self.out_features = ends[-1]
-        self.column_ranges = tuple(zip((0,) + ends[:-1], ends))
+        self._measure()
         self.weight_t = self.bias = self.tau = None
         self.is_fused = False
         for member in self.members:
             member.shared_input_group = self
+
+    def _measure(self) -> None:
+        """Segments and column ranges of the joined W^T, from the members' (local, under tensor parallelism) rows."""
+        self.segment_sizes = tuple(size for m in self.members for size in m.segment_sizes)
+        self.segment_ends = tuple(itertools.accumulate(self.segment_sizes))
+        ends = tuple(itertools.accumulate(local(m.weight).shape[0] for m in self.members))
+        self.out_features = ends[-1]
+        self.column_ranges = tuple(zip((0,) + ends[:-1], ends))
 
     def invalidate(self) -> None:
         self.is_fused = False
@@ -211,16 +245,18 @@ class SharedInputGroup:
     @torch.no_grad()
     def fuse(self) -> None:
         members = self.members
-        if any(m.tau is None for m in members) or not (members[0].weight.is_cuda or KERNELS_ON_CPU) or not HAS_TRITON:
+        weight = local(members[0].weight)
+        if any(m.tau is None for m in members) or not (weight.is_cuda or KERNELS_ON_CPU) or not HAS_TRITON:
             self.is_fused = False
             return
         if self.is_fused:
             return
+        self._measure()
         if not self._weights_are_fused():
-            fused = members[0].weight.new_empty((members[0].in_features, self.out_features))
+            fused = weight.new_empty((weight.shape[1], self.out_features))
             for m, (start, end) in zip(members, self.column_ranges):
-                fused[:, start:end].copy_(m.weight.t())
-                m.weight.data = fused[:, start:end].t()
+                fused[:, start:end].copy_(local(m.weight).t())
+                set_local(m, "weight", fused[:, start:end].t())
             self.weight_t = fused
         self.bias = self._fused_bias()
         tau = torch.cat([m.tau for m in members])
@@ -237,7 +273,8 @@ class SharedInputGroup:
 
     def _weights_are_fused(self) -> bool:
         return self.weight_t is not None and all(
-            _is_view(m.weight, self.weight_t[:, start:end].t()) for m, (start, end) in zip(self.members, self.column_ranges)
+            _is_view(local(m.weight), self.weight_t[:, start:end].t())
+            for m, (start, end) in zip(self.members, self.column_ranges)
         )
 
     def _fused_bias(self):
@@ -245,14 +282,14 @@ class SharedInputGroup:
             return None
         fused = self.bias
         if fused is not None and all(
-            _is_view(m.bias, fused[start:end]) for m, (start, end) in zip(self.members, self.column_ranges)
+            _is_view(local(m.bias), fused[start:end]) for m, (start, end) in zip(self.members, self.column_ranges)
         ):
             return fused  # keep the tensor graphs were captured with
-        fused = self.members[0].weight.new_zeros(self.out_features)
+        fused = local(self.members[0].weight).new_zeros(self.out_features)
         for m, (start, end) in zip(self.members, self.column_ranges):
             if m.bias is not None:
-                fused[start:end].copy_(m.bias)
-                m.bias.data = fused[start:end]
+                fused[start:end].copy_(local(m.bias))
+                set_local(m, "bias", fused[start:end])
         return fused
 
     def output_for(self, member: SparseLinear, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:

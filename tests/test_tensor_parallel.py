@@ -1,0 +1,104 @@
+"""Tensor parallelism through transformers' tp_plan: `torchrun --nproc-per-node 2` (gloo, CPU) loads a saved
+checkpoint of every family with tp_plan="auto", and its logits and greedy tokens are the single-process model's.
+
+One launch checks every case (each launch spends ~20 s starting two Python processes): tests/tp_worker.py."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from winaconv.calibrate import uniform_levels
+from winaconv.checkpoint import write_checkpoint
+from winaconv.runtime_model import to_runtime_model, winaconv_section
+from winaconv_runtime.architectures import PROJECTIONS
+
+from random_models import ALL_FAMILIES, random_model
+from support import edit_config
+from tp_worker import decode_step, load, measure
+
+WORKER = Path(__file__).with_name("tp_worker.py")
+
+
+def saved_checkpoint(family: str, folder: Path, transform: str = "none") -> Path:
+    """A random model of `family` as a winaconv checkpoint with a 50% level (paper scoring: column norms on all
+    seven projections, so every sharded norm is used)."""
+    model, fam = to_runtime_model(random_model(family), winaconv_section("wina", transform, PROJECTIONS))
+    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    uniform_levels(model, fam, ids, [0.5], norm_scored=PROJECTIONS)
+    folder.mkdir(parents=True)
+    write_checkpoint(model, fam, None, folder)
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gather_without_timing():
+    """The checkpoints' runtimes (imported here) run the CPU row gather on every decode-sized product, as the ranks
+    do, without timing each shape first: the test is about decisions, not speed."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WINACONV_CPU_GATHER", "always")
+        yield
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_run(tmp_path_factory):
+    """(cases, {rank: results}) of one torchrun launch over every case."""
+    root = tmp_path_factory.mktemp("tp")
+    cases = {family: {"folder": str(saved_checkpoint(family, root / family))} for family in ALL_FAMILIES}
+    cases["llama-exact"] = {"folder": str(saved_checkpoint("llama", root / "llama-exact", "exact"))}
+    no_plan = saved_checkpoint("llama", root / "no-plan")
+    edit_config(no_plan, lambda config: config.update(base_model_tp_plan={}))
+    cases["no-plan"] = {"folder": str(no_plan)}
+    # last: it switches its checkpoint's runtime to the GPU decode path (interpreted kernels, joined q/k/v)
+    cases["kernels"] = {"folder": str(saved_checkpoint("qwen2", root / "kernels")), "dtype": "float32", "kernels": True}
+    (root / "cases.json").write_text(json.dumps(cases))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(WORKER),
+               str(root / "cases.json"), str(root)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return cases, {rank: torch.load(root / f"rank{rank}.pt") for rank in (0, 1)}
+
+
+def assert_float64_equal(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Equal up to the order of float64 sums (the row-wise shards' partial products are added across ranks)."""
+    assert got.shape == expected.shape, what
+    assert (got - expected).abs().max() <= 1e-12 * expected.abs().max(), what
+
+
+@pytest.mark.parametrize("name", ALL_FAMILIES + ["llama-exact"])
+def test_two_ranks_equal_the_single_process_model(tensor_parallel_run, name):
+    cases, ranks = tensor_parallel_run
+    expected = measure(load(cases[name]["folder"], tensor_parallel=False))
+    assert not torch.equal(expected["logits_50"], expected["logits_0"]), "the 50% level must change the logits"
+    for rank, results in ranks.items():
+        got = results[name]
+        for key in ("logits_50", "short_logits_50", "logits_0"):
+            assert_float64_equal(got[key], expected[key], f"{name} {key} on rank {rank}")
+        for key in ("tokens_50", "tokens_0"):
+            assert torch.equal(got[key], expected[key]), f"{name} {key} on rank {rank}"
+
+
+def test_a_family_without_tp_plan_is_one_line(tensor_parallel_run):
+    _, ranks = tensor_parallel_run
+    for results in ranks.values():
+        message = results["no-plan"]["error"]
+        assert message.startswith("TensorParallelError: llama has no tensor-parallel plan"), message
+        assert "self_attn.q_proj" in message and "\n" not in message
+
+
+def test_joined_shards_take_one_launch_and_keep_the_rule(tensor_parallel_run):
+    """The GPU decode path (interpreted kernels on CPU tensors): each rank joins its q/k/v and gate/up shards into
+    one launch, and the logits are the single-process masked products'."""
+    cases, ranks = tensor_parallel_run
+    reference = decode_step(load(cases["kernels"]["folder"], tensor_parallel=False, dtype=torch.float32))
+    config = json.loads((Path(cases["kernels"]["folder"]) / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    q, kv, inter = (config["num_attention_heads"] * head_dim // 2, config["num_key_value_heads"] * head_dim // 2,
+                    config["intermediate_size"] // 2)
+    per_layer = [(q, q + kv, q + 2 * kv), (config["hidden_size"],), (inter, 2 * inter), (config["hidden_size"],)]
+    for results in ranks.values():
+        torch.testing.assert_close(results["kernels"]["decode_logits"], reference, rtol=1e-4, atol=1e-5)
+        assert results["kernels"]["launches"] == per_layer * config["num_hidden_layers"]
