@@ -115,6 +115,11 @@ def column_norms(weight, segment_sizes) -> torch.Tensor:
     return squares.sqrt().float()
 
 
+def unsharded_projections(plan: dict, family) -> list[str]:
+    """The family's projection paths that a base model's tp plan ("layers.*.<path>": style) leaves whole."""
+    return [path for path, _ in family.linears if f"layers.*.{path}" not in plan]
+
+
 def check_plan(config, family) -> None:
     """One line, before any weight loads, where a tensor-parallel load would leave projections unsharded."""
     requested = getattr(config, "distributed_config", None)
@@ -123,8 +128,30 @@ def check_plan(config, family) -> None:
     plan = dict(getattr(config, "base_model_tp_plan", None) or {})
     if isinstance(requested.tp_plan, dict):  # its keys name modules from the causal LM down ("model.layers.*...")
         plan.update({key.removeprefix("model."): style for key, style in requested.tp_plan.items()})
-    missing = [path for path, _ in family.linears if f"layers.*.{path}" not in plan]
+    missing = unsharded_projections(plan, family)
     if missing:
         raise TensorParallelError(
             f"{family.name} has no tensor-parallel plan for its projections ({', '.join(missing)} are not in the "
             f"config's base_model_tp_plan): load it without tp_plan, or name them in DistributedConfig(tp_plan=...)")
+
+
+def plan_summary(config: dict) -> str:
+    """For inspect and the model card: how a checkpoint's projections shard under tp_plan="auto" (from its
+    config.json, else its family's plan in transformers), or which ones its plan leaves whole."""
+    import transformers
+
+    from .architectures import family_for_model_type
+    from .checkpoint_format import base_model_type
+
+    family = family_for_model_type(base_model_type(str(config.get("model_type", ""))))
+    plan = config.get("base_model_tp_plan")
+    if plan is None:
+        plan = getattr(transformers, f"{family.base_model_prefix or family.class_prefix}Config").base_model_tp_plan
+    plan = plan or {}
+    missing = unsharded_projections(plan, family)
+    if missing:
+        return f"no: the tensor-parallel plan leaves {', '.join(missing)} whole"
+    by_style = {}
+    for path, _ in family.linears:
+        by_style.setdefault(plan[f"layers.*.{path}"], []).append(path.rsplit(".", 1)[-1])
+    return 'yes (torchrun, tp_plan="auto"): ' + "; ".join(f"{', '.join(names)} {style}" for style, names in by_style.items())

@@ -17,7 +17,7 @@ from winaconv.runtime_model import to_runtime_model, winaconv_section
 from winaconv_runtime.architectures import PROJECTIONS
 
 from random_models import ALL_FAMILIES, random_model
-from support import edit_config
+from support import edit_config, run_cli
 from tp_worker import decode_step, load, measure
 
 WORKER = Path(__file__).with_name("tp_worker.py")
@@ -102,3 +102,17 @@ def test_joined_shards_take_one_launch_and_keep_the_rule(tensor_parallel_run):
     for results in ranks.values():
         torch.testing.assert_close(results["kernels"]["decode_logits"], reference, rtol=1e-4, atol=1e-5)
         assert results["kernels"]["launches"] == per_layer * config["num_hidden_layers"]
+
+
+def test_inspect_and_the_model_card_say_how_it_shards(checkpoint_copy):
+    from winaconv.model_card import build_model_card
+
+    folder = checkpoint_copy()  # a converted tiny Llama
+    result = run_cli("inspect", folder)
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if "tensor parallel" in line)
+    assert 'yes (torchrun, tp_plan="auto"): q_proj, k_proj, v_proj' in line, result.output
+    card = str(build_model_card(folder, "a/b"))
+    assert "**Tensor parallelism** (a model larger than one GPU): yes" in card and 'tp_plan="auto"' in card
+    edit_config(folder, lambda config: config.update(base_model_tp_plan={}))
+    assert "no: the tensor-parallel plan leaves self_attn.q_proj" in " ".join(run_cli("inspect", folder).output.split())

@@ -167,6 +167,17 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]] | None:
     return shapes
 
 
+def tensor_parallel_support(config: dict) -> str:
+    """Whether and how the checkpoint shards under torchrun with tp_plan="auto" (inspect's line, the model card's)."""
+    from winaconv_runtime.architectures import UnsupportedArchitecture
+    from winaconv_runtime.tensor_parallel import plan_summary
+
+    try:
+        return plan_summary(config)
+    except (UnsupportedArchitecture, AttributeError) as exc:
+        return f"unknown ({exc})"
+
+
 def _shape(shape) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 

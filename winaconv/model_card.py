@@ -91,6 +91,10 @@ model.set_sparsity({{ other_level }})  # switch level at any time; 0 runs the de
 inputs = tokenizer("The capital of France is", return_tensors="pt")
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
 ```
+
+**Tensor parallelism** (a model larger than one GPU): {{ tensor_parallel }}. Run the lines above under
+`torchrun --nproc-per-node N` with `tp_plan="auto"` added to `from_pretrained`: each rank reads only the kept rows
+of its own shard, and keeps exactly the channels the single-process model keeps.
 {% if plain_loadable %}
 Loaded without `trust_remote_code`, the folder is a plain {{ model_type }} model that runs dense.
 {% else %}
@@ -248,6 +252,8 @@ def build_model_card(folder: Path, repo_id: str | None = None, base_model: str |
     """The card of the checkpoint in `folder` (config.json and, if present, winaconv_results.json)."""
     from huggingface_hub import ModelCard
 
+    from .inspect_checkpoint import tensor_parallel_support  # (it imports this module)
+
     folder = Path(folder)
     config = read_json(folder / "config.json", "config")
     section = config.get("winaconv")
@@ -304,6 +310,7 @@ def build_model_card(folder: Path, repo_id: str | None = None, base_model: str |
         repo_id=repo_id,
         available=[0.0, *levels],
         other_level=_fmt_level(others[0]),
+        tensor_parallel=tensor_parallel_support(config),
         plain_loadable=transform != "exact",
         model_type=config.get("model_type", "base"),
     )

@@ -85,6 +85,8 @@ def _level_order(key: str) -> float:
 
 
 def print_inspection(inspection, sparsity, show_thresholds) -> None:
+    from .inspect_checkpoint import tensor_parallel_support
+
     section, config = inspection.section, inspection.config
     if section is None:
         out.print(f"{inspection.name}: not a readable winaconv checkpoint")
@@ -100,6 +102,7 @@ def print_inspection(inspection, sparsity, show_thresholds) -> None:
         ("architecture", f"{config.get('model_type')}, {config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}"),
         ("method", f"{section.get('method')} (norm-scored: {', '.join(section.get('norm_scored') or []) or 'none'})"),
         ("transform", section.get("transform")),
+        ("tensor parallel", tensor_parallel_support(config)),
         ("levels", ", ".join(sorted(levels, key=_level_order)) + f" (default {default})"),
         ("calibration", f"{calibration.get('source')}, {calibration.get('tokens')} tokens, seq_len {calibration.get('seq_len')}"),
         ("weights", f"{len(inspection.tensors)} tensors in {len(inspection.weight_files)} file(s), "
