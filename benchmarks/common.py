@@ -15,6 +15,9 @@ LLAMA3_8B = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False,
 )
 
+# Llama-3-70B's shapes (tensor-parallel runs: 141 GB in bf16, more than one GPU holds)
+LLAMA3_70B = dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)
+
 
 def random_llama3_8b(device: str = "cuda", norms: tuple[float, float] | None = None):
     """The Llama-3-8B config with random bf16 weights, built on `device`; norms=(low, high) draws the norm

@@ -67,16 +67,21 @@ def _ms_per_token(generate, new_tokens: int, repeats: int = 3, warm_tokens: int 
     """(time of generate(N + 1) - time of generate(1)) / N in ms, medians of `repeats`, after one
     warm-up call (compile, capture); also returns what the last full call returned."""
     def run(n):
-        torch.cuda.synchronize()
+        _synchronize()
         start = time.perf_counter()
         result = generate(n)
-        torch.cuda.synchronize()
+        _synchronize()
         return time.perf_counter() - start, result
 
     run(new_tokens + 1 if warm_tokens is None else warm_tokens)
     fulls = [run(new_tokens + 1) for _ in range(repeats)]
     prefill = statistics.median(run(1)[0] for _ in range(repeats))
     return (statistics.median(t for t, _ in fulls) - prefill) / new_tokens * 1000, fulls[-1][1]
+
+
+def _synchronize():
+    if torch.cuda.is_available():  # (tp_decode.py's CPU smoke run times with this too)
+        torch.cuda.synchronize()
 
 
 def _hf_generate(model, prompt, **options):
@@ -100,7 +105,8 @@ def _time_graph_decoder(decoder, prompt, new_tokens: int) -> tuple[float, torch.
     return _ms_per_token(lambda n: decoder.generate(prompt, n), new_tokens)
 
 
-KERNEL_KINDS = (("winaconv sparse", ("_wina_", "_split_reduce_kernel")),  # both kinds and the reduce
+KERNEL_KINDS = (("collectives", ("nccl", "allreduce", "all_reduce", "allgather", "all_gather")),  # tensor parallel
+                ("winaconv sparse", ("_wina_", "_split_reduce_kernel")),  # both kinds and the reduce
                 ("dense matmul", ("gemv", "gemm", "cutlass", "nvjet", "sm90_", "cublas", "splitkreduce")),
                 ("attention", ("flash", "fmha", "attention", "sdpa")))
 

@@ -116,3 +116,17 @@ def test_inspect_and_the_model_card_say_how_it_shards(checkpoint_copy):
     assert "**Tensor parallelism** (a model larger than one GPU): yes" in card and 'tp_plan="auto"' in card
     edit_config(folder, lambda config: config.update(base_model_tp_plan={}))
     assert "no: the tensor-parallel plan leaves self_attn.q_proj" in " ".join(run_cli("inspect", folder).output.split())
+
+
+def test_the_gpu_benchmark_runs_on_two_cpu_ranks(tmp_path):
+    """benchmarks/tp_decode.py --smoke: the script of the GPU measurement, on a tiny config (gloo), end to end."""
+    out = tmp_path / "smoke.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tp_decode.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), "--smoke",
+               "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    record = json.loads(out.read_text())["smoke"]
+    assert record["engine"] == {key: "generate()" for key in ("0", "0.5", "0.25", "0.4", "0.65")}
+    assert all(ms > 0 for ms in record["generate_ms"].values()) and record["transformers_tp_static_compile_ms"] > 0
+    assert record["generate_first_tokens_equal_to_transformers_loop"] == "32 of 32 at level 0.5"
