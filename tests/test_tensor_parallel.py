@@ -75,7 +75,7 @@ def test_two_ranks_equal_the_single_process_model(tensor_parallel_run, name):
     assert not torch.equal(expected["logits_50"], expected["logits_0"]), "the 50% level must change the logits"
     for rank, results in ranks.items():
         got = results[name]
-        for key in ("logits_50", "short_logits_50", "logits_0"):
+        for key in ("logits_50", "short_logits_50", "autograd_logits_50", "logits_0"):
             assert_float64_equal(got[key], expected[key], f"{name} {key} on rank {rank}")
         for key in ("tokens_50", "tokens_0"):
             assert torch.equal(got[key], expected[key]), f"{name} {key} on rank {rank}"

@@ -28,10 +28,12 @@ def load(folder, tensor_parallel: bool, dtype=torch.float64, sparsity=0.5):
 
 @torch.no_grad()
 def measure(model) -> dict:
-    """Logits at the checkpoint's 50% level and at level 0, greedy generate() tokens at 50%."""
+    """Logits at the checkpoint's 50% level (autograd off and on) and at level 0, greedy generate() tokens at both."""
     model.set_sparsity(0.5)
     found = {"logits_50": model(PROMPT).logits, "short_logits_50": model(SHORT).logits,
              "tokens_50": model.generate(SHORT, max_new_tokens=10, do_sample=False, pad_token_id=0)}
+    with torch.enable_grad():  # transformers' wrappers hand the sparse linears local tensors with autograd on too
+        found["autograd_logits_50"] = model(PROMPT).logits.detach()
     model.set_sparsity(0)
     found["logits_0"] = model(PROMPT).logits
     found["tokens_0"] = model.generate(SHORT, max_new_tokens=10, do_sample=False, pad_token_id=0)
