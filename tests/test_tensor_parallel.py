@@ -91,7 +91,8 @@ def test_a_family_without_tp_plan_is_one_line(tensor_parallel_run):
 
 def test_joined_shards_take_one_launch_and_keep_the_rule(tensor_parallel_run):
     """The GPU decode path (interpreted kernels on CPU tensors): each rank joins its q/k/v and gate/up shards into
-    one launch, and the logits are the single-process masked products'."""
+    one launch, the logits are the single-process masked products', and dynamo traces the step with the
+    collectives in one graph."""
     cases, ranks = tensor_parallel_run
     reference = decode_step(load(cases["kernels"]["folder"], tensor_parallel=False, dtype=torch.float32))
     config = json.loads((Path(cases["kernels"]["folder"]) / "config.json").read_text())
@@ -102,6 +103,7 @@ def test_joined_shards_take_one_launch_and_keep_the_rule(tensor_parallel_run):
     for results in ranks.values():
         torch.testing.assert_close(results["kernels"]["decode_logits"], reference, rtol=1e-4, atol=1e-5)
         assert results["kernels"]["launches"] == per_layer * config["num_hidden_layers"]
+        torch.testing.assert_close(results["kernels"]["compiled_decode_logits"], results["kernels"]["decode_logits"])
 
 
 def test_inspect_and_the_model_card_say_how_it_shards(checkpoint_copy):

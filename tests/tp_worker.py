@@ -41,10 +41,14 @@ def measure(model) -> dict:
 
 
 @torch.no_grad()
-def decode_step(model):
-    """Logits of one decode step after a prefill of SHORT[:, :-1]."""
+def decode_step(model, compiled: bool = False):
+    """Logits of one decode step after a prefill of SHORT[:, :-1]; compiled: the step traced by dynamo in one graph
+    (the GPU engine compiles it)."""
     past = model(SHORT[:, :-1], use_cache=True).past_key_values
-    return model(SHORT[:, -1:], past_key_values=past).logits
+    step = lambda token, cache: model(token, past_key_values=cache).logits  # noqa: E731
+    if compiled:
+        step = torch.compile(step, backend="eager", fullgraph=True)
+    return step(SHORT[:, -1:], past)
 
 
 def kernels_on_cpu(model) -> list:
@@ -74,7 +78,8 @@ def main(cases_path: str, out: str) -> None:
             continue
         if case.get("kernels"):
             launches = kernels_on_cpu(model)
-            results[name] = {"decode_logits": decode_step(model), "launches": launches}
+            results[name] = {"decode_logits": decode_step(model), "launches": list(launches),
+                             "compiled_decode_logits": decode_step(model, compiled=True)}
         else:
             results[name] = measure(model)
     torch.save(results, Path(out) / f"rank{os.environ['RANK']}.pt")
