@@ -38,6 +38,9 @@ class BlockTrials:
                                   if set(projections) <= set(ATTENTION_PROJECTIONS)]
         self.reading_modules = [(norm, None) for norm in _input_norms(layer, family)] + [
             (linear, linear) for projections, linear, _ in self.linears if not set(projections) & set(RESIDUAL_WRITERS)]
+        activation = getattr(layer.mlp, "act_fn", None)
+        if isinstance(activation, torch.nn.Module):  # act(gate): a reused gate output reuses its activation
+            self.reading_modules.append((activation, None))
         self.applied = {}  # linear -> the thresholds set on it
         self.attention = {}  # attention linears' thresholds -> the attention block's output on the measured positions
         self.outputs = {}  # (module, its thresholds, input) -> (input, input version, output, output version)
