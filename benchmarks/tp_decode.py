@@ -11,9 +11,9 @@ No 141 GB checkpoint is written: each rank writes a folder holding only config.j
 `from_pretrained(..., tp_plan="auto")` builds the model sharded, giving every weight it does not find transformers'
 own random initialisation, on each rank for its shard only. The runtime model comes through transformers' loader
 below the runtime's own (which refuses missing tensors, as it should for a real checkpoint). Its levels are synthetic
-as in e2e_decode.py's synthetic_runtime: every projection at the level's sparsity, thresholds taken from the
+as in common.synthetic_runtime: every projection at the level's sparsity, thresholds taken from the
 prompt's own activations (TEAL scoring; the keep rule costs the same with column norms), rank 0's table on every
-rank. Times are ms per new token, (generate(N + 1) - generate(1)) / N, medians of 3 (e2e_decode._ms_per_token), all
+rank. Times are ms per new token, (generate(N + 1) - generate(1)) / N, medians of 3 (common.ms_per_token), all
 ranks decoding together; rank 0 writes the results after every stage, so a run cut short still reports.
 """
 
@@ -30,13 +30,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import LLAMA3_70B, LLAMA3_8B, copy_bandwidth, versions
-from e2e_decode import _hf_generate, _ms_per_token, profile_step
+from common import LLAMA3_70B, LLAMA3_8B, SMOKE_LLAMA, copy_bandwidth, hf_generate, ms_per_token, profile_step, versions
 
 LEVELS = (0.0, 0.5, 0.25, 0.4, 0.65)  # 0 and 0.5 first: the issue's ratios, should a run be cut short
 MODELS = {"llama3-70b": LLAMA3_70B, "llama3-8b": LLAMA3_8B}
-SMOKE = dict(LLAMA3_8B, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)
+SMOKE = dict(SMOKE_LLAMA, vocab_size=128)
 
 
 def weightless_folder(shape: dict, root: Path) -> Path:
@@ -44,7 +42,7 @@ def weightless_folder(shape: dict, root: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from winaconv.runtime_model import runtime_config, winaconv_section
+    from winaconv.convert.runtime_model import runtime_config, winaconv_section
 
     _, config, _ = runtime_config(LlamaConfig(**shape), winaconv_section("teal", "none", ()))
     folder = root / f"rank{os.environ.get('RANK', 0)}"  # one folder per rank: no rank waits for another's
@@ -70,7 +68,7 @@ def load_sharded(folder: Path, runtime: bool, dtype):
 @torch.no_grad()
 def synthetic_levels(model, prompt, levels) -> None:
     """Store and allow `levels`: every projection at the level's sparsity of |x| over the prompt, rank 0's table."""
-    from winaconv.statistics import quantile_grid, threshold_at
+    from winaconv.convert.statistics import quantile_grid, threshold_at
     from winaconv_runtime.architectures import PROJECTIONS
     from winaconv_runtime.checkpoint_format import SparsitySettings, store_level
     from winaconv_runtime.modeling_winaconv import sparse_linears
@@ -120,7 +118,7 @@ def ours(model, prompt):
 def measure(name: str, shape: dict, args, results: dict, save) -> None:
     from transformers import GenerationMixin
 
-    from winaconv_runtime.decoding import GreedyDecoder
+    from greedy_decoder import GreedyDecoder
 
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -133,8 +131,8 @@ def measure(name: str, shape: dict, args, results: dict, save) -> None:
         if args.baseline:
             base = load_sharded(folder, runtime=False, dtype=dtype)
             try:
-                record["transformers_tp_static_compile_ms"] = _ms_per_token(
-                    _hf_generate(base, prompt.to(base.device), cache_implementation="static"), args.new_tokens)[0]
+                record["transformers_tp_static_compile_ms"] = ms_per_token(
+                    hf_generate(base, prompt.to(base.device), cache_implementation="static"), args.new_tokens)[0]
             except Exception as error:  # noqa: BLE001  (the runtime's timings still come)
                 record["transformers_tp_static_compile_ms"] = f"failed: {type(error).__name__}: {str(error)[:300]}"
             save()
@@ -153,12 +151,12 @@ def measure(name: str, shape: dict, args, results: dict, save) -> None:
         model.set_sparsity(level)
         key = f"{level:g}"
         try:
-            record["generate_ms"][key] = _ms_per_token(ours(model, prompt), args.new_tokens)[0]
+            record["generate_ms"][key] = ms_per_token(ours(model, prompt), args.new_tokens)[0]
             record["engine"][key] = "generate()"
         except Exception as error:  # noqa: BLE001  (the eager step captured as a CUDA graph still says the speed)
             record["engine"][key] = f"generate() failed ({type(error).__name__}: {str(error)[:300]}); GreedyDecoder without compile"
             decoder = GreedyDecoder(model, args.prompt_tokens + args.new_tokens + 8, compile=False)
-            record["generate_ms"][key] = _ms_per_token(lambda n: decoder.generate(prompt, n), args.new_tokens)[0]
+            record["generate_ms"][key] = ms_per_token(lambda n: decoder.generate(prompt, n), args.new_tokens)[0]
         if dist.get_rank() == 0:
             print(f"{name} {key}: {record['generate_ms'][key]:.3f} ms/token ({record['engine'][key][:40]})", flush=True)
         save()

@@ -1,0 +1,114 @@
+"""Every script kept in benchmarks/ runs here on the CPU in seconds (its --smoke mode: tiny shapes, the same code
+path as the measurement), so a change elsewhere that breaks a script fails CI instead of the next GPU session.
+tp_decode.py's smoke run (two gloo ranks) is in tests/test_tensor_parallel.py."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+kernel_bench = pytest.importorskip("kernel_bench")
+
+
+def run_script(name: str, *args, timeout: int = 600) -> str:
+    """`python benchmarks/NAME args`; its stdout, or a failure showing the end of its output."""
+    command = [sys.executable, str(BENCHMARKS / name), *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result.stdout
+
+
+def test_kernel_table_runs_and_follows_the_runtime_choice(monkeypatch):
+    """kernel_bench.py's table code on small shapes (Triton's interpreter, one launch per timing instead of a CUDA
+    graph), with the GPU's configs: the runtime's choice is the tile at 50% and the kept-list kind at 90%."""
+    outputs = []
+
+    def one_launch(make_call, n_copies, loop=16, replays=9):
+        out = make_call(0)
+        assert torch.isfinite(out).all()
+        outputs.append(out)
+        return 1.0
+
+    monkeypatch.setattr(kernel_bench, "DEVICE", "cpu")
+    monkeypatch.setattr(kernel_bench, "graph_time", one_launch)
+    monkeypatch.setattr(kernel_bench, "SPARSITIES", [0.5, 0.9])
+    monkeypatch.setattr(kernel_bench.K, "_interpreting", lambda: False)  # the GPU's configs, interpreted
+    monkeypatch.setattr(kernel_bench, "LINES", [])
+    results = []
+    kernel_bench.run_shape("small", 192, (64, 160), None, results, batches=(1, 2), sweep=False)
+    kernel_bench.summary(results, 1.0)
+    by_level = {r["sparsity"]: r for r in results if r["T"] == 1}
+    assert "kind='tile'" in by_level[0.5]["runtime_config"] and "kind='list'" in by_level[0.9]["runtime_config"]
+    assert all(math.isfinite(r["runtime"]) for r in results)
+    assert {r["T"] for r in results} == {1, 2} and len(outputs) == len(results) * 2  # cuBLAS + runtime per row
+
+
+def test_kernel_bench_smoke(tmp_path):
+    run_script("kernel_bench.py", "--smoke", "--out", tmp_path / "kernel.txt")
+    rows = json.loads((tmp_path / "kernel.json").read_text())["results"]
+    assert {(r["T"], r["sparsity"]) for r in rows} >= {(1, 0.0), (1, 0.5), (1, 0.9), (2, 0.5)}
+    assert all(r["runtime"] > 0 and r["cublas"] > 0 for r in rows)
+    assert "summary: speed-up over cuBLAS" in (tmp_path / "kernel.txt").read_text()
+
+
+def test_e2e_decode_smoke(tmp_path):
+    """Every stage: a random model folder, its conversion, decode of the checkpoint and of a synthetic exact-transform
+    model (with the step's profile), and generate() greedy and sampling next to transformers."""
+    work, out = tmp_path / "work", tmp_path / "e2e.json"
+    run_script("e2e_decode.py", "make", "--smoke", "--work", work)
+    run_script("e2e_decode.py", "convert", "--smoke", "--work", work, "--transform", "none")
+    run_script("e2e_decode.py", "decode", "--smoke", "--work", work, "--checkpoints", "none", "--synthetic", "exact",
+               "--levels", "0,0.5", "--profile-levels", "0.5", "--out", out)
+    decoded = json.loads(out.read_text())
+    assert decoded["transformers_static_compile_ms"] is not None
+    for label in ("runtime_ckpt-none", "runtime_synthetic-exact"):
+        record = decoded[label]
+        assert set(record["graph_decoder_ms"]) == {"0", "0.5"}
+        assert 0.3 < record["realized_sparsity"]["0.5"] < 0.7
+        assert isinstance(record["profile"]["0.5"], dict), record["profile"]  # not "failed: ..."
+    assert isinstance(decoded["graph_decoder_plain_model_profile"], dict), decoded["graph_decoder_plain_model_profile"]
+    run_script("e2e_decode.py", "generate", "--smoke", "--batches", "1,2", "--levels", "0,0.5", "--profile-levels", "0.5",
+               "--out", tmp_path / "generate.json")
+    generated = json.loads((tmp_path / "generate.json").read_text())
+    for key in ("b1_0", "b1_0.5", "b2_0.5"):
+        assert math.isfinite(generated[f"generate_greedy_ms_{key}"]) and math.isfinite(generated[f"generate_sample_ms_{key}"])
+    assert isinstance(generated["profile_b1_0.5"], dict), generated["profile_b1_0.5"]
+    assert generated["generate_first_tokens_equal_to_transformers_b1_0.5"].endswith("of 32")
+
+
+def test_cpu_decode_smoke():
+    output = run_script("cpu_decode.py", "all", "--smoke")
+    assert "| float32 | 64x96 | 1 |" in output and "| bfloat16 | 64x96 | 4 |" in output
+    assert "| smoke | float32 |" in output and "| smoke | bfloat16 |" in output
+
+
+def test_accuracy_study_smoke(tmp_path):
+    out, md = tmp_path / "accuracy.json", tmp_path / "accuracy.md"
+    run_script("accuracy_study.py", "--smoke", "--work", tmp_path / "work", "--out", out, "--md", md, "--check-dense")
+    models = {entry["label"]: entry for entry in json.loads(out.read_text())["models"]}
+    assert set(models) == {"dense", "TEAL", "WINA pca"}
+    for entry in models.values():
+        assert all(math.isfinite(r["perplexity"]) for r in entry["results"])
+    assert {r["sparsity"] for r in models["WINA pca"]["results"]} == {0.0, 0.5}
+    assert "| WINA pca |" in md.read_text()
+    assert "| WINA pca |" in run_script("accuracy_study.py", "--table-only", "--out", out)
+
+
+def test_convert_memory_smoke(tmp_path):
+    run_script("convert_memory.py", "--smoke", "--work", tmp_path / "work", "--out", tmp_path / "memory.json")
+    runs = json.loads((tmp_path / "memory.json").read_text())["runs"]
+    assert [r["mode"] for r in runs] == ["streamed", "in-memory"]
+    assert all(r["peak_host_gib"] > 0 for r in runs) and runs[0]["bound_gib"] > 0
+
+
+def test_gemma_transforms_smoke(tmp_path):
+    output = run_script("gemma_transforms.py", BENCHMARKS / "assets" / "gemma3-270m", "--json", tmp_path / "cost.json")
+    cost = json.loads((tmp_path / "cost.json").read_text())
+    assert cost["model_type"] == "gemma3_text" and 0 < cost["extra_per_layer_dense"] < 1
+    assert "| 50% |" in output
