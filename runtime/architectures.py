@@ -13,7 +13,7 @@ RESIDUAL_WRITERS = ("o", "down")
 ATTENTION_PROJECTIONS = ("q", "k", "v", "o")
 # Projections that read one input (the normed residual stream): one kernel launch can serve them.
 SHARED_INPUTS = (("q", "k", "v"), ("gate", "up"))
-# The exact transform's two hidden x hidden matrices per decoder layer (winaconv/transform.py): shortcuts
+# The exact transform's two hidden x hidden matrices per decoder layer (winaconv/convert/transform.py): shortcuts
 # of a residual stream whose basis changes between blocks, or, in families with a norm on each block's
 # output (Gemma), rotations applied online to each block's normed input while the stream stays as it is.
 SHORTCUTS = ("attn_shortcut", "mlp_shortcut")
@@ -29,7 +29,7 @@ class Family:
     module: str = ""  # transformers.models.<module>; the family's name where empty
     base_model_prefix: str = ""  # prefix of the base model and config classes where it differs (Gemma3Text)
     # Transforms that keep this family's function exact; None: all. Gemma puts a norm with a gain on
-    # each block's output, which a rotated residual stream cannot absorb (see winaconv/transform.py):
+    # each block's output, which a rotated residual stream cannot absorb (see winaconv/convert/transform.py):
     # only "exact", whose rotations act on the blocks' inputs, keeps its function there.
     transforms: tuple[str, ...] | None = None
     # Gemma layout: block outputs pass through post_attention_layernorm / post_feedforward_layernorm

@@ -84,6 +84,24 @@ def store_level(section: dict, sparsity: float, thresholds, sparsities) -> None:
     }
 
 
+def record_norm_scored(section: dict, norm_scored) -> None:
+    """Which projections are scored with their column norms (WINA's |x_i| * ||W[:, i]||); the rest by |x_i|."""
+    section["norm_scored"] = list(norm_scored)
+
+
+def record_conversion(section: dict, *, default_sparsity: float, calibration: dict, base_model: dict,
+                      conversion_id: str, score_max) -> None:
+    """What a finished conversion records beside its levels: the level loaded without sparsity=, how it was
+    calibrated, the model it came from, its id (also in every shard) and the largest score per [layer][projection]."""
+    section.update(
+        default_sparsity=float(default_sparsity),
+        calibration=dict(calibration),
+        base_model=dict(base_model),
+        conversion_id=conversion_id,
+        score_max=[[float(s) for s in row] for row in score_max],
+    )
+
+
 def section_problems(section: dict, num_layers, for_loading: bool = False) -> list[str]:
     """Every problem of a section, one line each. for_loading: only what the runtime needs to run it (the
     loader raises the first); otherwise also the metadata a complete checkpoint records (inspect lists all)."""

@@ -82,7 +82,7 @@ def held_out_text(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory):
-    from winaconv.calibration_data import builtin_texts
+    from winaconv.convert.calibration_data import builtin_texts
 
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text("\n\n".join(builtin_texts()[:20]))

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+from winaconv_runtime.checkpoint_format import SAFETENSORS_METADATA
+from winaconv.convert.write import save_sharded, saved_state_names, write_checkpoint_files
+
 # convert budgets: CLI arguments for tiny random models, and ConvertOptions fields for tiny_checkpoint
 TINY = ["--calib-tokens", "256", "--seq-len", "32", "--greedy-tokens", "64", "--sparsity-levels", "0.25,0.5"]
 TINY_OPTIONS = dict(calib_tokens=256, seq_len=32, greedy_tokens=32, greedy_step=0.05, sparsity_levels=(0.25, 0.5),
@@ -124,3 +127,10 @@ def tiny_checkpoint(root: Path, transform: str = "global") -> Path:
         (out / "config.json").write_text(json.dumps(config, indent=2))
         _MADE[root, transform] = out
     return _MADE[root, transform]
+
+
+def write_checkpoint(model, family, folder: Path) -> None:
+    """A whole model held in memory, written as a checkpoint (one shard, no tokenizer)."""
+    write_checkpoint_files(model, family, None, folder)
+    state = model.state_dict()
+    save_sharded({n: state[n].detach() for n in saved_state_names(model)}, folder, 5 * 10**9, SAFETENSORS_METADATA)

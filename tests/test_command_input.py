@@ -159,7 +159,8 @@ def test_calibration_sources_and_budget_are_said(checkpoints, tmp_path):
 
 
 def test_host_memory_past_the_bound_is_warned(capsys, tmp_path):
-    from winaconv.convert import PROCESS_ALLOWANCE, ConvertReport
+    from winaconv.convert.memory import PROCESS_ALLOWANCE
+    from winaconv.convert.pipeline import ConvertReport
     from winaconv.render import print_summary
 
     def summary(grew: int) -> str:

@@ -9,7 +9,7 @@ import json
 import math
 
 import pytest
-from winaconv.evaluate import EvalOptions, evaluate, windows
+from winaconv.use.evaluate import EvalOptions, evaluate, windows
 
 from support import assert_one_line_error, run_cli
 
@@ -36,7 +36,7 @@ def test_batched_windows_give_the_same_perplexity_as_one_at_a_time():
     import torch
 
     from random_models import random_model
-    from winaconv.evaluate import perplexity
+    from winaconv.use.evaluate import perplexity
 
     model = random_model("llama")
     ids = torch.randint(0, model.config.vocab_size, (100,), generator=torch.Generator().manual_seed(0))

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from winaconv.calibrate import capture_layer_inputs, layer_outputs
+from winaconv.convert.layers import capture_layer_inputs, layer_outputs
 from winaconv.errors import WinaconvError
-from winaconv.runtime_model import to_runtime_model, winaconv_section
-from winaconv.transform import apply_transform, available_transforms
+from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
+from winaconv.convert.transform import apply_transform, available_transforms
 from winaconv_runtime.checkpoint_format import TRANSFORMS
 
 from random_models import GEMMA_MODELS, random_model

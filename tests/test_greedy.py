@@ -6,11 +6,13 @@ import torch
 
 import pytest
 
-from winaconv.calibrate import (MAX_PROJECTION_SPARSITY, CalibrationSettings, LayerCalibration, apply_thresholds,
-                                calibrate_layers, capture_layer_inputs, clear_thresholds, collect_statistics,
-                                greedy_path, layer_outputs, layer_targets)
-from winaconv.runtime_model import to_runtime_model, winaconv_section
-from winaconv.statistics import threshold_at
+from winaconv.convert.allocate import (MAX_PROJECTION_SPARSITY, LayerCalibration, apply_thresholds, clear_thresholds,
+                                       greedy_path, layer_targets)
+from winaconv.convert.calibrate import CalibrationSettings, calibrate_layers
+from winaconv.convert.layers import capture_layer_inputs, layer_outputs
+from winaconv.convert.statistics import collect_statistics
+from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
+from winaconv.convert.statistics import threshold_at
 from winaconv_runtime.architectures import ATTENTION_PROJECTIONS, PROJECTIONS, parameter_shares
 from winaconv_runtime.modeling_winaconv import attention_residual, mlp_residual, sparse_linears
 
@@ -141,7 +143,7 @@ def _generator_after_layer_zero(model, family, hidden, kwargs):
 
 
 def test_output_divergences_grow_with_sparsity_and_allocate_the_level():
-    from winaconv.sensitivity import output_divergences
+    from winaconv.convert.sensitivity import output_divergences
 
     model, family = runtime_llama(silence_attention=False)
     shares = parameter_shares(model.config)
@@ -166,7 +168,7 @@ def test_output_divergences_grow_with_sparsity_and_allocate_the_level():
 
 
 def test_power_law_recovers_a_known_curve():
-    from winaconv.calibrate import power_law
+    from winaconv.convert.allocate import power_law
 
     points = [0.25, 0.4, 0.5, 0.65, 0.8]
     a, b = power_law(points, [2.0 * p ** 3 for p in points])

@@ -24,7 +24,7 @@ from huggingface_hub import ModelCard
 
 from fake_hub import FakeHub
 from support import CALIB_TEXT, TINY_OPTIONS, assert_one_line_error, one_error_line, run_cli, tiny_source
-from winaconv.model_card import RESULTS_FILE, build_model_card, write_model_card
+from winaconv.checkpoint.model_card import RESULTS_FILE, build_model_card, write_model_card
 from winaconv_runtime.architectures import PROJECTIONS
 from winaconv_runtime.checkpoint_format import safetensors_metadata
 

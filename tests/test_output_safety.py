@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from winaconv.checkpoint import STAGING_MARKER, atomic_folder, check_output_dir, parse_shard_size, remove_stale_staging
+from winaconv.checkpoint.folder import STAGING_MARKER, atomic_folder, check_output_dir, remove_stale_staging
+from winaconv.convert.write import parse_shard_size
 from winaconv.errors import WinaconvError
-from winaconv.inspect_checkpoint import inspect_checkpoint
+from winaconv.checkpoint.inspection import inspect_checkpoint
 
 from support import TINY, assert_one_line_error, run_cli
 
@@ -152,7 +153,7 @@ def _run_staged(tmp_path, body):
     script = textwrap.dedent(f"""
         import os, resource, signal, sys
         from pathlib import Path
-        from winaconv.checkpoint import atomic_folder
+        from winaconv.checkpoint.folder import atomic_folder
         from winaconv.cli import terminate_like_interrupt
         from winaconv.errors import WinaconvError
         out = Path({str(tmp_path / 'ckpt')!r})
@@ -185,7 +186,7 @@ def test_write_failure_is_one_line_and_removes_staging(tmp_path, writer):
              "safetensors": 'save_sharded({"w": torch.zeros(250_000)}, staging, 10**9, {})'}[writer]
     done = _run_staged(tmp_path, f"""
         import torch
-        from winaconv.shards import save_sharded
+        from winaconv.convert.write import save_sharded
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
         {write}
@@ -212,7 +213,7 @@ def test_output_that_changed_during_the_conversion_is_left_alone(tmp_path):
 
 
 def test_calibration_text_that_is_not_text_is_refused(tmp_path):
-    from winaconv.calibration_data import read_text_file
+    from winaconv.convert.calibration_data import read_text_file
 
     binary = tmp_path / "weights.txt"
     binary.write_bytes(bytes(range(256)) * 40)
@@ -264,13 +265,13 @@ def test_source_without_tokenizer_and_corrupt_weights_are_one_line(tmp_path, tin
 
 
 def test_default_sparsity_follows_the_stored_levels(tmp_path):
-    from winaconv.convert import ConvertOptions, validate
+    from winaconv.convert import ConvertOptions
+    from winaconv.convert.checks import validate
 
     options = ConvertOptions(model="m", out=tmp_path / "o", sparsity_levels=(0.25, 0.4))
-    assert validate(options) == [0.25, 0.4] and options.default_sparsity == 0.4
+    assert validate(options) == ([0.25, 0.4], 0.4) and options.default_sparsity is None
     options = ConvertOptions(model="m", out=tmp_path / "o", sparsity_levels=(0.25, 0.5, 0.65))
-    validate(options)
-    assert options.default_sparsity == 0.5
+    assert validate(options).default_sparsity == 0.5
 
 
 def test_chosen_default_sparsity_is_said(tmp_path, tiny_folder, calib_file):

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from winaconv.convert import ConvertOptions, convert
-from winaconv.shards import ShardedWriter, save_sharded
-from winaconv.transform import available_transforms
+from winaconv.convert.write import ShardedWriter, save_sharded
+from winaconv.convert.transform import available_transforms
 from winaconv_runtime.architectures import family_for_model_type
 from winaconv_runtime.checkpoint_format import safetensors_metadata
 

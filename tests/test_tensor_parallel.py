@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from winaconv.calibrate import uniform_levels
-from winaconv.checkpoint import write_checkpoint
-from winaconv.runtime_model import to_runtime_model, winaconv_section
+from winaconv.convert.calibrate import uniform_levels
+from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
 from winaconv_runtime.architectures import PROJECTIONS
 
 from random_models import ALL_FAMILIES, random_model
-from support import edit_config, run_cli
+from support import edit_config, run_cli, write_checkpoint
 from tp_worker import decode_step, load, measure
 
 WORKER = Path(__file__).with_name("tp_worker.py")
@@ -30,7 +29,7 @@ def saved_checkpoint(family: str, folder: Path, transform: str = "none") -> Path
     ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     uniform_levels(model, fam, ids, [0.5], norm_scored=PROJECTIONS)
     folder.mkdir(parents=True)
-    write_checkpoint(model, fam, None, folder)
+    write_checkpoint(model, fam, folder)
     return folder
 
 
@@ -107,7 +106,7 @@ def test_joined_shards_take_one_launch_and_keep_the_rule(tensor_parallel_run):
 
 
 def test_inspect_and_the_model_card_say_how_it_shards(checkpoint_copy):
-    from winaconv.model_card import build_model_card
+    from winaconv.checkpoint.model_card import build_model_card
 
     folder = checkpoint_copy()  # a converted tiny Llama
     result = run_cli("inspect", folder)

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from winaconv.runtime_model import to_runtime_model, winaconv_section
-from winaconv.transform import TRANSFORMS, apply_transform
+from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
+from winaconv.convert.transform import TRANSFORMS, apply_transform
 from winaconv_runtime.architectures import projection_sizes
 
 from random_models import FAMILY_MODELS, random_model
@@ -63,7 +63,7 @@ def test_global_transform_unties_embeddings_and_sets_unit_norms():
 def test_pca_transform_decorrelates_the_normed_residual_stream():
     """After the pca rotation, the calibration text's normed residual stream has a diagonal
     covariance, largest variance first: the basis really is its principal components."""
-    from winaconv.calibrate import residual_covariance
+    from winaconv.convert.transform import residual_covariance
 
     base = random_model("qwen2")
     model, _ = transformed(base, "pca")

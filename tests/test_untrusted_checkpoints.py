@@ -63,7 +63,7 @@ def test_unknown_python_files_and_foreign_auto_maps_are_reported(checkpoint_copy
 
 
 def test_an_unmodified_checkpoint_is_built_from_the_installed_runtime(checkpoints):
-    from winaconv.loading import find_model, load_model
+    from winaconv.use.loading import find_model, load_model
 
     ref = find_model(str(checkpoints("exact")))
     loaded = load_model(ref)
@@ -100,7 +100,7 @@ def test_a_shard_from_another_conversion_is_refused(checkpoint_copy, held_out_te
 def test_a_checkpoint_saved_again_by_transformers_still_loads(checkpoints, tmp_path):
     """save_pretrained writes no conversion id into the files: loading accepts files without one (inspect
     reports them), only another conversion's id is refused."""
-    from winaconv.loading import installed_class
+    from winaconv.use.loading import installed_class
 
     folder = checkpoints("global")
     cls = installed_class(json.loads((folder / "config.json").read_text()))

@@ -102,14 +102,14 @@ def convert(model, out, push_to=None, push_private=False, **options):
     from .convert import convert as run_conversion
 
     if push_to:  # fail before a long conversion, not after it
-        from .hub import check_repo_id, resolve_token
+        from .checkpoint.hub import check_repo_id, resolve_token
 
         check_repo_id(push_to)
         resolve_token(None)
     opts = ConvertOptions(model=model, out=out, **options)
     with terminate_like_interrupt(), progress_bar() as progress:
         report = run_conversion(opts, progress=progress, say=say)
-    print_summary(report, opts.default_sparsity)
+    print_summary(report, report.default_sparsity)
     if push_to:
         push_checkpoint(report.out, push_to, private=push_private)
 
@@ -169,7 +169,7 @@ def eval_command(model, text_file, levels, window, stride, max_tokens, batch_siz
     through the runtime's sparse path at each sparsity level."""
     from transformers.utils import logging as transformers_logging
 
-    from .evaluate import evaluate
+    from .use.evaluate import evaluate
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars: the command shows its own progress
     options = EvalOptions(model=model, text_file=text_file, levels=levels or None, window=window, stride=stride,
@@ -187,7 +187,7 @@ def eval_command(model, text_file, levels, window, stride, max_tokens, batch_siz
 
 
 def push_checkpoint(folder, repo_id, private=False, revision=None, token=None, base_model=None, write_card=True):
-    from .hub import push
+    from .checkpoint.hub import push
 
     url = push(folder, repo_id, private=private, revision=revision, token=token, base_model=base_model,
                write_card=write_card, say=say)
@@ -221,7 +221,7 @@ def inspect_command(checkpoint, sparsity, thresholds, revision, token):
     """Show what CHECKPOINT (a folder or a Hub repo id) is and check that it is whole: config, sparsity tables,
     runtime files, every tensor and its shape (from the safetensors headers; no weights are loaded).
     Exit status 1 with one line per problem when it is broken."""
-    from .inspect_checkpoint import inspect_checkpoint
+    from .checkpoint.inspection import inspect_checkpoint
 
     inspection = inspect_checkpoint(checkpoint, revision=revision, token=token)
     print_inspection(inspection, sparsity, thresholds)
@@ -249,7 +249,7 @@ def generate(model, prompt, sparsity, max_new_tokens, sample, temperature, top_p
              trust_checkpoint_code):
     """Stream a completion of PROMPT through model.generate(), then one line of speed (decode ms/token, timed
     after the first tokens, which carry the prompt and the one-time start-up)."""
-    from .speed import run_generate
+    from .use.speed import run_generate
 
     run_generate(model, prompt, sparsity, max_new_tokens, sample, temperature, top_p, chat, device, dtype,
                  trust_checkpoint_code, say=lambda line: err.print(line, soft_wrap=True, markup=False))
@@ -271,7 +271,7 @@ def generate(model, prompt, sparsity, max_new_tokens, sample, temperature, top_p
 @one_line_errors
 def bench(model, levels, new_tokens, prompt_tokens, batch, device, dtype, as_json, save, trust_checkpoint_code):
     """Decode ms/token through model.generate() at each level, next to transformers' dense loop."""
-    from .speed import run_bench, save_speed
+    from .use.speed import run_bench, save_speed
 
     report = run_bench(model, levels, new_tokens, prompt_tokens, batch, device, dtype, save, trust_checkpoint_code)
     if save:

@@ -4,10 +4,14 @@ command line's --help stays fast): the click options read their defaults and cho
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from winaconv_runtime.architectures import PROJECTIONS
 from winaconv_runtime.checkpoint_format import METHODS, TRANSFORMS  # noqa: F401 (choices of --method, --transform)
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # auto: the model's own (convert), float32 on CPU (eval)
-SCORINGS = ("paper", "reference")  # column norms on all seven projections, or on k and gate only
+# --scoring: the projections WINA scores with column norms (the rest by |x_i| alone, TEAL's score): all seven
+# (the paper), or k and gate only (the reference code, microsoft/wina)
+NORM_SCORED = {"paper": PROJECTIONS, "reference": ("k", "gate")}
+SCORINGS = tuple(NORM_SCORED)
 # every layer at the level, or shares from the layers' block-error curves or from the model's output divergence
 LAYER_ALLOCATIONS = ("uniform", "error", "divergence")
 UPSTREAMS = ("dense", "sparse")  # what each layer is calibrated on: the dense model's activations, or the sparse one's
@@ -17,11 +21,8 @@ UPSTREAMS = ("dense", "sparse")  # what each layer is calibrated on: the dense m
 class ConvertOptions:
     model: str
     out: Path
-    # WINA with the pca rotation: best at 40/65% on SmolLM2, within 1.3% of TEAL-pca at 25/50%
-    # (benchmarks/accuracy_pca_4k.md); the rotation folds into the weights, so it costs no speed
+    # the defaults of method and scoring are the ones the accuracy study measured best (README: Results)
     method: str = "wina"
-    # column norms on k and gate only (microsoft/wina's code): under pca as good or better than the paper's
-    # seven at 25/50/65% at both calibration budgets measured, within noise at 40% (benchmarks/accuracy_16k.md)
     scoring: str = "reference"
     transform: str | None = None  # None: the family's default (transform.default_transform)
     sparsity_levels: tuple[float, ...] = (0.25, 0.4, 0.5, 0.65)
@@ -76,3 +77,19 @@ def default(options_class, name: str):
     """A field's default, as click shows it (a tuple of levels as "0.25,0.5")."""
     value = next(f.default for f in fields(options_class) if f.name == name)
     return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) and value else value
+
+
+def norm_scored_projections(method: str, scoring: str) -> tuple[str, ...]:
+    """The projections a conversion scores with column norms (none for TEAL)."""
+    return () if method == "teal" else tuple(NORM_SCORED[scoring])
+
+
+def scoring_name(section: dict | None) -> str | None:
+    """The scoring a checkpoint's config section records, by the name --scoring gives it."""
+    if section is None:
+        return None
+    if section.get("method") == "teal":
+        return "magnitude"
+    norm_scored = tuple(section.get("norm_scored", ()))
+    named = [name for name, projections in NORM_SCORED.items() if sorted(norm_scored) == sorted(projections)]
+    return named[0] if named else "norms on " + ",".join(norm_scored)

@@ -85,7 +85,7 @@ def _level_order(key: str) -> float:
 
 
 def print_inspection(inspection, sparsity, show_thresholds) -> None:
-    from .inspect_checkpoint import tensor_parallel_support
+    from .checkpoint.inspection import tensor_parallel_support
 
     section, config = inspection.section, inspection.config
     if section is None:

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import torch
 
-from winaconv_runtime.architectures import PROJECTIONS
 from winaconv_runtime.checkpoint_format import level_key
 
-from . import __version__, sources
-from .calibration_data import read_text_file
-from .errors import WinaconvError
-from .loading import LoadedModel, ModelRef, find_model, load_model, load_tokenizer, resolve_dtype  # noqa: F401
-from .options import EvalOptions
+from .. import __version__, sources
+from ..convert.calibration_data import read_text_file
+from ..errors import WinaconvError
+from ..options import EvalOptions, scoring_name
+from .loading import LoadedModel, find_model, load_model, load_tokenizer, parse_levels, resolve_dtype
 
 @dataclass
 class LevelResult:
@@ -61,19 +60,6 @@ class EvalReport:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
-
-
-def scoring_name(section: dict | None) -> str | None:
-    if section is None:
-        return None
-    if section.get("method") == "teal":
-        return "magnitude"
-    norm_scored = tuple(section.get("norm_scored", ()))
-    if norm_scored == PROJECTIONS:
-        return "paper"
-    if sorted(norm_scored) == sorted(("k", "gate")):
-        return "reference"
-    return "norms on " + ",".join(norm_scored)
 
 
 # ---------------------------------------------------------------- text and windows
@@ -145,22 +131,6 @@ def perplexity(model, ids: torch.Tensor, window: int, stride: int, batch_size: i
 
 
 # ---------------------------------------------------------------- the command's work
-
-
-def parse_levels(levels, ref: ModelRef) -> list[float]:
-    available = ref.available()
-    if levels is None:
-        return available
-    wanted = sorted({float(s) for s in levels})
-    for level in wanted:
-        if not any(level_key(level) == level_key(a) for a in available):
-            if ref.section is None:
-                raise WinaconvError(
-                    f"{ref.name} is a plain model (no winaconv section): only sparsity 0 (dense) can be evaluated"
-                )
-            stored = ", ".join(f"{s:g}" for s in available)
-            raise WinaconvError(f"sparsity {level:g} is not stored in {ref.name}; stored: {stored}")
-    return wanted
 
 
 def versions() -> dict:

@@ -1,4 +1,5 @@
-"""Move a loaded transformers model into winaconv's runtime classes without copying its weights."""
+"""The runtime model of a base model: its config and class, a meta-device skeleton to stream layers into, or a
+loaded transformers model moved into the runtime classes without copying its weights."""
 
 import copy
 
@@ -8,7 +9,7 @@ from winaconv_runtime.architectures import INPUT_ROTATIONS, SHORTCUTS, family_fo
 from winaconv_runtime.checkpoint_format import exact_model_type, new_section
 from winaconv_runtime.modeling_winaconv import model_class
 
-from . import __version__
+from .. import __version__
 
 
 def winaconv_section(method: str, transform: str, norm_scored) -> dict:
@@ -70,3 +71,16 @@ def _materialize_leftovers(model, base_model) -> None:
     for module in model.modules():  # plain attributes some rotary modules keep besides the buffer
         if hasattr(module, "original_inv_freq") and getattr(module.original_inv_freq, "is_meta", False):
             module.original_inv_freq = module.inv_freq.clone()
+
+
+def skeleton(base_config, section: dict):
+    """The runtime model of `base_config` on the meta device, but for the buffers no checkpoint holds
+    (rotary tables, embedding scales), computed as from_pretrained computes them."""
+    cls, config, _ = runtime_config(base_config, section)
+    with torch.device("meta"):
+        model = cls(config)
+    for module in model.modules():
+        if any(b is not None and b.is_meta for b in module.buffers(recurse=False)):
+            module.to_empty(device="cpu", recurse=False)
+            model._init_weights(module)
+    return model.eval()

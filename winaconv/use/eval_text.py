@@ -18,7 +18,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from .errors import WinaconvError
+from ..errors import WinaconvError
 
 PACKAGE = "gensim"
 RELATIVE_PATH = ("test", "test_data", "lee_background.cor")

@@ -6,7 +6,8 @@ calibration tokens, every option that changes the output, winaconv, torch and tr
 global/pca basis, each finished layer's calibration, and the activations
 and sampler state the next layer starts from. Each layer's entry is written after its tensors are synced to
 disk and is renamed into place, so a kill or a power cut leaves either the old entry or the new one.
-The same command run again finds the folder (checkpoint.atomic_folder) and starts after the last layer.
+The same command run again finds the folder (checkpoint/folder.py's atomic_folder asks this module's
+ResumePolicy which one) and starts after the last layer.
 """
 
 import hashlib
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import CalibrationProgress, LayerCalibration
+from ..errors import WinaconvError
+from .allocate import LayerCalibration
+from .calibrate import CalibrationProgress
 
 RESUME_FOLDER = ".resume"
 STATE_FILE = "state.json"
@@ -45,7 +48,7 @@ def fingerprint(options, source_id: str, source_files, input_ids: torch.Tensor, 
     """Everything a checkpoint depends on: equal fingerprints, equal conversions."""
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     settings = {k: v for k, v in asdict(options).items() if k not in NOT_FINGERPRINTED}
     return {
@@ -169,3 +172,39 @@ def finished_layers(staging: Path) -> int:
 
 def is_resumable(staging: Path) -> bool:
     return finished_layers(staging) > 0
+
+
+class ResumePolicy:
+    """What checkpoint/folder.py's atomic_folder asks of a streamed conversion with this fingerprint: which dead
+    run's staging folder to go on from, and whether an interrupted one is worth keeping."""
+
+    def __init__(self, fingerprint: dict):
+        self.fingerprint = fingerprint
+
+    def claim(self, out: Path, candidates: list[Path], overwrite: bool) -> Path | None:
+        """The candidate an interrupted run of this conversion left; one of another conversion is refused in one
+        line, and discarded only with --overwrite."""
+        for entry in candidates:
+            if not is_resumable(entry):
+                continue
+            recorded = recorded_fingerprint(entry)
+            if recorded == self.fingerprint:
+                return entry
+            if not overwrite:
+                changed = ", ".join(differences(recorded or {}, self.fingerprint)) or "the record is unreadable"
+                raise WinaconvError(f"an interrupted conversion to {out} with other settings is in {entry.name} "
+                                    f"(differs in: {changed}); run its own command to resume it, or pass --overwrite "
+                                    "to discard it")
+        return None
+
+    def keeps(self, staging: Path) -> bool:
+        return is_resumable(staging)
+
+    @staticmethod
+    def interrupted_note(staging: Path, total_layers: int) -> str | None:
+        """What to tell a user who stopped a conversion that can be resumed."""
+        done = finished_layers(staging)
+        if not done:
+            return None
+        return (f"interrupted after {done} of {total_layers} layers; run the same command again to resume from "
+                "there (--overwrite with other settings discards it)")

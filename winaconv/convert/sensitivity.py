@@ -1,5 +1,5 @@
 """How far the model's output moves when one decoder layer is sparse: the yardstick of the "divergence"
-layer allocation (calibrate.layer_targets).
+layer allocation (allocate.layer_targets).
 
 For every layer and a few weighted sparsities along its greedy path, that layer runs at the sparsity while
 all others stay dense, and the mean KL divergence of the next-token distributions from the dense model's
@@ -11,7 +11,8 @@ in the calibration; cost: about layers^2 / 2 x points layer passes over the gree
 import torch
 import torch.nn.functional as F
 
-from .calibrate import LayerCalibration, ResidentLayers, apply_thresholds, capture_layer_inputs, clear_thresholds, layer_outputs
+from .allocate import LayerCalibration, apply_thresholds, clear_thresholds
+from .layers import DecoderLayers, capture_layer_inputs, layer_outputs
 
 
 def _log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -28,9 +29,9 @@ def _log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
 def output_divergences(model, family, layers: list[LayerCalibration], input_ids: torch.Tensor, shares: dict,
                        points: list[float], settings, decoder_layers=None) -> list[list[float]]:
     """KL(dense || layer l sparse at points[k]) for every layer l and point k, on `input_ids`; the layers come
-    from `decoder_layers` (calibrate.ResidentLayers by default)."""
+    from `decoder_layers` (the model's own by default)."""
     device = settings.device
-    decoder_layers = decoder_layers or ResidentLayers(model)
+    decoder_layers = decoder_layers or DecoderLayers(model)
     hidden, layer_kwargs = capture_layer_inputs(model, input_ids, device)
     tail = int(input_ids.shape[1] * (1 - settings.tail_fraction))
 

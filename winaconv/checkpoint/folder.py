@@ -4,7 +4,6 @@ that looks finished.  `--overwrite` only ever replaces a previous winaconv check
 
 import contextlib
 import fnmatch
-import functools
 import json
 import os
 import re
@@ -12,16 +11,10 @@ import secrets
 import shutil
 from pathlib import Path
 
-import winaconv_runtime
 from safetensors import SafetensorError
 
-from winaconv_runtime.checkpoint_format import SAFETENSORS_METADATA
-from winaconv_runtime.modeling_winaconv import classes_for
-
-from .errors import WinaconvError
-from .shards import save_sharded
-
-RUNTIME_DIR = Path(winaconv_runtime.__file__).parent
+from ..errors import WinaconvError
+from .code import runtime_sources
 
 
 # What a winaconv checkpoint folder holds, by name; --overwrite replaces a folder only if it holds nothing
@@ -32,18 +25,7 @@ CHECKPOINT_NAMES = ("config.json", "generation_config.json", "model.safetensors"
                     "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json", "*.tiktoken")
 # hf download --local-dir keeps its bookkeeping in .cache/huggingface; Python writes __pycache__/*.pyc
 CHECKPOINT_SUBFOLDERS = {".cache": "huggingface", "__pycache__": "*.pyc"}
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 STAGING_MARKER = ".winaconv-staging"
-
-
-def parse_shard_size(value) -> int:
-    """--max-shard-size: bytes, or a number with a unit (5GB, 500MB, 2GiB)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(value), flags=re.IGNORECASE)
-    unit = match and match.group(2).upper()
-    if not match or unit not in SIZE_UNITS or float(match.group(1)) * SIZE_UNITS[unit] < 1:
-        raise WinaconvError(f"--max-shard-size must be a size such as 5GB, 500MB or 2GiB; got {value!r}")
-    return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
 def is_winaconv_checkpoint(folder: Path) -> bool:
@@ -136,17 +118,6 @@ def _read_only(path: Path) -> bool:
         return False
 
 
-def runtime_files() -> list[Path]:
-    return sorted(p for p in RUNTIME_DIR.glob("*.py") if p.name != "__init__.py")
-
-
-@functools.cache
-def runtime_sources() -> dict[str, bytes]:
-    """The installed runtime's files as this process first read them: what it copies into checkpoints and
-    compares checkpoints' copies with (checkpoint_code.py)."""
-    return {path.name: path.read_bytes() for path in runtime_files()}
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -190,43 +161,22 @@ def remove_stale_staging(out: Path, keep: Path | None = None) -> list[Path]:
     return removed
 
 
-def claim_interrupted(out: Path, fingerprint: dict, overwrite: bool) -> Path | None:
-    """The staging folder of an interrupted conversion of `out` with this fingerprint, to resume; one with
-    another fingerprint is refused in one line, and discarded only with --overwrite."""
-    from .resume import differences, is_resumable, recorded_fingerprint
-
-    for entry in _dead_staging(out):
-        if not is_resumable(entry):
-            continue
-        recorded = recorded_fingerprint(entry)
-        if recorded == fingerprint:
-            return entry
-        if not overwrite:
-            changed = ", ".join(differences(recorded or {}, fingerprint)) or "the record is unreadable"
-            raise WinaconvError(f"an interrupted conversion to {out} with other settings is in {entry.name} "
-                                f"(differs in: {changed}); run its own command to resume it, or pass --overwrite "
-                                "to discard it")
-    return None
-
-
 def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 @contextlib.contextmanager
-def atomic_folder(out: Path, overwrite: bool, source: Path | None = None, fingerprint: dict | None = None):
+def atomic_folder(out: Path, overwrite: bool, source: Path | None = None, resume=None):
     """Yields a temporary folder; on success it replaces `out`, on failure (a write error, SIGINT, SIGTERM)
-    it is removed. The folder gets the usual umask-derived mode, not mkdtemp's 0700. With a `fingerprint`
-    (a streamed conversion) the folder of an interrupted run with the same fingerprint is resumed, and an
-    interrupted run's folder is kept once it records a finished layer (resume.py)."""
-    from .resume import is_resumable
-
+    it is removed. The folder gets the usual umask-derived mode, not mkdtemp's 0700. With a `resume` policy
+    (a streamed conversion: convert/resume.py) it may claim a dead run's folder to go on from, and an
+    interrupted folder it `keeps` is left for the next run."""
     out = Path(out).expanduser().absolute()
     check_output_dir(out, overwrite, source)
     check_no_live_conversion(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        resumed = claim_interrupted(out, fingerprint, overwrite) if fingerprint is not None else None
+        resumed = resume.claim(out, _dead_staging(out), overwrite) if resume is not None else None
         remove_stale_staging(out, keep=resumed)
         staging = out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
         if resumed is not None:
@@ -244,7 +194,7 @@ def atomic_folder(out: Path, overwrite: bool, source: Path | None = None, finger
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
         raise WinaconvError(f"writing {out} failed ({reason}); the partial output was removed") from None
     except BaseException:
-        if not (fingerprint is not None and is_resumable(staging)):
+        if not (resume is not None and resume.keeps(staging)):
             shutil.rmtree(staging, ignore_errors=True)
         raise
     try:
@@ -311,34 +261,3 @@ def write_into_checkpoint(folder: Path, name: str, text: str) -> Path:
         partial.unlink(missing_ok=True)
         raise WinaconvError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
-
-
-def write_checkpoint_files(model, family, tokenizer, folder: Path) -> None:
-    """Everything but the weights: config with auto_map, generation config, tokenizer, the runtime's sources."""
-    config = model.config
-    config.auto_map = classes_for(family, config.winaconv["transform"])
-    config.architectures = [config.auto_map["AutoModelForCausalLM"].split(".", 1)[1]]
-    config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    for name, data in runtime_sources().items():
-        (folder / name).write_bytes(data)
-
-
-def saved_state_names(model) -> list[str]:
-    """The tensors a checkpoint stores, in state-dict order (a tied lm_head is the embeddings')."""
-    names = list(model.state_dict())
-    return [n for n in names if not (n == "lm_head.weight" and model.config.tie_word_embeddings)]
-
-
-def write_checkpoint(model, family, tokenizer, folder: Path, max_shard_size: str = "5GB") -> None:
-    """A whole model in memory: weights (safetensors, sharded with an index above max_shard_size) and
-    write_checkpoint_files."""
-    write_checkpoint_files(model, family, tokenizer, folder)
-    state = model.state_dict()
-    save_sharded({n: state[n].detach() for n in saved_state_names(model)}, folder, parse_shard_size(max_shard_size),
-                 SAFETENSORS_METADATA)
-    if not any(folder.glob("*.safetensors")):
-        raise WinaconvError("no weights were written")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import WinaconvError
+from .. import sources
+from ..errors import WinaconvError
 
 
 @contextlib.contextmanager
@@ -131,3 +132,17 @@ def check_complete(weights, needed, model_id: str) -> None:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise WinaconvError(f"{model_id} has no tensor {missing[0]}{more} under the names transformers uses; "
                             "convert it with --in-memory (transformers' own loader)")
+
+
+def open_weights(source: sources.ModelSource, skeleton):
+    """(the source's weights, read tensor by tensor, and what identifies their files for resume.py); only
+    metadata is read here."""
+    if source.gguf_file:
+        files = GGUFWeights(Path(source.location) / source.gguf_file, skeleton)
+    else:
+        local = Path(source.location)
+        files = FolderWeights(local if local.is_dir() else sources.hub_snapshot(source), source.model_id)
+    identity = files.fingerprint()
+    if not source.gguf_file and not Path(source.location).is_dir():
+        identity = {"commit": files.folder.name, "files": identity}  # a Hub snapshot's folder is its commit
+    return files, identity

@@ -35,8 +35,9 @@ from torch import nn
 from winaconv_runtime.architectures import RESIDUAL_WRITERS, Family, projection_sizes
 from winaconv_runtime.checkpoint_format import TRANSFORMS
 
-from .calibrate import residual_covariance
-from .errors import WinaconvError
+from ..errors import WinaconvError
+from .layers import DecoderLayers, capture_layer_inputs, layer_outputs
+from .weights import ModelWeights
 
 
 def available_transforms(family: Family) -> tuple[str, ...]:
@@ -200,7 +201,7 @@ class LayerTransform:
 
     `raw(names)` gives untransformed source tensors by state-dict name; the exact transform's bases come
     from there (a layer's output basis is the next layer's attention basis, read ahead). global and pca
-    need their one basis first (`global_basis`, calibrate.residual_covariance over norm-folded layers),
+    need their one basis first (model_wide_basis: `global_basis`, or residual_covariance over norm-folded layers),
     passed as `basis`. Then `ends(model)` transforms embeddings and lm_head and `layer(layer, index)` each
     decoder layer; every tensor gets the same float64 arithmetic whichever order the layers come in.
     """
@@ -285,23 +286,66 @@ def apply_transform(model, family: Family, kind: str, device="cpu", calibration_
     check_transform(family, kind)
     if kind == "pca" and calibration_ids is None:
         raise ValueError("the pca transform needs calibration token ids")
+    raw = ModelWeights(model)  # untransformed: _set replaces parameters' data, never writes into it
     basis = None
-    if kind in ("global", "pca"):
-        folded = [copy.deepcopy(layer) for layer in model.model.layers]
-        for layer in folded:
-            fold_layer_norms(layer, family)
-        if kind == "global":
-            basis = global_basis(folded, family, device)
-        else:
-            fold_head_norm(model)
-            real_layers, model.model.layers = model.model.layers, nn.ModuleList(folded)
-            try:
-                basis = principal_basis(residual_covariance(model, calibration_ids, device))
-            finally:
-                model.model.layers = real_layers
-        del folded
-    raw_state = model.state_dict()  # untransformed: _set replaces parameters' data, never writes into it
-    plan = LayerTransform(kind, family, model.config, lambda names: {n: raw_state[n] for n in names}, device, basis)
+    if kind in ("global", "pca"):  # the first pass reads the layers into a copy, as a conversion reads its source
+        basis = model_wide_basis(copy.deepcopy(model), family, kind, raw, calibration_ids, device)
+    plan = LayerTransform(kind, family, model.config, raw.read, device, basis)
     plan.ends(model)
     for index, layer in enumerate(model.model.layers):
         plan.layer(layer, index)
+
+
+@torch.no_grad()
+def residual_covariance(model, input_ids: torch.Tensor, device, micro_batch: int = 8, layers=None) -> torch.Tensor:
+    """sum over tokens of n n^T, float64, where n is every normed residual stream the model reads
+    (each layer's two norms and the final one), layer by layer like the calibration itself."""
+    layers = layers or DecoderLayers(model)
+    hidden, layer_kwargs = capture_layer_inputs(model, input_ids, device)
+    size = model.config.hidden_size
+    covariance = torch.zeros(size, size, dtype=torch.float64, device=device)
+
+    def accumulate(module, args, output):
+        flat = output.reshape(-1, size).double()
+        covariance.add_(flat.T @ flat)
+
+    for index, kwargs in enumerate(layer_kwargs):
+        with layers.open(index) as layer:
+            layer.to(device)
+            handles = [norm.register_forward_hook(accumulate)
+                       for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+            try:
+                hidden = layer_outputs(layer, hidden, kwargs, device, micro_batch)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                layer.to("cpu")
+    final_norm = model.model.norm.to(device)
+    for chunk in hidden.split(micro_batch):
+        accumulate(final_norm, None, final_norm(chunk.to(device)))
+    final_norm.to("cpu")
+    return covariance
+
+
+@torch.no_grad()
+def model_wide_basis(model, family, kind: str, weights, input_ids, device, progress=None) -> torch.Tensor:
+    """The one Q of the global / pca transform, from a first pass over the layers read from `weights` into
+    `model` (a skeleton whose layers it leaves on the meta device), norms folded."""
+    task = progress.add_task(f"{kind} basis (first pass)", total=model.config.num_hidden_layers) if progress else None
+
+    def prepare(layer, index):
+        fold_layer_norms(layer, family)
+        if progress:
+            progress.update(task, completed=index + 1)
+
+    folded = DecoderLayers(model, weights, prepare=prepare)
+    if kind == "global":
+        return global_basis(_each(folded), family, device)
+    fold_head_norm(model)  # the covariance counts the final norm's output, whose gain goes to lm_head
+    return principal_basis(residual_covariance(model, input_ids, device, layers=folded))
+
+
+def _each(layers):
+    for index in range(len(layers)):
+        with layers.open(index) as layer:
+            yield layer

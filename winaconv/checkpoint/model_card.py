@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from winaconv_runtime.architectures import PROJECTIONS, parameter_shares
 from winaconv_runtime.checkpoint_format import base_model_type
 
-from .errors import WinaconvError
+from ..errors import WinaconvError
 
 RESULTS_FILE = "winaconv_results.json"
 CARD_FILE = "README.md"
@@ -252,7 +252,7 @@ def build_model_card(folder: Path, repo_id: str | None = None, base_model: str |
     """The card of the checkpoint in `folder` (config.json and, if present, winaconv_results.json)."""
     from huggingface_hub import ModelCard
 
-    from .inspect_checkpoint import tensor_parallel_support  # (it imports this module)
+    from .inspection import tensor_parallel_support  # (it imports this module)
 
     folder = Path(folder)
     config = read_json(folder / "config.json", "config")
@@ -323,7 +323,7 @@ def write_model_card(folder: Path, repo_id: str | None = None, base_model: str |
     path = Path(folder) / CARD_FILE
     if path.is_file() and not overwrite_foreign and CARD_MARKER not in path.read_text(errors="replace"):
         return path, False
-    from .checkpoint import write_into_checkpoint
+    from .folder import write_into_checkpoint
 
     card = build_model_card(folder, repo_id, base_model)
     return write_into_checkpoint(folder, CARD_FILE, str(card)), True

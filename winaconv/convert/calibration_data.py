@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import WinaconvError
+from ..errors import WinaconvError
 
 DEFAULT_DATASET = "tatsu-lab/alpaca"
 BUILTIN_SOURCE = "builtin:python-docs"

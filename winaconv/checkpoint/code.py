@@ -8,14 +8,16 @@ and that this winaconv did not write: `inspect` reports it, `push` refuses it, a
 model refuse it unless the user passes --trust-checkpoint-code.
 """
 
+import functools
 import json
+from pathlib import Path
 
+import winaconv_runtime
 from winaconv_runtime.architectures import FAMILIES
 from winaconv_runtime.checkpoint_format import TRANSFORMS, base_model_type
 from winaconv_runtime.modeling_winaconv import classes_for
 
-from .checkpoint import runtime_sources
-
+RUNTIME_DIR = Path(winaconv_runtime.__file__).parent
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
@@ -56,3 +58,14 @@ def code_problems(ckpt, config: dict) -> list[str]:
             problems.append(f"{TOKENIZER_CONFIG}: auto_map names tokenizer code ({json.dumps(tokenizer_map)[:120]}), "
                             "which is not winaconv's")
     return problems
+
+
+def runtime_files() -> list[Path]:
+    return sorted(p for p in RUNTIME_DIR.glob("*.py") if p.name != "__init__.py")
+
+
+@functools.cache
+def runtime_sources() -> dict[str, bytes]:
+    """The installed runtime's files as this process first read them: what it copies into checkpoints and
+    compares checkpoints' copies with."""
+    return {path.name: path.read_bytes() for path in runtime_files()}

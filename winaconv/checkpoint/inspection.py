@@ -14,7 +14,7 @@ from winaconv_runtime.architectures import PROJECTIONS, FAMILIES
 from winaconv_runtime.checkpoint_format import (FORMAT_VERSION, SAFETENSORS_METADATA, TRANSFORMS, base_model_type,
                                                 conversion_problems, is_exact_model_type, section_problems)
 
-from .errors import WinaconvError
+from ..errors import WinaconvError
 from .model_card import RESULTS_FILE, is_hub_id, parse_results
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -257,8 +257,8 @@ def check_weights(ckpt, inspection: Inspection) -> None:
 
 
 def check_files(ckpt, inspection: Inspection) -> None:
-    from .checkpoint import runtime_sources
-    from .checkpoint_code import code_problems
+    from .folder import runtime_sources
+    from .code import code_problems
 
     config = inspection.config
     auto_map = config.get("auto_map") or {}

@@ -2,7 +2,7 @@
 
 A winaconv checkpoint is built from the installed `winaconv_runtime` (its model classes read the folder's
 config and weights), never from the Python files in the folder: those are only run when they differ from
-the installed runtime and the user passed --trust-checkpoint-code (checkpoint_code.py). Everything that can
+the installed runtime and the user passed --trust-checkpoint-code (checkpoint/code.py). Everything that can
 be checked without loading weights is checked first (config, sparsity tables, code, tensor names and shapes
 from the safetensors headers), so a broken checkpoint stops with one line naming what is wrong. A plain
 model folder, a .gguf file or a Hub id is loaded dense through transformers, without running remote code
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from winaconv_runtime.checkpoint_format import CheckpointFormatError, SparsitySettings, section_problems
+from winaconv_runtime.checkpoint_format import CheckpointFormatError, SparsitySettings, level_key, section_problems
 
-from . import sources
-from .errors import WinaconvError
-from .sources import DTYPES
+from .. import sources
+from ..errors import WinaconvError
+from ..sources import DTYPES
 
 TRUST_FLAG = "--trust-checkpoint-code"
 
@@ -84,8 +84,8 @@ def check_checkpoint(model: str, config: dict, trust_checkpoint_code: bool) -> b
     """Stops with one line on anything that would make the checkpoint load wrong or fail (from config.json
     and the safetensors headers). Returns whether to run the folder's own code: only when it differs from the
     installed runtime and the user opted in."""
-    from .checkpoint_code import code_problems
-    from .inspect_checkpoint import Inspection, LocalCheckpoint, check_weights
+    from ..checkpoint.code import code_problems
+    from ..checkpoint.inspection import Inspection, LocalCheckpoint, check_weights
 
     problems = section_problems(config["winaconv"], config.get("num_hidden_layers"), for_loading=True)
     if problems:
@@ -146,3 +146,20 @@ def load_model(ref: ModelRef, device: str = "cpu", dtype="auto") -> LoadedModel:
             raise WinaconvError(f"cannot load {ref.name}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
     return LoadedModel(model, model.sparsity_settings if ref.section is not None else None)
+
+
+def parse_levels(levels, ref: ModelRef) -> list[float]:
+    """The levels asked for (every stored one when None), each checked to be stored in the model."""
+    available = ref.available()
+    if levels is None:
+        return available
+    wanted = sorted({float(s) for s in levels})
+    for level in wanted:
+        if not any(level_key(level) == level_key(a) for a in available):
+            if ref.section is None:
+                raise WinaconvError(
+                    f"{ref.name} is a plain model (no winaconv section): only sparsity 0 (dense) can be evaluated"
+                )
+            stored = ", ".join(f"{s:g}" for s in available)
+            raise WinaconvError(f"sparsity {level:g} is not stored in {ref.name}; stored: {stored}")
+    return wanted

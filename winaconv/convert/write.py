@@ -1,4 +1,4 @@
-"""safetensors shards written tensor by tensor.
+"""Writing the checkpoint: safetensors shards tensor by tensor, then the config, tokenizer and runtime files.
 
 The shard plan (which tensor goes in which file) is huggingface_hub's split, computed from names, shapes and
 dtypes alone; each file's header is written first and every tensor at its offset when it is ready, so a
@@ -9,10 +9,19 @@ first, then by name; JSON header padded with spaces to 8 bytes), so files compar
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
 import torch
+
+from winaconv_runtime.modeling_winaconv import classes_for
+
+from ..checkpoint.code import runtime_sources
+from ..errors import WinaconvError
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
@@ -112,3 +121,32 @@ def save_sharded(state: dict, folder: Path, max_shard_bytes: int, metadata: dict
             writer.put(name, tensor)
     finally:
         writer.close()
+
+
+def parse_shard_size(value) -> int:
+    """--max-shard-size: bytes, or a number with a unit (5GB, 500MB, 2GiB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(value), flags=re.IGNORECASE)
+    unit = match and match.group(2).upper()
+    if not match or unit not in SIZE_UNITS or float(match.group(1)) * SIZE_UNITS[unit] < 1:
+        raise WinaconvError(f"--max-shard-size must be a size such as 5GB, 500MB or 2GiB; got {value!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+def write_checkpoint_files(model, family, tokenizer, folder: Path) -> None:
+    """Everything but the weights: config with auto_map, generation config, tokenizer, the runtime's sources."""
+    config = model.config
+    config.auto_map = classes_for(family, config.winaconv["transform"])
+    config.architectures = [config.auto_map["AutoModelForCausalLM"].split(".", 1)[1]]
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    for name, data in runtime_sources().items():
+        (folder / name).write_bytes(data)
+
+
+def saved_state_names(model) -> list[str]:
+    """The tensors a checkpoint stores, in state-dict order (a tied lm_head is the embeddings')."""
+    names = list(model.state_dict())
+    return [n for n in names if not (n == "lm_head.weight" and model.config.tie_word_embeddings)]

@@ -7,8 +7,8 @@ last two once, at import.
 
 from pathlib import Path
 
-from .errors import WinaconvError
-from .inspect_checkpoint import hub_error_line, inspect_checkpoint
+from ..errors import WinaconvError
+from .inspection import hub_error_line, inspect_checkpoint
 from .model_card import is_hub_id, write_model_card
 
 IGNORE = ["__pycache__/*", "*.pyc", ".*"]

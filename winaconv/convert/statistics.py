@@ -1,7 +1,13 @@
-"""Gating-score distributions: map a sparsity level of one projection to its threshold."""
+"""Gating-score statistics: the scores a layer's projections see on the calibration text, kept as quantile
+grids that map a sparsity level of one projection to its threshold."""
 
 import numpy as np
 import torch
+
+from winaconv_runtime.architectures import PROJECTIONS
+from winaconv_runtime.modeling_winaconv import sparse_linears
+
+from .layers import layer_outputs
 
 GRID_POINTS = 2049  # quantiles stored per projection: thresholds resolved to 1/2048 in sparsity
 
@@ -59,3 +65,33 @@ def threshold_at(grid: torch.Tensor, sparsity: float) -> float:
     high = min(low + 1, grid.numel() - 1)
     weight = position - low
     return float(grid[low] * (1 - weight) + grid[high] * weight)
+
+
+def scoring_norms(linear, projections, norm_scored) -> dict:
+    """Per projection of `linear`: its column norms where it is scored with them (WINA), else None."""
+    segments = linear.weight.split(linear.segment_sizes, dim=0)
+    return {p: (w.float().norm(dim=0) if p in norm_scored else None) for p, w in zip(projections, segments)}
+
+
+@torch.no_grad()
+def collect_statistics(layer, family, hidden, layer_kwargs, settings, generator) -> tuple[dict, torch.Tensor]:
+    """Dense pass over all sequences: score quantiles per projection and the layer's outputs."""
+    total_per_input = hidden.shape[0] * hidden.shape[1]
+    samplers, handles = {}, []
+    for projections, linear in sparse_linears(layer, family):
+        linear.set_thresholds(None, None)
+        norms = scoring_norms(linear, projections, settings.norm_scored)
+        for p in projections:
+            samplers[p] = ScoreSampler(settings.max_scores, total_per_input * linear.in_features, generator)
+
+        def record(module, args, projections=projections, norms=norms):
+            for p in projections:
+                samplers[p].add(args[0], norms[p])
+
+        handles.append(linear.register_forward_pre_hook(record))
+    try:
+        outputs = layer_outputs(layer, hidden, layer_kwargs, settings.device, settings.micro_batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {p: samplers[p].quantile_grid() for p in PROJECTIONS}, outputs

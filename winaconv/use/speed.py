@@ -7,8 +7,8 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import WinaconvError
-from .sources import resolve_device
+from ..errors import WinaconvError
+from ..sources import resolve_device
 
 
 def _find(model: str, trust_checkpoint_code: bool):
@@ -89,7 +89,7 @@ def _sync(device: str) -> None:
 
 def run_generate(model, prompt, sparsity, max_new_tokens, sample, temperature, top_p, chat, device, dtype,
                  trust_checkpoint_code=False, say=print):
-    from .evaluate import parse_levels
+    from .loading import parse_levels
 
     if not prompt:
         raise WinaconvError("the prompt is empty")
@@ -143,7 +143,7 @@ def run_bench(model, levels, new_tokens, prompt_tokens, batch, device, dtype, sa
     import torch
     from transformers import GenerationMixin
 
-    from .evaluate import parse_levels
+    from .loading import parse_levels
 
     device = resolve_device(device)
     if new_tokens < 2:
@@ -179,9 +179,9 @@ def run_bench(model, levels, new_tokens, prompt_tokens, batch, device, dtype, sa
 def results_file(ref) -> Path:
     """Where --save writes: the results file of a local winaconv checkpoint folder, whose current content (if
     any) must be a JSON object; a plain model folder, a Hub id or a symbolic link is refused."""
-    from .model_card import RESULTS_FILE, read_json
+    from ..checkpoint.model_card import RESULTS_FILE, read_json
 
-    from .checkpoint import checkpoint_file
+    from ..checkpoint.folder import checkpoint_file
 
     folder = Path(ref.name).expanduser()
     if ref.section is None or not folder.is_dir():
@@ -193,8 +193,8 @@ def results_file(ref) -> Path:
 
 
 def save_speed(report: dict) -> None:
-    from .checkpoint import write_into_checkpoint
-    from .model_card import read_json
+    from ..checkpoint.folder import write_into_checkpoint
+    from ..checkpoint.model_card import read_json
 
     path = Path(report["save_to"])
     results = read_json(path, "results file") if path.exists() else {}

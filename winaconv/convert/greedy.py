@@ -1,4 +1,4 @@
-"""Block outputs for TEAL's greedy search (calibrate.greedy_path), each piece computed once.
+"""Block outputs for TEAL's greedy search (allocate.greedy_path), each piece computed once.
 
 At every step the search runs the block once per projection, with that projection's threshold raised.
 Most of what such a trial computes was already computed, by another trial of the same step or by a trial
