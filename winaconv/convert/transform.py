@@ -24,7 +24,7 @@ constant, so no rotation of the residual stream folds into the weights ("global"
 Their "exact" leaves the stream as it is and rotates each block's normed input online instead
 (x -> x Q before q/k/v and before gate/up, whose weights become W Q, with the same per-block Q as
 above): two hidden x hidden matrices per layer, as many as the shortcuts on Llama
-(benchmarks/gemma_transforms.md: their cost in bytes and accuracy on Gemma 3 270M).
+(docs/results.md: their cost in bytes and accuracy on Gemma 3 270M).
 """
 
 import copy
@@ -46,7 +46,7 @@ def available_transforms(family: Family) -> tuple[str, ...]:
 
 def default_transform(family: Family) -> str:
     """pca where rotations fold into the weights (README: Results); Gemma: none, which reads no extra
-    bytes per token (benchmarks/gemma_transforms.md)."""
+    bytes per token (docs/results.md)."""
     return "pca" if family.transforms is None else family.transforms[0]
 
 

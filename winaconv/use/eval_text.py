@@ -11,7 +11,7 @@ The articles are split in a fixed way: the last EVAL_DOCUMENTS are the held-out 
 text, the others may be used for calibration. The split never changes, so numbers from
 different runs and machines compare.
 
-    python -m winaconv.eval_text --eval-out eval.jsonl --calib-out calib.jsonl
+    python -m winaconv.use.eval_text --eval-out eval.jsonl --calib-out calib.jsonl
 """
 
 import importlib.util
