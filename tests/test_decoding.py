@@ -2,6 +2,8 @@
 GreedyDecoder's static-tensor step gives transformers' greedy tokens."""
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,11 +13,11 @@ from winaconv.calibrate import uniform_levels
 from winaconv.runtime_model import to_runtime_model, winaconv_section
 from winaconv_runtime import sparse_linear
 from winaconv_runtime.architectures import PROJECTIONS, projection_sizes
-from winaconv_runtime.decoding import GreedyDecoder
 
 from random_models import FAMILY_MODELS, random_model
 
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from greedy_decoder import GreedyDecoder  # noqa: E402  (a benchmark front of the engine, not shipped)
 
 
 def sparse_random_model(family, method="wina"):

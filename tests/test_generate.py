@@ -12,8 +12,8 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from winaconv.calibrate import uniform_levels
 from winaconv.runtime_model import to_runtime_model, winaconv_section
-from winaconv_runtime.generation import (DecodeSettings, GenerationInputError, process_logits, resolved_config,
-                                        top_k_candidates)
+from winaconv_runtime.generation_config import GenerationInputError, resolved_config
+from winaconv_runtime.sampling import DecodeSettings, process_logits, top_k_candidates
 
 from random_models import ALL_FAMILIES, random_model
 

@@ -1,5 +1,6 @@
 """Greedy decoding at a fixed batch size and cache length, for benchmarks: a thin front of the engine
-behind `model.generate()` (runtime/generation.py), so there is one decoding loop.
+behind `model.generate()` (runtime/decode_engine.py), so there is one decoding loop. It lives here, not in the
+runtime, because checkpoints have no use for it.
 
     decoder = GreedyDecoder(model, max_length=512)
     ids = decoder.generate(input_ids, max_new_tokens=256)    # [batch, prompt + new] token ids
@@ -10,7 +11,8 @@ It never stops early (no end-of-sequence check), which is what a fixed-length ti
 import torch
 from transformers import GenerationConfig
 
-from .generation import DecodeEngine, DecodeSettings
+from winaconv_runtime.decode_engine import DecodeEngine
+from winaconv_runtime.sampling import DecodeSettings
 
 
 class GreedyDecoder:
