@@ -12,9 +12,12 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # auto: the model's ow
 # (the paper), or k and gate only (the reference code, microsoft/wina)
 NORM_SCORED = {"paper": PROJECTIONS, "reference": ("k", "gate")}
 SCORINGS = tuple(NORM_SCORED)
+NORMS_PREFIX = "norms:"  # a hidden scoring value: "norms:" and a comma list of projections
 # every layer at the level, or shares from the layers' block-error curves or from the model's output divergence
 LAYER_ALLOCATIONS = ("uniform", "error", "divergence")
-UPSTREAMS = ("dense", "sparse")  # what each layer is calibrated on: the dense model's activations, or the sparse one's
+UPSTREAMS = ("dense", "sparse")
+# how a routed expert's thresholds come from the scores the router sent it (winaconv/convert/statistics.py)
+EXPERT_CALIBRATIONS = ("shrink", "own", "pooled")  # what each layer is calibrated on: the dense model's activations, or the sparse one's
 
 
 @dataclass
@@ -35,6 +38,7 @@ class ConvertOptions:
     greedy_step: float = 0.025
     layer_allocation: str = "uniform"
     upstream: str = "dense"
+    expert_calibration: str = "shrink"  # mixture-of-experts models only (docs/moe.md)
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
@@ -80,8 +84,18 @@ def default(options_class, name: str):
 
 
 def norm_scored_projections(method: str, scoring: str) -> tuple[str, ...]:
-    """The projections a conversion scores with column norms (none for TEAL)."""
-    return () if method == "teal" else tuple(NORM_SCORED[scoring])
+    """The projections a conversion scores with column norms (none for TEAL). Besides the names of --scoring,
+    a hidden value "norms:q,k,v" names the projections directly (the cross-text study's per-projection rows;
+    the command line does not offer it)."""
+    if method == "teal":
+        return ()
+    if scoring.startswith(NORMS_PREFIX):
+        named = tuple(p for p in scoring[len(NORMS_PREFIX):].split(",") if p)
+        unknown = [p for p in named if p not in PROJECTIONS]
+        if unknown:
+            raise ValueError(f"unknown projections in scoring {scoring!r}: {', '.join(unknown)}")
+        return named
+    return tuple(NORM_SCORED[scoring])
 
 
 def scoring_name(section: dict | None) -> str | None:
