@@ -14,11 +14,11 @@ import torch  # noqa: E402
 
 from winaconv.testing import smollm2_folder as export_smollm2, smollm2_gguf  # noqa: E402
 
+from budgets import FAST_CONVERT  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("WINACONV_TEST_CACHE", REPO / ".cache" / "test-models"))
 
-# Small conversions keep the real-model tests inside CI's budget; they still run every stage.
-FAST_CONVERT = dict(calib_tokens=2048, seq_len=256, greedy_tokens=512, sparsity_levels=(0.25, 0.5), default_sparsity=0.5)
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +53,7 @@ def converted_smollm2(smollm2_folder, tmp_path_factory):
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """checkpoints(transform) -> a tiny converted checkpoint (support.tiny_checkpoint), made once per session."""
-    from support import tiny_checkpoint
+    from models import tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
     return lambda transform="global": tiny_checkpoint(root, transform)
@@ -70,6 +70,12 @@ def checkpoint_copy(checkpoints, tmp_path):
         return folder
 
     return make
+
+
+@pytest.fixture
+def ckpt(checkpoint_copy):
+    """A private copy of the converted tiny checkpoint (global transform), free to change."""
+    return checkpoint_copy("global")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +100,7 @@ def tiny_folder(tmp_path_factory):
     """Small random model folders, with the SmolLM2 tokenizer (its vocabulary is large enough)."""
     from transformers import AutoTokenizer
 
-    from random_models import random_model
+    from models import random_model
 
     gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -1,10 +1,17 @@
-"""Small random models of every supported family, built from configs (no downloads)."""
+"""The small models of the tests, built from configs (no downloads): a random model of every supported family,
+its runtime model with uniform levels stored, and random Llama folders with a tiny BPE tokenizer of their own
+(tiny_source), converted once per session where a test needs a checkpoint (tiny_checkpoint)."""
+
+import json
+from pathlib import Path
 
 import torch
 from transformers import (
     LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
     Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
+
+from budgets import TINY_OPTIONS
 
 COMMON = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -17,7 +24,9 @@ FAMILY_MODELS = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),  # per-head q/k norms
     "phi3": (Phi3Config, Phi3ForCausalLM, {"pad_token_id": 0}),  # fused qkv_proj and gate_up_proj
 }
-ALL_FAMILIES = sorted(FAMILY_MODELS) + ["gemma2", "gemma3_text"]  # GEMMA_MODELS below
+CONTEXT = COMMON["max_position_embeddings"]  # the tiny models' context (tiny_source's too)
+GEMMA_FAMILIES = ["gemma2", "gemma3_text"]  # GEMMA_MODELS below
+ALL_FAMILIES = sorted(FAMILY_MODELS) + GEMMA_FAMILIES
 
 
 def random_model(family: str, seed: int = 0, dtype=torch.float32):
@@ -65,3 +74,100 @@ def _random_gemma(family: str, seed: int, dtype):
             if "norm" in name:
                 param.uniform_(-0.5, 0.5)
     return model
+
+
+CALIB_TEXT = "\n\n".join(
+    f"Paragraph {i}: the quick brown fox jumps over the lazy dog while the calibration text keeps on going, "
+    f"with numbers like {i * 37 % 101} and words such as sparsity, threshold, projection and layer."
+    for i in range(60)
+)
+
+
+def tiny_source(root: Path) -> Path:
+    """A random Llama (hidden 64, 2 layers) with a small BPE tokenizer, saved as a transformers folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = root / "tiny-llama"
+    if (folder / "config.json").is_file():
+        return folder
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([CALIB_TEXT], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+_MADE: dict[tuple[Path, str], Path] = {}
+
+
+def tiny_checkpoint(root: Path, transform: str = "global") -> Path:
+    """A converted checkpoint of tiny_source (made once per root and transform); copy it before breaking it."""
+    from winaconv.convert import ConvertOptions, convert
+
+    if (root, transform) not in _MADE:
+        calib = root / "calib.txt"
+        calib.write_text(CALIB_TEXT)
+        out = root / f"ckpt-{transform}"
+        convert(ConvertOptions(model=str(tiny_source(root)), out=out, method="wina", transform=transform,
+                               calib_file=str(calib), device="cpu", **TINY_OPTIONS), say=lambda m: None)
+        config = json.loads((out / "config.json").read_text())
+        config["winaconv"]["base_model"]["id"] = "example-org/tiny-llama"  # as a Hub-converted model records it
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        _MADE[root, transform] = out
+    return _MADE[root, transform]
+
+
+def runtime_with_levels(base, method: str = "teal", levels=(), norm_scored=(), transform: str = "none",
+                        first_token: int = 3):
+    """(the runtime model of `base`, its family) with uniform levels stored: TEAL's rule, each projection's own
+    quantile of its scores on two random sequences of 24 tokens (ids from `first_token` up)."""
+    from winaconv.convert.calibrate import uniform_levels
+    from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
+
+    model, family = to_runtime_model(base, winaconv_section(method, transform, norm_scored))
+    if levels:
+        ids = torch.randint(first_token, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+        uniform_levels(model, family, ids, list(levels), norm_scored)
+    return model, family
+
+
+def runtime_llama(silence_attention: bool):
+    """The runtime model of the random Llama (TEAL, no transform); with silence_attention its attention adds
+    nothing to the residual stream."""
+    import copy
+
+    from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
+
+    base = random_model("llama")
+    if silence_attention:
+        with torch.no_grad():
+            for layer in base.model.layers:
+                layer.self_attn.o_proj.weight.zero_()  # attention adds nothing to the residual stream
+    model, family = to_runtime_model(copy.deepcopy(base), winaconv_section("teal", "none", ()))
+    return model, family
+
+
+def calibration_ids(config, seed=2):
+    """Three random sequences of 16 tokens: enough for the pca basis of a tiny model."""
+    return torch.randint(0, config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def transformed(base, kind):
+    """(the runtime model of a copy of `base` with transform `kind` applied, its family)."""
+    import copy
+
+    from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
+    from winaconv.convert.transform import apply_transform
+
+    model, family = to_runtime_model(copy.deepcopy(base), winaconv_section("wina", kind, ()))
+    apply_transform(model, family, kind, calibration_ids=calibration_ids(base.config))
+    return model, family

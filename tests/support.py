@@ -1,23 +1,15 @@
 """Helpers shared by the tests (not a test module): running the CLI, the one-line-error assertions, the
-float64 reference of the sparsity rule, and the tiny random Llama with its own byte-level BPE tokenizer that the inspect and Hub tests convert."""
+float64 reference of the sparsity rule, and writing a model held in memory as a checkpoint. The small models
+are built in models.py, the conversion budgets are in budgets.py."""
 
 import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from winaconv_runtime.checkpoint_format import SAFETENSORS_METADATA
 from winaconv.convert.write import save_sharded, saved_state_names, write_checkpoint_files
-
-# convert budgets: CLI arguments for tiny random models, and ConvertOptions fields for tiny_checkpoint
-TINY = ["--calib-tokens", "256", "--seq-len", "32", "--greedy-tokens", "64", "--sparsity-levels", "0.25,0.5"]
-TINY_OPTIONS = dict(calib_tokens=256, seq_len=32, greedy_tokens=32, greedy_step=0.05, sparsity_levels=(0.25, 0.5),
-                    default_sparsity=0.5)
-CALIB_TEXT = "\n\n".join(
-    f"Paragraph {i}: the quick brown fox jumps over the lazy dog while the calibration text keeps on going, "
-    f"with numbers like {i * 37 % 101} and words such as sparsity, threshold, projection and layer."
-    for i in range(60)
-)
 
 
 def run_cli(*args):
@@ -86,51 +78,48 @@ def masked_product_float64(x, weight_t, tau, ends, bias=None):
     return y if bias is None else y + bias.double()
 
 
-def tiny_source(root: Path) -> Path:
-    """A random Llama (hidden 64, 2 layers) with a small BPE tokenizer, saved as a transformers folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = root / "tiny-llama"
-    if (folder / "config.json").is_file():
-        return folder
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([CALIB_TEXT], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-_MADE: dict[tuple[Path, str], Path] = {}
-
-
-def tiny_checkpoint(root: Path, transform: str = "global") -> Path:
-    """A converted checkpoint of tiny_source (made once per root and transform); copy it before breaking it."""
-    from winaconv.convert import ConvertOptions, convert
-
-    if (root, transform) not in _MADE:
-        calib = root / "calib.txt"
-        calib.write_text(CALIB_TEXT)
-        out = root / f"ckpt-{transform}"
-        convert(ConvertOptions(model=str(tiny_source(root)), out=out, method="wina", transform=transform,
-                               calib_file=str(calib), device="cpu", **TINY_OPTIONS), say=lambda m: None)
-        config = json.loads((out / "config.json").read_text())
-        config["winaconv"]["base_model"]["id"] = "example-org/tiny-llama"  # as a Hub-converted model records it
-        (out / "config.json").write_text(json.dumps(config, indent=2))
-        _MADE[root, transform] = out
-    return _MADE[root, transform]
-
-
 def write_checkpoint(model, family, folder: Path) -> None:
     """A whole model held in memory, written as a checkpoint (one shard, no tokenizer)."""
     write_checkpoint_files(model, family, None, folder)
     state = model.state_dict()
     save_sharded({n: state[n].detach() for n in saved_state_names(model)}, folder, 5 * 10**9, SAFETENSORS_METADATA)
+
+
+def load_checkpoint(folder: Path) -> tuple[dict, dict]:
+    """(config, every tensor of every shard)."""
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return json.loads((folder / "config.json").read_text()), tensors
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    config_a, tensors_a = load_checkpoint(a)
+    config_b, tensors_b = load_checkpoint(b)
+    assert config_a == config_b
+    assert sorted(tensors_a) == sorted(tensors_b)
+    for name, tensor in tensors_a.items():  # bitwise: the arithmetic is the same, only the reading differs
+        assert tensor.dtype == tensors_b[name].dtype and torch.equal(tensor, tensors_b[name]), name
+    assert (a / "model.safetensors.index.json").is_file() == (b / "model.safetensors.index.json").is_file()
+
+
+def fake_checkpoint(folder):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "winaconv": {"format_version": 1}}))
+    (folder / "model.safetensors").write_bytes(b"old")
+    return folder
+
+
+def trace(folder: Path) -> str:
+    """A line that leaves folder/ran.txt when the module runs: the proof that the folder's code was executed
+    (transformers runs a copy of it from its modules cache, hence the absolute path)."""
+    return f"import pathlib; pathlib.Path({str(folder / 'ran.txt')!r}).write_text('the checkpoint code ran')\n"
+
+
+def eval_args(folder, text):
+    return ["eval", folder, "--text-file", text, "--window", 32, "--max-tokens", 64, "--sparsity", "0,0.5",
+            "--device", "cpu"]
+
+
+def max_relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()

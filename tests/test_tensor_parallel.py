@@ -11,11 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from winaconv.convert.calibrate import uniform_levels
-from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
 from winaconv_runtime.architectures import PROJECTIONS
 
-from random_models import ALL_FAMILIES, random_model
+from models import ALL_FAMILIES, random_model, runtime_with_levels
 from support import edit_config, run_cli, write_checkpoint
 from tp_worker import decode_step, load, measure
 
@@ -25,9 +23,7 @@ WORKER = Path(__file__).with_name("tp_worker.py")
 def saved_checkpoint(family: str, folder: Path, transform: str = "none") -> Path:
     """A random model of `family` as a winaconv checkpoint with a 50% level (paper scoring: column norms on all
     seven projections, so every sharded norm is used)."""
-    model, fam = to_runtime_model(random_model(family), winaconv_section("wina", transform, PROJECTIONS))
-    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    uniform_levels(model, fam, ids, [0.5], norm_scored=PROJECTIONS)
+    model, fam = runtime_with_levels(random_model(family), "wina", [0.5], PROJECTIONS, transform)
     folder.mkdir(parents=True)
     write_checkpoint(model, fam, folder)
     return folder
