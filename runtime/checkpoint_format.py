@@ -18,6 +18,13 @@ Example (thresholds and sparsities are [layer][projection], projections in PROJE
       "conversion_id": "3f1c...",      # also in every shard's safetensors metadata (winaconv_conversion_id)
       "score_max": [[...7 floats...], ...]  # largest gating score calibration saw, [layer][projection]
     }
+
+Format version 2 (mixture-of-experts checkpoints; dense ones stay at 1, so older runtimes keep reading them):
+the section adds `"experts": {"count": E, "projections": ["gate", "up", "down"]}`, every level adds
+`"expert_thresholds"` [layer][expert][gate, up, down] (the routed experts' thresholds), and a finished
+conversion adds `"expert_score_max"` of the same shape. The level's `sparsities` row stays one per projection
+kind: gate/up/down give the sparsity every routed expert (and the shared expert) is calibrated at. Its
+`thresholds` row holds the shared expert's gate/up/down where the family has one, else 0 (no such matrix).
 """
 
 import json
@@ -28,6 +35,9 @@ from dataclasses import dataclass
 from .architectures import PROJECTIONS
 
 FORMAT_VERSION = 1
+EXPERTS_FORMAT_VERSION = 2  # a section with routed experts' tables (see above)
+READABLE_VERSIONS = (FORMAT_VERSION, EXPERTS_FORMAT_VERSION)
+EXPERT_PROJECTIONS = ("gate", "up", "down")
 SAFETENSORS_METADATA = {"format": "pt", "winaconv_format_version": str(FORMAT_VERSION)}
 METHODS = ("wina", "teal")
 TRANSFORMS = ("exact", "global", "pca", "none")
@@ -62,10 +72,11 @@ def level_key(sparsity: float) -> str:
     return f"{round(float(sparsity), 4):g}"
 
 
-def new_section(method: str, transform: str, norm_scored, winaconv_version: str) -> dict:
-    """The section of a model with no sparsity levels yet (store_level fills them in after calibration)."""
-    return {
-        "format_version": FORMAT_VERSION,
+def new_section(method: str, transform: str, norm_scored, winaconv_version: str, experts: int = 0) -> dict:
+    """The section of a model with no sparsity levels yet (store_level fills them in after calibration);
+    `experts`: the routed experts per layer of a mixture of experts (format version 2)."""
+    section = {
+        "format_version": EXPERTS_FORMAT_VERSION if experts else FORMAT_VERSION,
         "method": method,
         "transform": transform,
         "norm_scored": list(norm_scored),
@@ -74,14 +85,21 @@ def new_section(method: str, transform: str, norm_scored, winaconv_version: str)
         "default_sparsity": 0.0,
         "winaconv_version": winaconv_version,
     }
+    if experts:
+        section["experts"] = {"count": int(experts), "projections": list(EXPERT_PROJECTIONS)}
+    return section
 
 
-def store_level(section: dict, sparsity: float, thresholds, sparsities) -> None:
-    """Write one level: thresholds and realised sparsities, [layer][projection] in PROJECTIONS order."""
-    section["levels"][level_key(sparsity)] = {
+def store_level(section: dict, sparsity: float, thresholds, sparsities, expert_thresholds=None) -> None:
+    """Write one level: thresholds and realised sparsities, [layer][projection] in PROJECTIONS order; with
+    experts, the routed experts' thresholds [layer][expert][gate, up, down]."""
+    entry = {
         "thresholds": [[float(t) for t in row] for row in thresholds],
         "sparsities": [[round(float(s), 6) for s in row] for row in sparsities],
     }
+    if expert_thresholds is not None:
+        entry["expert_thresholds"] = [[[float(t) for t in expert] for expert in layer] for layer in expert_thresholds]
+    section["levels"][level_key(sparsity)] = entry
 
 
 def record_norm_scored(section: dict, norm_scored) -> None:
@@ -90,7 +108,7 @@ def record_norm_scored(section: dict, norm_scored) -> None:
 
 
 def record_conversion(section: dict, *, default_sparsity: float, calibration: dict, base_model: dict,
-                      conversion_id: str, score_max) -> None:
+                      conversion_id: str, score_max, expert_score_max=None) -> None:
     """What a finished conversion records beside its levels: the level loaded without sparsity=, how it was
     calibrated, the model it came from, its id (also in every shard) and the largest score per [layer][projection]."""
     section.update(
@@ -100,6 +118,8 @@ def record_conversion(section: dict, *, default_sparsity: float, calibration: di
         conversion_id=conversion_id,
         score_max=[[float(s) for s in row] for row in score_max],
     )
+    if expert_score_max is not None:
+        section["expert_score_max"] = [[[float(s) for s in expert] for expert in layer] for layer in expert_score_max]
 
 
 def section_problems(section: dict, num_layers, for_loading: bool = False) -> list[str]:
@@ -107,8 +127,9 @@ def section_problems(section: dict, num_layers, for_loading: bool = False) -> li
     loader raises the first); otherwise also the metadata a complete checkpoint records (inspect lists all)."""
     problems = []
     version = section.get("format_version")
-    if version != FORMAT_VERSION:
-        problems.append(f"winaconv format_version is {version!r}; this winaconv reads {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        problems.append(f"winaconv format_version is {version!r}; this winaconv reads {FORMAT_VERSION} "
+                        f"({EXPERTS_FORMAT_VERSION} with mixture-of-experts tables)")
     if section.get("method") not in METHODS:
         problems.append(f"unknown method {section.get('method')!r} (expected one of {', '.join(METHODS)})")
     if section.get("transform") not in TRANSFORMS:
@@ -145,6 +166,7 @@ def section_problems(section: dict, num_layers, for_loading: bool = False) -> li
                                         upper=1 if table_name == "sparsities" else None)
     if len(problems) == whole:  # every table is whole: they can be read against each other
         problems += threshold_problems(section, num_layers, by_sparsity=not for_loading)
+    problems += expert_problems(section, num_layers, for_loading)
     if not for_loading:
         default = section.get("default_sparsity")
         stored = {_float_or_none(k) for k in levels}
@@ -168,6 +190,52 @@ def _table_problems(table, where: str, table_name: str, num_layers, upper=None) 
             elif value < 0 or (upper is not None and value > upper):
                 problems.append(f"{where_value} {value!r} is out of range")
     return problems
+
+
+def expert_count(section: dict) -> int:
+    """Routed experts per layer a section's tables hold (0: a dense checkpoint)."""
+    experts = section.get("experts")
+    return experts.get("count", 0) if isinstance(experts, dict) else 0
+
+
+def expert_problems(section: dict, num_layers, for_loading: bool) -> list[str]:
+    """The version-2 tables: present exactly when the section declares experts, [layer][expert][3] finite
+    thresholds >= 0, none above the largest score calibration saw for that expert and projection."""
+    experts = section.get("experts")
+    if experts is None:
+        return []
+    count = expert_count(section)
+    if section.get("format_version") != EXPERTS_FORMAT_VERSION:
+        return [f"experts are declared but format_version is {section.get('format_version')!r}, "
+                f"not {EXPERTS_FORMAT_VERSION}"]
+    if not (isinstance(count, int) and count > 0) or experts.get("projections") != list(EXPERT_PROJECTIONS):
+        return [f"experts must be {{'count': a positive integer, 'projections': {list(EXPERT_PROJECTIONS)}}}"]
+    largest = section.get("expert_score_max")
+    tables = [("expert_score_max", largest)] if largest is not None or not for_loading else []
+    levels = section.get("levels") if isinstance(section.get("levels"), dict) else {}
+    tables += [(f"level {key} expert_thresholds", entry.get("expert_thresholds"))
+               for key, entry in levels.items() if isinstance(entry, dict)]
+    problems = [f"{name} must be {num_layers} layers x {count} experts x 3 finite numbers >= 0"
+                for name, table in tables if not _expert_table_ok(table, num_layers, count)]
+    if problems or largest is None:
+        return problems
+    for key, entry in levels.items():
+        for layer, (rows, bounds) in enumerate(zip(entry["expert_thresholds"], largest)):
+            for expert, (row, bound) in enumerate(zip(rows, bounds)):
+                for projection, value, top in zip(EXPERT_PROJECTIONS, row, bound):
+                    if value > top * (1 + SCORE_MAX_SLACK):
+                        problems.append(f"level {key} layer {layer} expert {expert} {projection}: threshold "
+                                        f"{value!r} is above the largest score calibration saw ({top!r})")
+    return problems
+
+
+def _expert_table_ok(table, num_layers, count: int) -> bool:
+    layers_ok = isinstance(table, list) and (not isinstance(num_layers, int) or len(table) == num_layers)
+    return layers_ok and all(
+        isinstance(rows, list) and len(rows) == count and all(
+            isinstance(row, list) and len(row) == len(EXPERT_PROJECTIONS)
+            and all(_is_number(v) and math.isfinite(v) and v >= 0 for v in row) for row in rows)
+        for rows in table)
 
 
 def threshold_problems(section: dict, num_layers, by_sparsity: bool = True) -> list[str]:
@@ -250,6 +318,7 @@ class SparsitySettings:
     levels: dict[str, dict]
     default_sparsity: float
     num_layers: int
+    experts: int = 0  # routed experts per layer (format version 2), 0 for a dense checkpoint
 
     @classmethod
     def from_config(cls, config) -> "SparsitySettings":
@@ -266,6 +335,7 @@ class SparsitySettings:
             levels=dict(section.get("levels", {})),
             default_sparsity=float(section.get("default_sparsity", 0.0)),
             num_layers=config.num_hidden_layers,
+            experts=expert_count(section),
         )
 
     def available(self) -> list[float]:
@@ -280,6 +350,13 @@ class SparsitySettings:
             stored = ", ".join(f"{s:g}" for s in self.available())
             raise CheckpointFormatError(f"sparsity {sparsity:g} is not stored in this checkpoint; stored: {stored}")
         return self.levels[key]["thresholds"]
+
+    def expert_thresholds(self, sparsity: float) -> list[list[list[float]]] | None:
+        """[layer][expert][gate, up, down] thresholds of a stored level; None for the dense model."""
+        if sparsity == 0:
+            return None
+        self.thresholds(sparsity)  # the one error for a level not stored
+        return self.levels[level_key(sparsity)]["expert_thresholds"]
 
     def sparsities(self, sparsity: float) -> list[list[float]] | None:
         """Per-layer, per-projection calibrated sparsities of a stored level; None where the checkpoint has no

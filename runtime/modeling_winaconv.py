@@ -15,9 +15,11 @@ import torch
 import transformers
 from torch import nn
 
-from .architectures import FAMILIES, INPUT_ROTATIONS, PROJECTIONS, SHORTCUTS, Family, projection_sizes, shared_input_paths
+from .architectures import (EXPERT_PROJECTIONS, EXPERTS_PATH, FAMILIES, INPUT_ROTATIONS, PROJECTIONS, SHORTCUTS, Family,
+                            UnsupportedArchitecture, expert_shape, projection_sizes, shared_input_paths)
 from .checkpoint_format import (CheckpointFormatError, SparsitySettings, conversion_problems, exact_model_type,
                                 safetensors_metadata)
+from .sparse_experts import IMPLEMENTATION as SPARSE_EXPERTS, install as install_sparse_experts, set_expert_thresholds
 from .sparse_linear import SharedInputGroup, SparseLinear, announce_path
 from .tensor_parallel import check_plan
 from .generation import WinaconvGenerationMixin
@@ -65,9 +67,32 @@ def _sparsify_layer(layer: nn.Module, family: Family, config) -> list[SharedInpu
         parent = layer.get_submodule(parent_path)
         linear = getattr(parent, name)
         if not isinstance(linear, SparseLinear):
-            segments = tuple(sizes[p][1] for p in projections)
+            segments = tuple(sizes[p][1] for p in projections) if len(projections) > 1 else None
             setattr(parent, name, SparseLinear.from_linear(linear, segments))
     return [SharedInputGroup([layer.get_submodule(p) for p in paths]) for paths in shared_input_paths(family)]
+
+
+def routed_experts(layer: nn.Module, family: Family):
+    """The decoder layer's routed experts module (None in a dense family)."""
+    return layer.get_submodule(EXPERTS_PATH) if family.is_moe else None
+
+
+def _sparsify_experts(decoder, family: Family, config, settings: SparsitySettings) -> None:
+    """Route every layer's experts through the sparse experts implementation (docs/moe.md)."""
+    if not family.is_moe:
+        return
+    count = expert_shape(config)[0]
+    if settings.experts != count:
+        raise CheckpointFormatError(f"config.json: a {family.name} checkpoint needs the format-2 experts tables for "
+                                    f"{count} experts (it declares {settings.experts})")
+    for index, layer in enumerate(decoder.layers):
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is None:
+            raise UnsupportedArchitecture(f"{family.name}: decoder layer {index} has a dense MLP (mlp_only_layers / "
+                                          "decoder_sparse_step); winaconv supports MoE models whose every layer "
+                                          "routes to experts")
+        install_sparse_experts(experts, config)
+    config._experts_implementation = SPARSE_EXPERTS
 
 
 class WinaconvMixin:
@@ -81,6 +106,7 @@ class WinaconvMixin:
         self._shared_input_groups = []
         for layer in decoder.layers:
             self._shared_input_groups += _sparsify_layer(layer, self.winaconv_family, self.config)
+        _sparsify_experts(decoder, self.winaconv_family, self.config, self.sparsity_settings)
         self.sparsity = 0.0
 
     def _apply(self, fn, *args, **kwargs):
@@ -97,6 +123,7 @@ class WinaconvMixin:
         table = self.sparsity_settings.thresholds(float(sparsity))
         shares = self.sparsity_settings.sparsities(float(sparsity))
         norm_scored = self.sparsity_settings.norm_scored
+        expert_table = self.sparsity_settings.expert_thresholds(float(sparsity)) if self.winaconv_family.is_moe else None
         for layer_idx, layer in enumerate(self._decoder_layers()):
             for projections, linear in sparse_linears(layer, self.winaconv_family):
                 if table is None:
@@ -107,6 +134,10 @@ class WinaconvMixin:
                         [row[PROJECTIONS.index(p)] for p in projections], [p in norm_scored for p in projections],
                         [shares[layer_idx][PROJECTIONS.index(p)] for p in projections] if shares else None,
                     )
+            experts = routed_experts(layer, self.winaconv_family)
+            if experts is not None:
+                set_expert_thresholds(experts, None if table is None else expert_table[layer_idx],
+                                      [p in norm_scored for p in EXPERT_PROJECTIONS])
         self.sparsity = float(sparsity)
         if table is not None:
             announce_path(self.device.type == "cuda")
@@ -226,6 +257,10 @@ WinaQwen3Model, WinaQwen3ForCausalLM = _family_classes("qwen3", exact=False)
 WinaPhi3Model, WinaPhi3ForCausalLM = _family_classes("phi3", exact=False)
 WinaGemma2Model, WinaGemma2ForCausalLM = _family_classes("gemma2", exact=False)
 WinaGemma3Model, WinaGemma3ForCausalLM = _family_classes("gemma3_text", exact=False)
+WinaQwen3MoeModel, WinaQwen3MoeForCausalLM = _family_classes("qwen3_moe", exact=False)
+WinaQwen2MoeModel, WinaQwen2MoeForCausalLM = _family_classes("qwen2_moe", exact=False)
+WinaMixtralModel, WinaMixtralForCausalLM = _family_classes("mixtral", exact=False)
+WinaOlmoeModel, WinaOlmoeForCausalLM = _family_classes("olmoe", exact=False)
 WinaExactLlamaConfig, WinaExactLlamaModel, WinaExactLlamaForCausalLM = _family_classes("llama", exact=True)
 WinaExactMistralConfig, WinaExactMistralModel, WinaExactMistralForCausalLM = _family_classes("mistral", exact=True)
 WinaExactQwen2Config, WinaExactQwen2Model, WinaExactQwen2ForCausalLM = _family_classes("qwen2", exact=True)

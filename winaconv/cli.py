@@ -14,8 +14,8 @@ from winaconv_runtime.checkpoint_format import CheckpointFormatError
 
 from . import __version__
 from .errors import WinaconvError
-from .options import (DTYPE_NAMES, LAYER_ALLOCATIONS, METHODS, SCORINGS, TRANSFORMS, UPSTREAMS, BenchOptions,
-                      ConvertOptions, EvalOptions, GenerateOptions, default)
+from .options import (DTYPE_NAMES, EXPERT_CALIBRATIONS, LAYER_ALLOCATIONS, METHODS, SCORINGS, TRANSFORMS, UPSTREAMS,
+                      BenchOptions, ConvertOptions, EvalOptions, GenerateOptions, default)
 from .render import err, print_bench, print_eval, print_inspection, print_summary, progress_bar, say
 
 
@@ -80,6 +80,10 @@ def main():
 @click.option("--upstream", type=click.Choice(UPSTREAMS), default=default(ConvertOptions, "upstream"), show_default=True,
               help="Calibrate each layer on the dense model's activations, or on those of the layers before it "
               "made sparse at the default level.")
+@click.option("--expert-calibration", type=click.Choice(EXPERT_CALIBRATIONS),
+              default=default(ConvertOptions, "expert_calibration"), show_default=True,
+              help="Mixture of experts: each routed expert's thresholds from its own scores, from all the layer's "
+              "experts pooled, or its own shrunk towards the pooled ones by its token count (docs/moe.md).")
 @click.option("--device", default=default(ConvertOptions, "device"), show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=default(ConvertOptions, "dtype"), show_default=True,
               help="dtype of the written weights (auto: the model's own).")

@@ -15,9 +15,9 @@ SCORINGS = tuple(NORM_SCORED)
 NORMS_PREFIX = "norms:"  # a hidden scoring value: "norms:" and a comma list of projections
 # every layer at the level, or shares from the layers' block-error curves or from the model's output divergence
 LAYER_ALLOCATIONS = ("uniform", "error", "divergence")
-UPSTREAMS = ("dense", "sparse")
+UPSTREAMS = ("dense", "sparse")  # what each layer is calibrated on: the dense model's activations, or the sparse one's
 # how a routed expert's thresholds come from the scores the router sent it (winaconv/convert/statistics.py)
-EXPERT_CALIBRATIONS = ("shrink", "own", "pooled")  # what each layer is calibrated on: the dense model's activations, or the sparse one's
+EXPERT_CALIBRATIONS = ("shrink", "own", "pooled")
 
 
 @dataclass

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from winaconv_runtime.architectures import PROJECTIONS, FAMILIES
-from winaconv_runtime.checkpoint_format import (FORMAT_VERSION, SAFETENSORS_METADATA, TRANSFORMS, base_model_type,
-                                                conversion_problems, is_exact_model_type, section_problems)
+from winaconv_runtime.checkpoint_format import (EXPERTS_FORMAT_VERSION, FORMAT_VERSION, SAFETENSORS_METADATA, TRANSFORMS,
+                                                base_model_type, conversion_problems, is_exact_model_type, section_problems)
 
 from ..errors import WinaconvError
 from .model_card import RESULTS_FILE, is_hub_id, parse_results
@@ -156,7 +156,8 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]] | None:
     values = {k: v for k, v in config.items() if k not in ("model_type", "auto_map", "architectures",
                                                            "transformers_version", "quantization_config")}
     # a valid, empty section: the tables are checked separately, and must not stop the shape check
-    values["winaconv"] = {**config["winaconv"], "format_version": FORMAT_VERSION, "projections": list(PROJECTIONS),
+    version = EXPERTS_FORMAT_VERSION if "experts" in config["winaconv"] else FORMAT_VERSION
+    values["winaconv"] = {**config["winaconv"], "format_version": version, "projections": list(PROJECTIONS),
                           "method": "wina", "levels": {}, "default_sparsity": 0.0}
     model_config = cls.config_class.from_dict(values)
     with torch.device("meta"):

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from winaconv_runtime.architectures import PROJECTIONS
-from winaconv_runtime.modeling_winaconv import sparse_linears
+from winaconv_runtime.architectures import EXPERT_PROJECTIONS, PROJECTIONS
+from winaconv_runtime.modeling_winaconv import routed_experts, sparse_linears
+from winaconv_runtime.sparse_experts import set_expert_thresholds
 
 from ..options import LAYER_ALLOCATIONS
 from .greedy import BlockTrials
-from .statistics import threshold_at
+from .statistics import EXPERT_GRIDS, threshold_at, thresholds_at
 
 MAX_PROJECTION_SPARSITY = 0.995
 # With a non-uniform allocation a layer may go this far above the highest level wanted (its greedy path
@@ -64,19 +65,49 @@ class LayerCalibration:
         before, after = self.path[step - 1], self.path[step]
         return {p: before[p] + alpha * (after[p] - before[p]) for p in PROJECTIONS}
 
-    def thresholds_for(self, sparsities: dict[str, float]) -> dict[str, float]:
-        return {p: threshold_at(self.grids[p], sparsities[p]) for p in PROJECTIONS}
+    def thresholds_for(self, sparsities: dict[str, float]) -> dict:
+        """Per projection its threshold; in a MoE layer also, under EXPERT_GRIDS' keys, one per routed expert."""
+        thresholds = {p: threshold_at(self.grids[p], sparsities[p]) for p in PROJECTIONS}
+        for p, key in EXPERT_GRIDS.items():
+            if key in self.grids:
+                thresholds[key] = thresholds_at(self.grids[key], sparsities[p]).tolist()
+        return thresholds
+
+    def expert_score_max(self) -> list[list[float]] | None:
+        """The largest score calibration saw, [expert][gate, up, down] (None in a dense layer)."""
+        if EXPERT_GRIDS["gate"] not in self.grids:
+            return None
+        return torch.stack([self.grids[EXPERT_GRIDS[p]][:, -1] for p in EXPERT_PROJECTIONS], dim=1).tolist()
 
 
-def apply_thresholds(layer, family, thresholds: dict[str, float], norm_scored) -> None:
+def expert_table(thresholds: dict) -> list[list[float]] | None:
+    """A MoE layer's routed-expert thresholds as [expert][gate, up, down] (None in a dense layer)."""
+    if EXPERT_GRIDS["gate"] not in thresholds:
+        return None
+    return [list(row) for row in zip(*(thresholds[EXPERT_GRIDS[p]] for p in EXPERT_PROJECTIONS))]
+
+
+def level_tables(thresholds: list[dict]) -> tuple[list[list[float]], list | None]:
+    """A level's [layer][projection] thresholds and, for a MoE model, its [layer][expert][3] expert thresholds."""
+    experts = [expert_table(t) for t in thresholds]
+    return [[t[p] for p in PROJECTIONS] for t in thresholds], (None if experts[0] is None else experts)
+
+
+def apply_thresholds(layer, family, thresholds: dict, norm_scored) -> None:
     for projections, linear in sparse_linears(layer, family):
         linear.set_thresholds([thresholds[p] for p in projections], [p in norm_scored for p in projections])
+    experts = routed_experts(layer, family)
+    if experts is not None:
+        set_expert_thresholds(experts, expert_table(thresholds), [p in norm_scored for p in EXPERT_PROJECTIONS])
 
 
 def clear_thresholds(layer, family) -> None:
     """Every projection of the layer dense again."""
     for _, linear in sparse_linears(layer, family):
         linear.set_thresholds(None, None)
+    experts = routed_experts(layer, family)
+    if experts is not None:
+        set_expert_thresholds(experts, None, None)
 
 
 @torch.no_grad()

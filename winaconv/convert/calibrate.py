@@ -12,11 +12,11 @@ import torch
 
 from winaconv_runtime.architectures import PROJECTIONS
 from winaconv_runtime.checkpoint_format import SparsitySettings, record_norm_scored, store_level
-from winaconv_runtime.modeling_winaconv import sparse_linears
+from winaconv_runtime.modeling_winaconv import routed_experts, sparse_linears
 
-from .allocate import LayerCalibration, apply_thresholds, clear_thresholds, greedy_path
+from .allocate import LayerCalibration, apply_thresholds, clear_thresholds, greedy_path, level_tables
 from .layers import capture_layer_inputs, layer_outputs
-from .statistics import collect_statistics, gating_scores, quantile_grid, scoring_norms, threshold_at
+from .statistics import GRID_POINTS, ExpertSamplers, collect_statistics, gating_scores, quantile_grid, scoring_norms
 
 
 @dataclass
@@ -32,6 +32,7 @@ class CalibrationSettings:
     device: str = "cpu"
     path_limit: float | None = None  # weighted sparsity the greedy path runs to (None: max_sparsity)
     upstream_level: float | None = None  # pass each layer's outputs on at this level (None: dense)
+    expert_rule: str = "shrink"  # how a routed expert's grid is made (statistics.EXPERT_RULES)
 
     @property
     def path_end(self) -> float:
@@ -102,13 +103,18 @@ def calibrate_layers(model, family, input_ids, shares, settings: CalibrationSett
 
 
 @torch.no_grad()
-def uniform_levels(model, family, input_ids: torch.Tensor, levels, norm_scored=()) -> dict:
+def uniform_levels(model, family, input_ids: torch.Tensor, levels, norm_scored=(), expert_rule="shrink") -> dict:
     """Stores levels where every projection has the level's own sparsity (TEAL's uniform allocation),
     thresholds taken from one dense pass over `input_ids`. For speed runs and tests, where the
     greedy search's cost buys nothing; accuracy comes from calibrate_layers."""
     model.set_sparsity(0)
-    grids, handles = {}, []
+    grids, handles, experts = {}, [], []
     for layer_idx, layer in enumerate(model.model.layers):
+        if routed_experts(layer, family) is not None:
+            experts.append(ExpertSamplers(routed_experts(layer, family), norm_scored, 1 << 22,
+                                          input_ids.numel() * layer.mlp.gate.top_k, torch.Generator().manual_seed(0)))
+            handles.append(experts[-1].experts.register_forward_pre_hook(
+                lambda module, args, samplers=experts[-1]: samplers.add(*args[:2])))
         for projections, linear in sparse_linears(layer, family):
             norms = scoring_norms(linear, projections, norm_scored)
 
@@ -125,8 +131,13 @@ def uniform_levels(model, family, input_ids: torch.Tensor, levels, norm_scored=(
     section = model.config.winaconv
     record_norm_scored(section, norm_scored)
     rows = range(len(model.model.layers))
+    expert_grids = [samplers.grids(expert_rule) for samplers in experts]
     for level in levels:
-        store_level(section, level, [[threshold_at(grids[i, p], level) for p in PROJECTIONS] for i in rows],
-                    [[level] * len(PROJECTIONS) for _ in rows])
+        calibrations = [LayerCalibration(grids={**{p: grids.get((i, p), torch.zeros(GRID_POINTS)) for p in PROJECTIONS},
+                                                **(expert_grids[i] if expert_grids else {})}, path=[], errors=[])
+                        for i in rows]
+        thresholds, expert_thresholds = level_tables([c.thresholds_for(dict.fromkeys(PROJECTIONS, level))
+                                                      for c in calibrations])
+        store_level(section, level, thresholds, [[level] * len(PROJECTIONS) for _ in rows], expert_thresholds)
     model.sparsity_settings = SparsitySettings.from_config(model.config)
     return section["levels"]

@@ -19,10 +19,11 @@ and could change the path.
 
 import torch
 
-from winaconv_runtime.architectures import ATTENTION_PROJECTIONS, RESIDUAL_WRITERS
-from winaconv_runtime.modeling_winaconv import attention_residual, mlp_residual, sparse_linears
+from winaconv_runtime.architectures import ATTENTION_PROJECTIONS, EXPERT_PROJECTIONS, RESIDUAL_WRITERS
+from winaconv_runtime.modeling_winaconv import attention_residual, mlp_residual, routed_experts, sparse_linears
+from winaconv_runtime.sparse_experts import set_expert_thresholds
 
-from .statistics import threshold_at
+from .statistics import EXPERT_GRIDS, threshold_at, thresholds_at
 
 
 class BlockTrials:
@@ -34,6 +35,8 @@ class BlockTrials:
         self.layer, self.grids, self.inputs, self.layer_kwargs, self.tail = layer, grids, inputs, layer_kwargs, tail
         self.linears = [(projections, linear, [p in norm_scored for p in projections])
                         for projections, linear in sparse_linears(layer, family)]
+        self.experts = routed_experts(layer, family)
+        self.experts_scored = [p in norm_scored for p in EXPERT_PROJECTIONS]
         self.attention_linears = [linear for projections, linear, _ in self.linears
                                   if set(projections) <= set(ATTENTION_PROJECTIONS)]
         self.reading_modules = [(norm, None) for norm in _input_norms(layer, family)] + [
@@ -63,6 +66,8 @@ class BlockTrials:
         self.outputs.clear()
         for _, linear, _ in self.linears:
             linear.set_thresholds(None, None)  # every projection dense again
+        if self.experts is not None:
+            set_expert_thresholds(self.experts, None, None)
 
     def output(self, sparsities: dict[str, float]) -> torch.Tensor:
         """The block's output on the measured positions with these sparsities."""
@@ -82,6 +87,13 @@ class BlockTrials:
             if self.applied.get(linear) != thresholds:
                 linear.set_thresholds(list(thresholds), scored_with_norm)
                 self.applied[linear] = thresholds
+        if self.experts is not None:
+            levels = tuple(sparsities[p] for p in EXPERT_PROJECTIONS)
+            if self.applied.get(self.experts) != levels:
+                table = torch.stack([thresholds_at(self.grids[EXPERT_GRIDS[p]], sparsities[p])
+                                     for p in EXPERT_PROJECTIONS], dim=1)
+                set_expert_thresholds(self.experts, table, self.experts_scored)
+                self.applied[self.experts] = levels
 
     def _attended(self) -> torch.Tensor:
         key = tuple(self.applied[linear] for linear in self.attention_linears)

@@ -26,7 +26,7 @@ from winaconv_runtime.checkpoint_format import CONVERSION_ID_KEY, SAFETENSORS_ME
 from .. import sources
 from ..checkpoint.folder import atomic_folder
 from ..options import ConvertOptions, norm_scored_projections
-from .allocate import ALLOCATION_HEADROOM, MAX_LAYER_SPARSITY, LayerCalibration, layer_targets
+from .allocate import ALLOCATION_HEADROOM, MAX_LAYER_SPARSITY, LayerCalibration, layer_targets, level_tables
 from .calibrate import CalibrationSettings, Calibrator
 from .calibration_data import load_calibration_text, token_sequences
 from .checks import calibration_note, check_context, refuse_checkpoint_source, validate
@@ -186,19 +186,20 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
         for level in levels:
             targets = layer_targets(layers, level, shares, options.layer_allocation, divergences)
             per_layer = [layer.sparsities_at(target, shares) for layer, target in zip(layers, targets)]
-            thresholds = [layer.thresholds_for(s) for layer, s in zip(layers, per_layer)]
-            store_level(model.config.winaconv, level, [[t[p] for p in PROJECTIONS] for t in thresholds],
-                        [[s[p] for p in PROJECTIONS] for s in per_layer])
+            thresholds, expert_thresholds = level_tables([layer.thresholds_for(s) for layer, s in zip(layers, per_layer)])
+            store_level(model.config.winaconv, level, thresholds, [[s[p] for p in PROJECTIONS] for s in per_layer],
+                        expert_thresholds)
             sparsities[level] = per_layer
 
         # finish
         record_conversion(
             model.config.winaconv,
             default_sparsity=default_sparsity,
-            calibration=calibration_record(calibration.source, input_ids, options, settings),
+            calibration=calibration_record(calibration.source, input_ids, options, settings, family),
             base_model={"id": source.model_id, "revision": source.revision},
             conversion_id=metadata[CONVERSION_ID_KEY],
             score_max=score_max(layers),
+            expert_score_max=[layer.expert_score_max() for layer in layers] if family.is_moe else None,
         )
         model.config.dtype = save_dtype
         say(f"writing {options.out}")
@@ -233,13 +234,15 @@ def calibration_settings(options: ConvertOptions, levels: list[float], default_s
                     if options.layer_allocation != "uniform" else None),
         # the sparse upstream is the default level's: one stream of activations serves every level
         upstream_level=float(default_sparsity) if options.upstream == "sparse" else None,
+        expert_rule=options.expert_calibration,
     )
 
 
 def calibration_record(source: str, input_ids: torch.Tensor, options: ConvertOptions,
-                       settings: CalibrationSettings) -> dict:
+                       settings: CalibrationSettings, family=None) -> dict:
     """How the checkpoint was calibrated, as its config section records it."""
-    return {
+    experts = {"expert_calibration": options.expert_calibration} if family is not None and family.is_moe else {}
+    return {**experts,
         "source": source,
         "tokens": int(input_ids.numel()),
         "seq_len": options.seq_len,

@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from winaconv_runtime.architectures import INPUT_ROTATIONS, SHORTCUTS, family_for_model_type
+from winaconv_runtime.architectures import INPUT_ROTATIONS, SHORTCUTS, expert_shape, family_for_model_type
 from winaconv_runtime.checkpoint_format import exact_model_type, new_section
 from winaconv_runtime.modeling_winaconv import model_class
 
@@ -25,6 +25,10 @@ def runtime_config(base_config, section: dict):
     for key in ("model_type", "quantization_config", "auto_map", "architectures", "transformers_version"):
         values.pop(key, None)
     values["winaconv"] = copy.deepcopy(section)
+    if family.is_moe and "experts" not in section:  # a MoE checkpoint's section holds its experts' tables
+        values["winaconv"].update({k: v for k, v in new_section(section["method"], section["transform"], (), "",
+                                                                experts=expert_shape(base_config)[0]).items()
+                                   if k in ("format_version", "experts")})
     config = cls.config_class.from_dict(values)
     if getattr(base_config, "_attn_implementation", None):
         config._attn_implementation = base_config._attn_implementation

@@ -54,10 +54,11 @@ def check_transform(family: Family, kind: str) -> None:
     """One-line error for a transform that would not keep this family's function exact."""
     allowed = available_transforms(family)
     if kind not in allowed:
-        raise WinaconvError(
-            f"transform '{kind}' is not available for {family.name} (a norm on each block's output does not "
-            f"commute with a rotation of the residual stream); available: {', '.join(allowed)}"
-        )
+        reason = ("a rotation of the residual stream would have to fold into the router and every expert, which "
+                  "winaconv does not do yet" if family.is_moe else
+                  "a norm on each block's output does not commute with a rotation of the residual stream")
+        raise WinaconvError(f"transform '{kind}' is not available for {family.name} ({reason}); "
+                            f"available: {', '.join(allowed)}")
 
 
 def _readers(layer, family: Family, block: str) -> list[nn.Linear]:

@@ -15,6 +15,7 @@ import torch
 
 from .. import sources
 from ..errors import WinaconvError
+from .expert_weights import with_fused_experts
 
 
 @contextlib.contextmanager
@@ -141,7 +142,8 @@ def open_weights(source: sources.ModelSource, skeleton):
         files = GGUFWeights(Path(source.location) / source.gguf_file, skeleton)
     else:
         local = Path(source.location)
-        files = FolderWeights(local if local.is_dir() else sources.hub_snapshot(source), source.model_id)
+        files = with_fused_experts(FolderWeights(local if local.is_dir() else sources.hub_snapshot(source),
+                                                 source.model_id))
     identity = files.fingerprint()
     if not source.gguf_file and not Path(source.location).is_dir():
         identity = {"commit": files.folder.name, "files": identity}  # a Hub snapshot's folder is its commit

@@ -1,0 +1,112 @@
+"""Triton kernels for the routed experts at decode: one launch for every (token, routed expert) pair's gate/up
+product, one for its down product, reading only the rows of W^T whose input channel the pair keeps.
+
+A pair p = (token t, expert e = top_k_index[t, k]) computes, for each output column n of its expert,
+    y[p, n] = sum over kept i of x[row(p), i] * W^T[e, i, n],   kept <=> |x[row(p), i]| > tau[e, segment(n), i]
+where the weights are stored as W^T ([E, in, out], each input channel one contiguous row), a column belongs to
+segment 0 below `width` and to segment 1 from there (gate | up), and row(p) = p // top_k for the gate/up launch
+(every routed expert reads its token's input) and p for the down launch (each pair reads its own activation).
+The expert index is read in the kernel and the grid depends on shapes only: no host sync, so a CUDA graph can
+replay it. Repeated experts in a batch are independent pairs. Dropped rows are masked loads: their bytes are
+never fetched.
+"""
+
+import torch
+
+from .kernels import HAS_TRITON
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+_OP_VERSION = 1
+BLOCK_K = 32
+BLOCK_N = 64
+MAX_PAIRS = 64  # above this many (token, expert) pairs the masked grouped product is used instead
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _expert_rows_kernel(x_ptr, experts_ptr, w_ptr, tau_ptr, out_ptr, in_features, out_features, width,
+                            pairs_per_row, stride_x, stride_we, stride_wk, stride_te, stride_ts,
+                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        pair = tl.program_id(0)
+        expert = tl.load(experts_ptr + pair).to(tl.int64)
+        row = pair // pairs_per_row
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < out_features
+        second = (cols >= width)[None, :]
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, in_features, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            k_ok = ks < in_features
+            x = tl.load(x_ptr + row * stride_x + ks, mask=k_ok, other=0.0).to(tl.float32)
+            tau_first = tl.load(tau_ptr + expert * stride_te + ks, mask=k_ok, other=float("inf"))
+            tau_second = tl.load(tau_ptr + expert * stride_te + stride_ts + ks, mask=k_ok, other=float("inf"))
+            magnitude = tl.abs(x)[:, None]
+            keep = tl.where(second, magnitude > tau_second[:, None], magnitude > tau_first[:, None])
+            keep = keep & col_ok[None, :] & k_ok[:, None]
+            w = tl.load(w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :], mask=keep, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x[:, None], axis=0)
+        tl.store(out_ptr + pair * out_features + cols, acc, mask=col_ok)
+
+
+def launch_expert_rows(x: torch.Tensor, experts: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor,
+                       width: int, pairs_per_row: int) -> torch.Tensor:
+    """[pairs, out] float32: each pair's product with its expert's kept rows. x [rows, in] (unit stride along in),
+    experts [pairs] int, weight_t [E, in, out] (unit stride along out), tau [E, segments, in] float32 with unit
+    stride along in (segment 1 read for columns >= width; pass width = out for one segment)."""
+    pairs = experts.numel()
+    in_features, out_features = weight_t.shape[1], weight_t.shape[2]
+    out = torch.empty((pairs, out_features), dtype=torch.float32, device=x.device)
+    if pairs == 0:
+        return out
+    stride_ts = tau.stride(1) if tau.shape[1] > 1 else 0
+    grid = (pairs, triton.cdiv(out_features, BLOCK_N))
+    _expert_rows_kernel[grid](x, experts, weight_t, tau, out, in_features, out_features, width, pairs_per_row,
+                              x.stride(0), weight_t.stride(0), weight_t.stride(1), tau.stride(0), stride_ts,
+                              BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, num_warps=4)
+    return out
+
+
+_op = None
+if HAS_TRITON:
+    _OP_NAME = f"winaconv::expert_rows_v{_OP_VERSION}"
+    try:
+        # opaque to torch.compile (one extern call, recorded by a CUDA graph), as runtime/kernels.py's op
+        @torch.library.custom_op(_OP_NAME, mutates_args=())
+        def _expert_rows_op(x: torch.Tensor, experts: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor,
+                            width: int, pairs_per_row: int) -> torch.Tensor:
+            return launch_expert_rows(x, experts, weight_t, tau, width, pairs_per_row)
+
+        @_expert_rows_op.register_fake
+        def _(x, experts, weight_t, tau, width, pairs_per_row):
+            return x.new_empty((experts.numel(), weight_t.shape[2]), dtype=torch.float32)
+    except RuntimeError:
+        pass  # registered by another copy of this file (package + model folder): same name, same contract
+    _op = getattr(torch.ops.winaconv, f"expert_rows_v{_OP_VERSION}")
+
+
+def grouped_experts_triton(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                           gate_up_t: torch.Tensor, down_t: torch.Tensor, tau_gate_up: torch.Tensor,
+                           tau_down: torch.Tensor, activation) -> torch.Tensor:
+    """The routed experts' output [tokens, hidden] for decode: gate/up in one launch, down in one launch.
+    gate_up_t [E, H, 2I] and down_t [E, I, H] are W^T views; tau_gate_up [E, 2, H], tau_down [E, I]."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    tokens, top_k = top_k_index.shape
+    width = down_t.shape[1]
+    experts = top_k_index.reshape(-1).contiguous()
+    x = x.contiguous()
+    gate_up = _op(x, experts, gate_up_t, tau_gate_up, width, top_k)
+    hidden = (activation(gate_up[:, :width]) * gate_up[:, width:]).to(x.dtype)
+    down = _op(hidden, experts, down_t, tau_down.unsqueeze(1), down_t.shape[2], 1)
+    weighted = down * top_k_weights.reshape(-1, 1).float()
+    return weighted.view(tokens, top_k, -1).sum(dim=1).to(x.dtype)
+
+
+def use_expert_kernel(tensor: torch.Tensor, pairs: int) -> bool:
+    """Decode-sized batches on the GPU (tests call grouped_experts_triton directly under the interpreter)."""
+    return HAS_TRITON and tensor.is_cuda and pairs <= MAX_PAIRS
+

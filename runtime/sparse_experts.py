@@ -1,0 +1,184 @@
+"""Routed experts with WINA/TEAL input masking, as an implementation in transformers' ExpertsInterface.
+
+transformers keeps a MoE layer's routed experts in one module with 3D weights, gate_up_proj [E, 2I, H] (gate rows,
+then up rows) and down_proj [E, H, I], and dispatches its forward by `config._experts_implementation` to a
+function (experts module, hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]). winaconv registers
+IMPLEMENTATION there. The rule, per token and routed expert e (docs/moe.md):
+    gate / up: keep input channel i  <=>  |x_i| > tau_gate_up[e, segment, i]
+    down:      keep channel j of h = act(gate) * up  <=>  |h_j| > tau_down[e, j]
+with tau = threshold / ||W[:, i]|| (WINA) or the threshold itself (TEAL), as sparse_linear.channel_thresholds.
+
+Paths: no thresholds (level 0): the implementation the model was built with (transformers' own). Decode-sized
+batches: the grouped Triton kernel (GPU) or a row gather of the kept rows of W^T per routed expert (CPU).
+Otherwise (prefill, large batches): transformers' per-expert loop with the masks applied.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .cpu_kernels import GATHER_MAX_TOKENS, gather_supported, separate_transpose_needed
+from .expert_kernels import grouped_experts_triton, use_expert_kernel
+
+IMPLEMENTATION = "winaconv_sparse"
+
+
+def register() -> None:
+    """Make IMPLEMENTATION a valid `experts_implementation` (idempotent)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(IMPLEMENTATION, sparse_experts_forward)
+
+
+def install(experts: torch.nn.Module, config) -> None:
+    """Route `experts` through IMPLEMENTATION, remembering the implementation it was built with for level 0."""
+    register()
+    current = config._experts_implementation
+    if current != IMPLEMENTATION:
+        experts.winaconv_dense_implementation = current
+    experts.register_buffer("winaconv_tau_gate_up", None, persistent=False)
+    experts.register_buffer("winaconv_tau_down", None, persistent=False)
+
+
+def column_norms(experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ||W[:, i]|| of every expert: gate and up [E, 2, H], down [E, I]; kept while the weights are
+    unchanged (the greedy allocation sets thresholds thousands of times per layer)."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    key = (gate_up.data_ptr(), gate_up._version, down.data_ptr(), down._version, gate_up.dtype, gate_up.device)
+    if getattr(experts, "_winaconv_norms_key", None) != key:
+        width = down.shape[-1]
+        wide = {} if gate_up.dtype == torch.float64 else {"dtype": torch.float32}  # never narrow inside the norm
+        norms_gate_up = torch.linalg.vector_norm(gate_up.detach().unflatten(1, (2, width)), dim=2, **wide).float()
+        norms_down = torch.linalg.vector_norm(down.detach(), dim=1, **wide).float()
+        experts._winaconv_norms, experts._winaconv_norms_key = (norms_gate_up, norms_down), key
+    return experts._winaconv_norms
+
+
+@torch.no_grad()
+def set_expert_thresholds(experts, thresholds, scored_with_norm) -> None:
+    """thresholds: [E][gate, up, down] (or a [E, 3] tensor), or None for the dense experts; scored_with_norm:
+    three bools (WINA's norms, or TEAL's |x|)."""
+    if thresholds is None:
+        experts.winaconv_tau_gate_up = experts.winaconv_tau_down = None
+        experts._winaconv_rows = None  # the dense model keeps no second copy
+        return
+    norms_gate_up, norms_down = column_norms(experts)
+    table = torch.as_tensor(thresholds, dtype=torch.float32).to(norms_down.device)
+    scored = torch.tensor(list(scored_with_norm), device=table.device)
+    tau_gate_up = _channel_thresholds(norms_gate_up, table[:, :2], scored[:2])
+    tau_down = _channel_thresholds(norms_down.unsqueeze(1), table[:, 2:], scored[2:]).squeeze(1)
+    for name, tau in (("winaconv_tau_gate_up", tau_gate_up), ("winaconv_tau_down", tau_down)):
+        current = getattr(experts, name)
+        if current is not None and current.shape == tau.shape and current.device == tau.device:
+            current.copy_(tau)  # in place: compiled graphs and CUDA graphs keep reading this buffer
+        else:
+            setattr(experts, name, tau)
+    _lay_out_rows(experts)
+
+
+def _channel_thresholds(norms: torch.Tensor, thresholds: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """tau [E, segments, in] from norms [E, segments, in], thresholds [E, segments] and, per segment, whether it is
+    scored with its norms: sparse_linear.channel_thresholds for every expert at once."""
+    by_norm = torch.where(norms > 0, thresholds.unsqueeze(-1) / norms, torch.full_like(norms, float("inf")))
+    return torch.where(scored[None, :, None], by_norm, thresholds.unsqueeze(-1).expand_as(norms))
+
+
+def _lay_out_rows(experts) -> None:
+    """Store each expert as W^T (every input channel one contiguous row) where one copy serves the dense
+    products too (GPU, CPU float32); bf16 on the CPU keeps W and builds W^T for the gather on first use."""
+    weight = experts.gate_up_proj
+    if weight.is_cuda or not separate_transpose_needed(weight.dtype):
+        for name in ("gate_up_proj", "down_proj"):
+            param = getattr(experts, name)
+            if param.stride(1) != 1:
+                param.data = param.data.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def transposed_rows(experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up_t [E, H, 2I], down_t [E, I, H]) with unit stride along their last dimension."""
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    if gate_up.stride(1) == 1 and down.stride(1) == 1:
+        return gate_up.transpose(1, 2), down.transpose(1, 2)
+    key = (gate_up.data_ptr(), gate_up._version, down.data_ptr(), down._version, gate_up.dtype)
+    cached = getattr(experts, "_winaconv_rows", None)
+    if cached is None or cached[0] != key:
+        cached = experts._winaconv_rows = (key, gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous())
+    return cached[1], cached[2]
+
+
+def sparse_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The function registered as IMPLEMENTATION (see the module's docstring for its paths)."""
+    if self.winaconv_tau_gate_up is None:
+        return dense_forward(self)(self, hidden_states, top_k_index, top_k_weights)
+    if use_expert_kernel(hidden_states, top_k_index.numel()):
+        gate_up_t, down_t = transposed_rows(self)
+        return grouped_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_t, down_t,
+                                      self.winaconv_tau_gate_up, self.winaconv_tau_down, self.act_fn)
+    if (not hidden_states.is_cuda and hidden_states.shape[0] <= GATHER_MAX_TOKENS
+            and gather_supported(hidden_states.dtype)):
+        return gathered_experts(self, hidden_states, top_k_index, top_k_weights)
+    return masked_experts(self, hidden_states, top_k_index, top_k_weights)
+
+
+def dense_forward(experts):
+    """The experts implementation the model was built with (transformers' eager loop where that was "eager")."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    name = getattr(experts, "winaconv_dense_implementation", "eager")
+    eager = getattr(type(experts).forward, "__wrapped__", None) or masked_experts
+    return eager if name in (None, "eager", IMPLEMENTATION) else ALL_EXPERTS_FUNCTIONS.get_interface(name, eager)
+
+
+def _masked(x: torch.Tensor, tau) -> torch.Tensor:
+    return x if tau is None else x * (x.abs() > tau)
+
+
+def masked_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' per-expert loop with each expert's masks applied before its products (the reference rule;
+    unmasked where no thresholds are set)."""
+    tau_gate_up, tau_down = self.winaconv_tau_gate_up, self.winaconv_tau_down
+    width = self.down_proj.shape[-1]
+    out = torch.zeros_like(hidden_states)
+    for expert in top_k_index.unique().tolist():
+        token, slot = (top_k_index == expert).nonzero(as_tuple=True)
+        x = hidden_states[token]
+        gate_up = self.gate_up_proj[expert]
+        gate = F.linear(_masked(x, None if tau_gate_up is None else tau_gate_up[expert, 0]), gate_up[:width])
+        up = F.linear(_masked(x, None if tau_gate_up is None else tau_gate_up[expert, 1]), gate_up[width:])
+        h = self.act_fn(gate) * up
+        y = F.linear(_masked(h, None if tau_down is None else tau_down[expert]), self.down_proj[expert])
+        # (a token meets an expert once; index_add_ took 0.1 s per call on the 2-core CI host, index_put_ microseconds)
+        out.index_put_((token,), (y * top_k_weights[token, slot, None]).to(out.dtype), accumulate=True)
+    return out
+
+
+def gathered_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
+    """CPU decode: for every (token, routed expert) pair, only the kept rows of that expert's W^T are read
+    (torch's embedding_bag: one bag per pair, rows of all experts in one table)."""
+    tokens, top_k = top_k_index.shape
+    gate_up_t, down_t = transposed_rows(self)
+    experts_count, hidden, width2 = gate_up_t.shape
+    width = width2 // 2
+    experts = top_k_index.reshape(-1)
+    x = hidden_states.repeat_interleave(top_k, dim=0)  # one row per pair
+    keep = x.abs().unsqueeze(1) > self.winaconv_tau_gate_up[experts]  # [pairs, 2, H]
+    table = gate_up_t.reshape(experts_count * hidden, width2)
+    gate = _pair_bags(x, keep[:, 0], experts, table[:, :width])
+    up = _pair_bags(x, keep[:, 1], experts, table[:, width:])
+    h = self.act_fn(gate) * up
+    keep_down = h.abs() > self.winaconv_tau_down[experts]
+    y = _pair_bags(h, keep_down, experts, down_t.reshape(experts_count * width, hidden))
+    weighted = y * top_k_weights.reshape(-1, 1)
+    return weighted.view(tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+
+def _pair_bags(x: torch.Tensor, keep: torch.Tensor, experts: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """[pairs, out]: for pair p, sum over kept i of x[p, i] * table[experts[p] * in + i]."""
+    pair, channel = keep.nonzero(as_tuple=True)  # grouped by pair
+    counts = torch.bincount(pair, minlength=keep.shape[0])
+    offsets = torch.zeros_like(counts)
+    offsets[1:] = counts.cumsum(0)[:-1]
+    rows = experts[pair] * keep.shape[1] + channel
+    return F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=x[pair, channel])

@@ -1,0 +1,102 @@
+"""The grouped expert kernel (runtime/expert_kernels.py) under TRITON_INTERPRET=1, every memory access bounds-checked,
+against a float64 reference: odd expert counts and widths, top-k 1/2/8, repeated experts in a batch.
+
+TRITON_INTERPRET must be set before the kernels are imported; if another test module imported them first, the
+in-process tests are skipped and one test runs this file again in a fresh subprocess.
+"""
+import os
+import subprocess
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from winaconv_runtime import expert_kernels as EK  # noqa: E402
+
+from interpreter_bounds import AVAILABLE as BOUNDS_AVAILABLE, bounds_checked  # noqa: E402
+
+_INTERPRETED = EK.HAS_TRITON and type(getattr(EK, "_expert_rows_kernel", None)).__name__ == "InterpretedFunction"
+needs_interp = pytest.mark.skipif(not _INTERPRETED, reason="triton missing, or imported before TRITON_INTERPRET=1 "
+                                  "(covered by test_expert_kernel_in_fresh_subprocess)")
+
+# (experts, hidden, width, top_k, tokens)
+CASES = [(5, 72, 40, 1, 3), (7, 64, 48, 2, 4), (9, 96, 33, 8, 2), (3, 40, 24, 2, 5)]
+
+
+def _reference(x, index, weights, gate_up, down, tau_gate_up, tau_down):
+    """Per (token, routed expert): mask by the thresholds, dense products, in float64."""
+    width = down.shape[-1]
+    x, gate_up, down = x.double(), gate_up.double(), down.double()
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for slot in range(index.shape[1]):
+            e = int(index[t, slot])
+            gate = gate_up[e, :width] @ (x[t] * (x[t].abs() > tau_gate_up[e, 0]))
+            up = gate_up[e, width:] @ (x[t] * (x[t].abs() > tau_gate_up[e, 1]))
+            h = (torch.nn.functional.silu(gate) * up).to(torch.float32).double()  # the kernel's dtype between launches
+            out[t] += float(weights[t, slot]) * (down[e] @ (h * (h.abs() > tau_down[e])))
+    return out
+
+
+def _case(experts, hidden, width, top_k, tokens, sparsity, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g)
+    gate_up = torch.randn(experts, 2 * width, hidden, generator=g) / hidden ** 0.5
+    down = torch.randn(experts, hidden, width, generator=g) / width ** 0.5
+    index = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    index[-1] = index[0]  # a repeated expert set in the batch
+    weights = torch.rand(tokens, top_k, generator=g)
+    level = torch.quantile(x.abs().flatten(), sparsity).item() if sparsity else 0.0
+    tau_gate_up = level * torch.rand(experts, 2, hidden, generator=g) * 2
+    tau_down = 0.05 * sparsity * torch.rand(experts, width, generator=g) * 2
+    tau_gate_up[0, 1, :3] = float("inf")  # never kept
+    return x, index, weights, gate_up, down, tau_gate_up, tau_down
+
+
+@needs_interp
+@pytest.mark.parametrize("experts,hidden,width,top_k,tokens", CASES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.6])
+def test_grouped_kernel_equals_the_float64_reference(experts, hidden, width, top_k, tokens, sparsity):
+    x, index, weights, gate_up, down, tau_gate_up, tau_down = _case(experts, hidden, width, top_k, tokens, sparsity,
+                                                                    seed=experts * 10 + top_k)
+    gate_up_t = gate_up.transpose(1, 2).contiguous()  # W^T rows, as the runtime lays them out
+    down_t = down.transpose(1, 2).contiguous()
+    checked = bounds_checked() if BOUNDS_AVAILABLE else _nothing()
+    with checked:
+        out = EK.grouped_experts_triton(x, index, weights, gate_up_t, down_t, tau_gate_up, tau_down,
+                                        torch.nn.functional.silu)
+    reference = _reference(x, index, weights, gate_up, down, tau_gate_up, tau_down)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert (out.double() - reference).abs().max() <= 1e-5 * max(reference.abs().max().item(), 1.0)
+
+
+@needs_interp
+def test_grouped_kernel_reads_experts_in_place_of_the_model_parameters():
+    """The runtime passes transposed views of the experts' own parameters (no copy): strides other than
+    contiguous ones along the expert dimension work."""
+    x, index, weights, gate_up, down, tau_gate_up, tau_down = _case(5, 48, 20, 2, 3, 0.5, seed=1)
+    stored = gate_up.transpose(1, 2).contiguous().transpose(1, 2)  # the parameter as laid out by the runtime
+    stored_down = down.transpose(1, 2).contiguous().transpose(1, 2)
+    out = EK.grouped_experts_triton(x, index, weights, stored.transpose(1, 2), stored_down.transpose(1, 2),
+                                    tau_gate_up, tau_down, torch.nn.functional.silu)
+    reference = _reference(x, index, weights, gate_up, down, tau_gate_up, tau_down)
+    assert (out.double() - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.skipif(_INTERPRETED or os.environ.get("WINACONV_MOE_KERNEL_SUBPROCESS") == "1" or not EK.HAS_TRITON,
+                    reason="the in-process tests run under the interpreter")
+def test_expert_kernel_in_fresh_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1", WINACONV_MOE_KERNEL_SUBPROCESS="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0, result.stdout[-3000:]
