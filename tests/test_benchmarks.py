@@ -112,3 +112,29 @@ def test_gemma_transforms_smoke(tmp_path):
     cost = json.loads((tmp_path / "cost.json").read_text())
     assert cost["model_type"] == "gemma3_text" and 0 < cost["extra_per_layer_dense"] < 1
     assert "| 50% |" in output
+
+
+def test_cross_text_smoke(tmp_path):
+    """cross_text.py: conversions per (calibration text, row) including a hidden per-projection scoring, each
+    evaluated on the other texts by two jobs whose parts are merged, cached in its JSON (a second run converts
+    nothing), and the rule's table."""
+    out = tmp_path / "cross.json"
+    run_script("cross_text.py", "--smoke", "--jobs", "2", "--work", tmp_path / "work", "--out", out)
+    results = json.loads(out.read_text())
+    assert set(results["dense"]) == {"prose", "news", "code"}
+    assert set(results["evaluations"]) == {f"{row} | prose | {held_out}" for held_out in ("news", "code")
+                                           for row in ("WINA pca, reference scoring", "WINA pca, norms on o")}
+    assert all(math.isfinite(r["perplexity"]) for by_level in results["evaluations"].values() for r in by_level.values())
+    assert not any((tmp_path / "work").glob("wina-*")) and not any(tmp_path.glob("cross.part*"))
+    again = run_script("cross_text.py", "--smoke", "--work", tmp_path / "work", "--out", out)
+    assert "converting" not in again and "| WINA pca, norms on o | " in again
+
+
+def test_moe_decode_smoke(tmp_path):
+    """moe_decode.py: a tiny random MoE through generate() at level 0 and 50%, and the expert-rule table."""
+    out = tmp_path / "moe.json"
+    output = run_script("moe_decode.py", "cpu", "--smoke", "--json", out)
+    results = json.loads(out.read_text())
+    assert math.isfinite(results["ms_per_token_0"]) and math.isfinite(results["ms_per_token_0.5"])
+    assert "50% over level 0:" in output
+    assert "| 32 | shrink |" in run_script("moe_decode.py", "rules", "--smoke")
