@@ -177,7 +177,8 @@ def run(args) -> dict:
         results = {"settings": settings, "dense": {}, "conversions": {}, "evaluations": {}}
     results["versions"] = {"winaconv": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-                           "host": platform.node(), "device": args.device}
+                           "host": platform.node(),
+                           "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     results["command"] = "python " + " ".join(sys.argv)
     only = set(args.only.split(";")) if args.only else None
     calibs = args.calib.split(",") if args.calib else list(corpus)
