@@ -8,13 +8,13 @@ values, mode="sum"), with its own vectorised loop over a row and no extra compil
 runs one bag per thread, so on larger matrices each token's kept channels are split into one bag per
 thread of torch's pool and the partial sums added afterwards (whether that pays is measured: GatherPlan).
 
-Candidates measured on the project's 2-core machine (benchmarks/cpu.md): index_select + mv
-materialises the gathered rows (2-4x slower than embedding_bag in fp32, 10-30x in bf16, where mv is
-slow); a torch.compile'd (inductor, dynamic) gather materialises them too (20-40x slower);
+Candidates measured on the project's 2-core machine (docs/results.md): index_select + mv
+materialises the gathered rows (several times slower than embedding_bag, far more in bf16, where mv is
+slow); a torch.compile'd (inductor, dynamic) gather materialises them too (slower still);
 embedding_bag is the only one that reads each kept row once and writes nothing else.
 
 Layout: fp32 F.linear is as fast on the transposed layout as on the original one, so fp32 weights are
-re-laid as W^T once (one copy serves both paths). bf16 F.linear on the transposed layout is ~40x
+re-laid as W^T once (one copy serves both paths). bf16 F.linear on the transposed layout is many times
 slower on CPUs without native bf16 matmul, so bf16 keeps W for the dense product and adds W^T for the
 gather (twice the weight memory, said in the one-line notice).
 """
@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from .tensor_parallel import local, set_local
 
 # Where the gather beats the masked dense product depends on the machine more than on anything else: on
-# one 2-core host the gather streamed kept rows faster per byte than torch's dense GEMV (2.6x at 50% on
-# 576x1536, fp32), on another one of the same kind it ran at 0.55-0.95x of it, and small matrices lost
-# there at every sparsity (benchmarks/cpu.md). So the crossover is measured on the machine itself, once
-# per (shape, dtype, threads), at the first decode-sized product of that shape: dense F.linear of the
-# masked input against the gather at kept fractions 1/8 .. 1, with one bag and one bag per thread, on
-# freshly allocated matrices cycled through more memory than a CPU cache holds. ~0.3 s per shape.
+# one 2-core host the gather streamed kept rows faster per byte than torch's dense GEMV, on another one of
+# the same kind it was slower, and small matrices lost there at every sparsity (docs/results.md). So the
+# crossover is measured on the machine itself, once per (shape, dtype, threads), at the first decode-sized
+# product of that shape: dense F.linear of the masked input against the gather at kept fractions 1/8 .. 1,
+# with one bag and one bag per thread, on freshly allocated matrices cycled through more memory than a CPU
+# cache holds.
 # WINACONV_CPU_GATHER=always / never skips the measurement (tests; comparing the paths).
 GATHER_MODE = os.environ.get("WINACONV_CPU_GATHER", "auto")
 GATHER_DTYPES = (torch.float32, torch.bfloat16)
@@ -222,7 +222,7 @@ class TransposedRows:
             with torch.no_grad():
                 if weight.stride(0) == 1:
                     weight_t = weight.detach().t()  # already stored as W^T (detached: embedding_bag on a
-                    # weight that requires grad takes its training variant, ~5 us more per call)
+                    # weight that requires grad takes its slower training variant)
                 else:
                     weight_t = weight.detach().t().contiguous()
                     if not separate_transpose_needed(weight.dtype):

@@ -7,7 +7,7 @@ weight_t is W^T ([in, out], contiguous) so that one input channel is one contigu
 channel's row is never read.  Several output segments (fused q/k/v, gate/up) with their own
 thresholds share one launch.
 
-The Triton kernel ("tile"; measurements behind every choice: benchmarks/kernels.md, NOTES_kernels.md):
+The Triton kernel ("tile"; measurements behind every choice: docs/results.md, "Kernels"):
   * grid = (column blocks of all segments, K tiles); program (n, k) multiplies one [BLOCK_K rows,
     BLOCK_N cols] tile with every load issued up front.  A weight row is loaded only when some token
     of the batch keeps that channel (predicated loads skip the memory traffic), so at batch > 1 a kept
@@ -20,7 +20,8 @@ The Triton kernel ("tile"; measurements behind every choice: benchmarks/kernels.
     block); up to 4 segments per launch, more segments take more launches.
 Kinds that were measured and retired (a software-pipelined "stream" kernel, with and without split-K;
 a last-program "sem" reduction; a "gather" kernel over compacted kept rows) are described with their
-numbers in benchmarks/NOTES_kernels.md; their code is in the git history.
+numbers in benchmarks/NOTES_kernels.md, which left the tree with their code (git history: docs/results.md,
+"History").
 
 This file must import with only torch installed (it is copied into model folders and loaded by
 transformers' trust_remote_code machinery): it imports only torch, triton (optional) and the stdlib.
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
@@ -59,9 +60,6 @@ __all__ = [
 _OP_VERSION = 3
 _MAX_SEG_PER_LAUNCH = 4
 _REDUCE_BLOCK_N = 128
-# Every output / workspace buffer of a launch comes from here: the tests swap in a poisoning
-# allocator to catch unwritten elements without patching torch itself.
-_new_buffer = torch.empty
 
 
 def _interpreting() -> bool:
@@ -113,36 +111,25 @@ def sparse_linear_reference(x, weight_t, tau, segment_ends, bias=None, accumulat
 if HAS_TRITON:
 
     @triton.jit
-    def _segment_of(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG: tl.constexpr):
-        """Segment index, first/last+1 column and first program id of the segment owning `pid`."""
+    def _segment_of(pid, ends, first_programs, N_SEG: tl.constexpr):
+        """Segment index, first/last+1 column and first program id of the segment owning `pid`, from the
+        launch's table (LaunchGroup.ends, LaunchGroup.first_programs); the loop unrolls at compile time."""
         seg = pid * 0
         start = pid * 0
-        end = pid * 0 + e0
+        end = pid * 0 + ends[0]
         poff = pid * 0
-        if N_SEG > 1:
-            c = pid >= o1
-            seg = tl.where(c, 1, seg)
-            start = tl.where(c, e0, start)
-            end = tl.where(c, e1, end)
-            poff = tl.where(c, o1, poff)
-        if N_SEG > 2:
-            c = pid >= o2
-            seg = tl.where(c, 2, seg)
-            start = tl.where(c, e1, start)
-            end = tl.where(c, e2, end)
-            poff = tl.where(c, o2, poff)
-        if N_SEG > 3:
-            c = pid >= o3
-            seg = tl.where(c, 3, seg)
-            start = tl.where(c, e2, start)
-            end = tl.where(c, e3, end)
-            poff = tl.where(c, o3, poff)
+        for s in tl.static_range(1, N_SEG):
+            c = pid >= first_programs[s - 1]
+            seg = tl.where(c, s, seg)
+            start = tl.where(c, ends[s - 1], start)
+            end = tl.where(c, ends[s], end)
+            poff = tl.where(c, first_programs[s - 1], poff)
         return seg, start, end, poff
 
     @triton.jit
-    def _column_block(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _column_block(pid, ends, first_programs, N_SEG: tl.constexpr, BLOCK_N: tl.constexpr):
         """Segment, output columns and their bounds mask of column-block program `pid`."""
-        seg, start, end, poff = _segment_of(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG)
+        seg, start, end, poff = _segment_of(pid, ends, first_programs, N_SEG)
         cols = start + (pid - poff) * BLOCK_N + tl.arange(0, BLOCK_N)
         return seg, cols, cols < end
 
@@ -196,7 +183,7 @@ if HAS_TRITON:
     def _wina_tile_kernel(
         x_ptr, w_ptr, tau_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr,
         T, K, stride_x, stride_w, stride_tau, stride_y, stride_split, stride_ws,
-        e0, e1, e2, e3, o1, o2, o3,
+        ends, first_programs,
         N_SEG: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
         SPLIT: tl.constexpr,        # False: one K split, store y directly; True: fp32 partials for the reduce
         FUSED_REDUCE: tl.constexpr,  # with SPLIT: the column block's last program reduces (else a reduce launch)
@@ -207,7 +194,7 @@ if HAS_TRITON:
         the program is issued up front (no loop-carried dependency), occupancy hides the latency."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        seg, cols, cmask = _column_block(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG, BLOCK_N)
+        seg, cols, cmask = _column_block(pid, ends, first_programs, N_SEG, BLOCK_N)
         t_idx = tl.arange(0, BLOCK_T)
         tau_row = tau_ptr + seg * stride_tau
         rk = tl.arange(0, BLOCK_K)
@@ -243,7 +230,7 @@ if HAS_TRITON:
     def _wina_list_kernel(
         x_ptr, w_ptr, tau_ptr, ws_ptr, idx_ptr, xs_ptr, tickets_ptr, b_ptr, y_ptr,
         K, KC, stride_w, stride_tau, stride_ws, stride_list_seg, stride_list_group,
-        e0, e1, e2, e3, o1, o2, o3,
+        ends, first_programs,
         N_SEG: tl.constexpr, EVICT_FIRST: tl.constexpr, NUM_STAGES: tl.constexpr,
         FUSED_REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -259,7 +246,7 @@ if HAS_TRITON:
            learns from a per-column-block ticket that it resets for the next call."""
         pid = tl.program_id(0)
         g = tl.program_id(1)
-        seg, cols, cmask = _column_block(pid, e0, e1, e2, e3, o1, o2, o3, N_SEG, BLOCK_N)
+        seg, cols, cmask = _column_block(pid, ends, first_programs, N_SEG, BLOCK_N)
         rc = tl.arange(0, BLOCK_C)
         ch = g * KC + rc
         cm = (rc < KC) & (ch < K)
@@ -312,7 +299,7 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------------------------
-# configuration (measured on the H100 and the H200, see benchmarks/kernels.md)
+# configuration (measured on the H100 and the H200: docs/results.md, "Kernels")
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KernelConfig:
@@ -336,7 +323,7 @@ class KernelConfig:
 
 
 # At or under this percentage of kept input channels the kept-list kind beats the tile at batch 1
-# (benchmarks/kernels.md, H200 sweep of 2026-12-04).
+# (the H200 sweep in docs/results.md, "Kernels").
 LIST_KIND_MAX_KEPT_PERCENT = 25
 
 
@@ -359,25 +346,36 @@ def choose_config(num_tokens: int, in_features: int, out_features: int, kept_per
 # ----------------------------------------------------------------------------------------------
 # launch
 # ----------------------------------------------------------------------------------------------
-def _plan(T, K, ends, cfg):
-    """Python-side launch arithmetic (pure ints): per group of <= 4 segments, its first segment, first
-    column, column count, segment count, program count, padded segment ends and program offsets."""
+class LaunchGroup(NamedTuple):
+    """One launch of a product: up to _MAX_SEG_PER_LAUNCH consecutive output segments, their column blocks
+    numbered one after the other. The two tables have fixed lengths (padded with their last value) so that
+    the kernel's signature depends on the segment count (N_SEG) alone."""
+    first_segment: int  # its first segment: the row of tau it starts at
+    first_column: int  # its first column of weight_t and y
+    n_seg: int
+    n_programs: int  # column blocks of all its segments
+    ends: tuple  # segment ends, relative to first_column
+    first_programs: tuple  # first column block of its segments 1, 2, 3
+
+
+def _launch_groups(ends, block_n) -> list[LaunchGroup]:
+    """Python-side launch arithmetic (pure ints) of a product with these segment ends and column blocks."""
     groups = []
     col0 = 0
     for g in range(0, len(ends), _MAX_SEG_PER_LAUNCH):
-        g_ends = ends[g:g + _MAX_SEG_PER_LAUNCH]
-        rel = [e - col0 for e in g_ends]
+        group_ends = ends[g:g + _MAX_SEG_PER_LAUNCH]
+        rel = [e - col0 for e in group_ends]
         n_seg = len(rel)
         offs = [0]
         prev = 0
         for e in rel:
-            offs.append(offs[-1] + triton.cdiv(e - prev, cfg.block_n))
+            offs.append(offs[-1] + triton.cdiv(e - prev, block_n))
             prev = e
         n_prog = offs[n_seg]
-        rel_p = rel + [rel[-1]] * (4 - n_seg)
-        offs_p = offs[1:n_seg] + [n_prog] * (4 - n_seg)
-        groups.append((g, col0, rel[-1], n_seg, n_prog, rel_p, offs_p))
-        col0 = g_ends[-1]
+        padded_ends = rel + [rel[-1]] * (_MAX_SEG_PER_LAUNCH - n_seg)
+        first_programs = offs[1:n_seg] + [n_prog] * (_MAX_SEG_PER_LAUNCH - n_seg)
+        groups.append(LaunchGroup(g, col0, n_seg, n_prog, tuple(padded_ends), tuple(first_programs)))
+        col0 = group_ends[-1]
     return groups
 
 
@@ -396,27 +394,28 @@ def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = N
         return _launch_list(x, weight_t, tau, ends, bias, cfg)
     block_t = 16 if use_dot else 1
     ieee = x.dtype == torch.float32 or _interpreting()
-    y = _new_buffer((T, N), device=x.device, dtype=x.dtype)
+    y = torch.empty((T, N), device=x.device, dtype=x.dtype)
     has_bias = bias is not None
     unused = x  # pointer for arguments a launch does not read
     nsplit = triton.cdiv(K, cfg.block_k * cfg.iters)
     split = nsplit > 1
-    ws = _new_buffer((nsplit, T, N), device=x.device, dtype=torch.float32) if split else y
+    ws = torch.empty((nsplit, T, N), device=x.device, dtype=torch.float32) if split else y
     fused = split and cfg.fused_reduce
     tickets = _tickets(x.device) if fused else ws
-    for g, col0, n_cols, n_seg, n_prog, rel_p, offs_p in _plan(T, K, ends, cfg):
-        if fused and n_prog > tickets.numel():
-            raise ValueError(f"{n_prog} column blocks exceed the {tickets.numel()} reduction tickets")
+    for group in _launch_groups(ends, cfg.block_n):
+        if fused and group.n_programs > tickets.numel():
+            raise ValueError(f"{group.n_programs} column blocks exceed the {tickets.numel()} reduction tickets")
+        g, col0 = group.first_segment, group.first_column
         w_g = weight_t if col0 == 0 else weight_t[:, col0:]
         tau_g = tau if g == 0 else tau[g:]
         b_g = (bias if col0 == 0 else bias[col0:]) if has_bias else unused
         y_g = y if col0 == 0 else y[:, col0:]
         ws_g = ws if (col0 == 0 or not split) else ws[:, :, col0:]
-        _wina_tile_kernel[(n_prog, nsplit)](
+        _wina_tile_kernel[(group.n_programs, nsplit)](
             x, w_g, tau_g, b_g, y_g, ws_g, tickets, T, K,
             x.stride(0), w_g.stride(0), tau_g.stride(0), y.stride(0), ws.stride(0), ws.stride(1) if split else 0,
-            rel_p[0], rel_p[1], rel_p[2], rel_p[3], offs_p[0], offs_p[1], offs_p[2],
-            N_SEG=n_seg, HAS_BIAS=has_bias, USE_DOT=use_dot, IEEE=ieee, SPLIT=split, FUSED_REDUCE=fused,
+            group.ends, group.first_programs,
+            N_SEG=group.n_seg, HAS_BIAS=has_bias, USE_DOT=use_dot, IEEE=ieee, SPLIT=split, FUSED_REDUCE=fused,
             EVICT_FIRST=cfg.evict_first,
             ITERS=cfg.iters,
             BLOCK_T=block_t, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
@@ -447,24 +446,24 @@ def _launch_list(x, weight_t, tau, ends, bias, cfg: KernelConfig):
     groups = max(1, min(cfg.groups, K))
     kc = triton.cdiv(K, groups)
     block_c = triton.next_power_of_2(kc)
-    y = _new_buffer((1, N), device=x.device, dtype=x.dtype)
-    ws = _new_buffer((groups, 1, N), device=x.device, dtype=torch.float32)
-    idx = _new_buffer((len(ends), groups, block_c), device=x.device, dtype=torch.int32)
-    xs = _new_buffer((len(ends), groups, block_c), device=x.device, dtype=torch.float32)
+    y = torch.empty((1, N), device=x.device, dtype=x.dtype)
+    ws = torch.empty((groups, 1, N), device=x.device, dtype=torch.float32)
+    idx = torch.empty((len(ends), groups, block_c), device=x.device, dtype=torch.int32)
+    xs = torch.empty((len(ends), groups, block_c), device=x.device, dtype=torch.float32)
     has_bias = bias is not None
     tickets = _tickets(x.device) if cfg.fused_reduce else idx
-    for g, col0, n_cols, n_seg, n_prog, rel_p, offs_p in _plan(1, K, ends, cfg):
-        if cfg.fused_reduce and n_prog > tickets.numel():
-            raise ValueError(f"{n_prog} column blocks exceed the {tickets.numel()} reduction tickets")
+    for group in _launch_groups(ends, cfg.block_n):
+        if cfg.fused_reduce and group.n_programs > tickets.numel():
+            raise ValueError(f"{group.n_programs} column blocks exceed the {tickets.numel()} reduction tickets")
+        g, col0 = group.first_segment, group.first_column
         w_g = weight_t if col0 == 0 else weight_t[:, col0:]
         tau_g = tau if g == 0 else tau[g:]
         ws_g = ws if col0 == 0 else ws[:, :, col0:]
         b_g = (bias if col0 == 0 else bias[col0:]) if has_bias else x
-        _wina_list_kernel[(n_prog, groups)](
+        _wina_list_kernel[(group.n_programs, groups)](
             x, w_g, tau_g, ws_g, idx[g:], xs[g:], tickets, b_g, y[:, col0:], K, kc, w_g.stride(0), tau_g.stride(0),
-            ws.stride(0), idx.stride(0), idx.stride(1), rel_p[0], rel_p[1], rel_p[2], rel_p[3],
-            offs_p[0], offs_p[1], offs_p[2],
-            N_SEG=n_seg, EVICT_FIRST=cfg.evict_first, NUM_STAGES=cfg.num_stages, FUSED_REDUCE=cfg.fused_reduce,
+            ws.stride(0), idx.stride(0), idx.stride(1), group.ends, group.first_programs,
+            N_SEG=group.n_seg, EVICT_FIRST=cfg.evict_first, NUM_STAGES=cfg.num_stages, FUSED_REDUCE=cfg.fused_reduce,
             HAS_BIAS=has_bias, BLOCK_C=block_c, BLOCK_R=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
     if cfg.fused_reduce:
         return y
@@ -481,8 +480,7 @@ if HAS_TRITON:
     try:
         # An opaque custom op with an explicit fake: torch.compile calls it as one extern kernel and a
         # CUDA graph records its launches. (A triton_op, which lets inductor trace the launch, made
-        # compiling a 32-layer decode step take minutes: inductor analyses every call site of a user
-        # kernel; benchmarks/experiments/gpu_generate_probe.py.)
+        # compiling a whole decode step very slow: inductor analyses every call site of a user kernel.)
         @torch.library.custom_op(_OP_NAME, mutates_args=())
         def _sparse_linear_op(x: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor,
                               segment_ends: List[int], bias: Optional[torch.Tensor], kept_percent: int) -> torch.Tensor:
@@ -514,17 +512,16 @@ def sparse_linear_triton(x, weight_t, tau, segment_ends, bias=None, kept_percent
 
 
 # ----------------------------------------------------------------------------------------------
-# dispatch policy (measured on the H100; see benchmarks/kernels.md)
+# dispatch policy (measured on the H100: docs/results.md, "Kernels")
 # ----------------------------------------------------------------------------------------------
 def use_sparse_kernel(num_tokens: int, in_features: int, out_features: int) -> bool:
-    """True where the sparse kernel beats dense F.linear at this batch size (sparsity-independent).
-
-    Measured on the H100 (bf16, CUDA graphs, benchmarks/kernels.md):
-      * batch 1: 0.95-1.03x of dense at 0 % sparsity, faster from 25 % on, on all four Llama-3-8B
+    """True where the sparse kernel beats dense F.linear at this batch size (sparsity-independent; the
+    measurements are in docs/results.md, "Kernels"):
+      * batch 1: about dense at sparsity 0, faster at the calibrated levels, on all four Llama-3-8B
         shapes -> sparse.  (At sparsity level 0 the caller should run dense: it knows its level.)
-      * batch 2, 4, 8: slower than dense at every sparsity up to 90 % (the union of kept rows
-        grows with the batch and the batched tile is slower than cuBLAS) -> dense.
-      * tiny matrices (< 1M weights) are launch-bound -> dense.
+      * batch > 1: slower than dense at every level (the union of kept rows grows with the batch and
+        the batched tile is slower than cuBLAS) -> dense.
+      * tiny matrices (under 2^20 weights) are launch-bound -> dense.
     """
     if num_tokens != 1:
         return False

@@ -27,8 +27,11 @@ from .tensor_parallel import column_norms, held_segments, is_sharded, local, row
 logger = logging.getLogger(__name__)
 _announced_paths: set[str] = set()
 
-# Tests set this to run the Triton decode path on CPU tensors under TRITON_INTERPRET=1.
-KERNELS_ON_CPU = False
+
+def _uses_kernels(tensor: torch.Tensor) -> bool:
+    """Whether products on this tensor's device take the GPU path (Triton decode kernels, joined q/k/v and
+    gate/up weights) rather than the CPU path (row gather). Every device decision of this module asks here."""
+    return tensor.is_cuda
 
 
 def announce_path(on_gpu: bool) -> None:
@@ -56,7 +59,7 @@ def channel_thresholds(norms: torch.Tensor, threshold: float, scored_with_norm: 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, tau: torch.Tensor, segment_sizes) -> torch.Tensor:
     """The reference rule in plain torch: mask the input per segment, then a dense product."""
-    if len(segment_sizes) == 1:  # no split views: a bf16 F.linear on a view of W measured 10-20 us slower (CPU)
+    if len(segment_sizes) == 1:  # no split views: a bf16 F.linear on a view of W is slower (CPU)
         return F.linear(x * (x.abs() > tau[0]), weight, bias)
     outputs = []
     biases = bias.split(segment_sizes) if bias is not None else [None] * len(segment_sizes)
@@ -129,7 +132,7 @@ class SparseLinear(nn.Linear):
     def _column_norms(self) -> torch.Tensor:
         """Per projection segment, the float32 norms of whole weight columns over this module's input channels,
         kept while the weight is unchanged: the greedy allocation sets thresholds thousands of times per layer,
-        and recomputing them was a quarter of its time."""
+        and recomputing them took a large share of its time."""
         weight = self.weight
         if is_sharded(weight):
             # Computing them takes a collective, which every rank must enter together: key on what all ranks
@@ -152,12 +155,12 @@ class SparseLinear(nn.Linear):
 
     def _lay_out_for_kernel(self) -> None:
         weight = local(self.weight)
-        if weight.device.type == "cpu" and not KERNELS_ON_CPU:
+        if weight.device.type == "cpu" and not _uses_kernels(weight):
             if gather_supported(weight.dtype):
                 self._cpu_rows.for_weight(self)  # W^T rows for the CPU gather, made at load rather than mid-decode
         elif self.shared_input_group is not None:
             self.shared_input_group.fuse()  # lays out all members at once
-        elif (weight.is_cuda or KERNELS_ON_CPU) and HAS_TRITON and weight.stride(0) != 1:
+        elif _uses_kernels(weight) and HAS_TRITON and weight.stride(0) != 1:
             # The decode kernel reads one contiguous row of W^T per kept channel; F.linear
             # takes the transposed layout just as well, so one copy serves both paths.
             set_local(self, "weight", weight.detach().t().contiguous().t())
@@ -177,7 +180,7 @@ class SparseLinear(nn.Linear):
         out_features = self.weight.shape[0] if group is None else group.out_features
         return (
             HAS_TRITON
-            and (flat.is_cuda or KERNELS_ON_CPU)
+            and _uses_kernels(flat)
             and self.weight.stride(0) == 1
             and (group is None or group.is_fused)
             and use_sparse_kernel(flat.shape[0], flat.shape[1], out_features)
@@ -189,7 +192,7 @@ class SparseLinear(nn.Linear):
         if self.tau is None:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
-        if flat.device.type == "cpu" and not KERNELS_ON_CPU:
+        if flat.device.type == "cpu" and not _uses_kernels(flat):
             y = self._cpu_forward(flat)
         elif not self._runs_kernel(flat):
             y = masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
@@ -246,7 +249,7 @@ class SharedInputGroup:
     def fuse(self) -> None:
         members = self.members
         weight = local(members[0].weight)
-        if any(m.tau is None for m in members) or not (weight.is_cuda or KERNELS_ON_CPU) or not HAS_TRITON:
+        if any(m.tau is None for m in members) or not _uses_kernels(weight) or not HAS_TRITON:
             self.is_fused = False
             return
         if self.is_fused:

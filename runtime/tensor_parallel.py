@@ -77,7 +77,7 @@ def row_shard(weight) -> RowShard | None:
     if type(placement) is not Shard or placement.dim != 0:  # e.g. transformers' packed (strided) shards
         raise TensorParallelError(f"winaconv's sparse linears cannot run a weight sharded as {placement}")
     rows, size, rank = weight.shape[0], mesh.size(), mesh.get_local_rank()
-    chunk = -(-rows // size)  # DTensor shards as torch.chunk does: equal slices, the last ones shorter
+    chunk = (rows + size - 1) // size  # rounded up: DTensor shards as torch.chunk does, the last slices shorter
     start = min(rank * chunk, rows)
     end = min(start + chunk, rows)
     if end - start != local(weight).shape[0]:

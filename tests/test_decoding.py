@@ -27,10 +27,18 @@ def sparse_random_model(family, method="wina"):
     return model, ids
 
 
+DEVICE_PATHS = sparse_linear._uses_kernels
+
+
+def kernels_on_cpu_tensors(on: bool) -> None:
+    """CPU tensors take the GPU decode path (interpreted Triton kernels) when on, their own path when off."""
+    sparse_linear._uses_kernels = (lambda tensor: True) if on else DEVICE_PATHS
+
+
 @pytest.fixture
 def kernels_on_cpu(monkeypatch):
     """The GPU decode path on CPU tensors: interpreted Triton kernels, every decode product sparse."""
-    monkeypatch.setattr(sparse_linear, "KERNELS_ON_CPU", True)
+    monkeypatch.setattr(sparse_linear, "_uses_kernels", lambda tensor: True)
     monkeypatch.setattr(sparse_linear, "use_sparse_kernel", lambda tokens, n_in, n_out: tokens == 1)
     launches = []
     original = sparse_linear.sparse_linear_triton
@@ -54,9 +62,9 @@ def decode_logits(model, ids):
 def test_shared_input_linears_take_one_launch_and_keep_the_rule(family, kernels_on_cpu):
     model, ids = sparse_random_model(family)
     model.set_sparsity(0.5)
-    sparse_linear.KERNELS_ON_CPU = False  # reference first: masked dense products, linear by linear
+    kernels_on_cpu_tensors(False)  # reference first: masked dense products, linear by linear
     reference = decode_logits(model, ids[:1, :12])
-    sparse_linear.KERNELS_ON_CPU = True
+    kernels_on_cpu_tensors(True)
     model.set_sparsity(0.5)  # lays out (and, for q/k/v and gate/up, joins) the weights for the kernel
     kernels_on_cpu.clear()
     fused = decode_logits(model, ids[:1, :12])
@@ -97,7 +105,7 @@ def test_switching_levels_updates_joined_thresholds_in_place(kernels_on_cpu):
     model.set_sparsity(0.5)
     assert group.tau is tau
     torch.testing.assert_close(decode_logits(model, ids[:1, :12]), at_half)
-    sparse_linear.KERNELS_ON_CPU = False
+    kernels_on_cpu_tensors(False)
     model.set_sparsity(0.25)
     torch.testing.assert_close(at_quarter, decode_logits(model, ids[:1, :12]), rtol=1e-4, atol=1e-5)
     model.set_sparsity(0)
@@ -113,7 +121,7 @@ def test_joined_weights_survive_a_dtype_change(kernels_on_cpu):
     q_proj = model.model.layers[0].self_attn.q_proj
     assert q_proj.weight.data_ptr() == group.weight_t.data_ptr() and q_proj.bias.dtype == torch.float64
     fused = decode_logits(model, ids[:1, :12])
-    sparse_linear.KERNELS_ON_CPU = False
+    kernels_on_cpu_tensors(False)
     torch.testing.assert_close(fused, decode_logits(model, ids[:1, :12]))
 
 

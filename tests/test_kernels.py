@@ -78,17 +78,25 @@ def _tol(dtype):
 
 @pytest.fixture
 def poisoned_empty(monkeypatch):
-    """Every buffer the kernels allocate of a floating dtype is NaN-filled: an output (or partial-sum
-    workspace) element the kernel forgets to write shows up as NaN."""
-    orig = K._new_buffer
+    """Every buffer the kernels allocate (torch.empty in runtime/kernels.py) is poisoned: floating ones NaN, so an
+    output (or partial-sum workspace) element the kernel forgets to write shows up as NaN; integer ones (kept-row
+    lists) a huge index, so reading an entry the kernel did not write is an access outside every tensor. Only
+    that module sees the poisoning torch; torch itself is untouched."""
 
-    def new_buffer(*a, **k):
-        t = orig(*a, **k)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
+    class PoisoningTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
 
-    monkeypatch.setattr(K, "_new_buffer", new_buffer)
+        @staticmethod
+        def empty(*a, **k):
+            t = torch.empty(*a, **k)
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+            elif t.dtype == torch.int32:
+                t.fill_(1 << 30)
+            return t
+
+    monkeypatch.setattr(K, "torch", PoisoningTorch())
     yield
 
 

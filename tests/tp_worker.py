@@ -55,7 +55,7 @@ def kernels_on_cpu(model) -> list:
     """Switch the checkpoint's own runtime to the GPU decode path on CPU tensors (interpreted Triton kernels, every
     one-token product sparse) and lay the weights out for it; returns the list each launch's segment ends join."""
     runtime = sys.modules[type(model.model.layers[0].mlp.down_proj).__module__]
-    runtime.KERNELS_ON_CPU = True
+    runtime._uses_kernels = lambda tensor: True
     runtime.use_sparse_kernel = lambda tokens, n_in, n_out: tokens == 1
     launches, launch = [], runtime.sparse_linear_triton
 
