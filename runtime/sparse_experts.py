@@ -16,7 +16,7 @@ Otherwise (prefill, large batches): transformers' per-expert loop with the masks
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernels import GATHER_MAX_TOKENS, gather_supported, separate_transpose_needed
+from .cpu_kernels import GATHER_MAX_TOKENS, gather_may_win, separate_transpose_needed
 from .expert_kernels import grouped_experts_triton, use_expert_kernel
 
 IMPLEMENTATION = "winaconv_sparse"
@@ -114,10 +114,22 @@ def sparse_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
         gate_up_t, down_t = transposed_rows(self)
         return grouped_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_t, down_t,
                                       self.winaconv_tau_gate_up, self.winaconv_tau_down, self.act_fn)
-    if (not hidden_states.is_cuda and hidden_states.shape[0] <= GATHER_MAX_TOKENS
-            and gather_supported(hidden_states.dtype)):
+    if not hidden_states.is_cuda and gather_pays(self, hidden_states, top_k_index):
         return gathered_experts(self, hidden_states, top_k_index, top_k_weights)
     return masked_experts(self, hidden_states, top_k_index, top_k_weights)
+
+
+def gather_pays(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
+    """cpu_kernels' measured policy for one expert's gate/up shape: a decode-sized batch on a machine where the
+    row gather beats the dense product at the level's kept fraction (hosts of one kind differ: on some the
+    gather reads fewer bytes but streams them slower)."""
+    width = experts.down_proj.shape[-1]
+    plan = gather_may_win(top_k_index.numel(), hidden_states.shape[-1], 2 * width, hidden_states.dtype)
+    if plan is None or hidden_states.shape[0] > GATHER_MAX_TOKENS:
+        return False
+    # the first routed expert's kept share stands for the pairs' (one comparison, no per-pair count)
+    kept = (hidden_states.abs().unsqueeze(1) > experts.winaconv_tau_gate_up[top_k_index.reshape(-1)[0]]).float()
+    return plan.max_row_fraction >= 1 or float(kept.mean()) <= plan.max_row_fraction
 
 
 def dense_forward(experts):
@@ -159,14 +171,15 @@ def gathered_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
     (torch's embedding_bag: one bag per pair, rows of all experts in one table)."""
     tokens, top_k = top_k_index.shape
     gate_up_t, down_t = transposed_rows(self)
-    experts_count, hidden, width2 = gate_up_t.shape
-    width = width2 // 2
+    experts_count, hidden, width = gate_up_t.shape[0], gate_up_t.shape[1], gate_up_t.shape[2] // 2
     experts = top_k_index.reshape(-1)
     x = hidden_states.repeat_interleave(top_k, dim=0)  # one row per pair
     keep = x.abs().unsqueeze(1) > self.winaconv_tau_gate_up[experts]  # [pairs, 2, H]
-    table = gate_up_t.reshape(experts_count * hidden, width2)
-    gate = _pair_bags(x, keep[:, 0], experts, table[:, :width])
-    up = _pair_bags(x, keep[:, 1], experts, table[:, width:])
+    # W^T of every expert as rows of width I: row (e * H + i) * 2 + s is segment s (gate, up) of channel i
+    # (embedding_bag copies a table that is not contiguous, so never a column slice)
+    table = gate_up_t.reshape(experts_count * hidden * 2, width)
+    gate = _pair_bags(x, keep[:, 0], experts, table, segments=2, segment=0)
+    up = _pair_bags(x, keep[:, 1], experts, table, segments=2, segment=1)
     h = self.act_fn(gate) * up
     keep_down = h.abs() > self.winaconv_tau_down[experts]
     y = _pair_bags(h, keep_down, experts, down_t.reshape(experts_count * width, hidden))
@@ -174,11 +187,12 @@ def gathered_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
     return weighted.view(tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
 
 
-def _pair_bags(x: torch.Tensor, keep: torch.Tensor, experts: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """[pairs, out]: for pair p, sum over kept i of x[p, i] * table[experts[p] * in + i]."""
+def _pair_bags(x: torch.Tensor, keep: torch.Tensor, experts: torch.Tensor, table: torch.Tensor, segments: int = 1,
+               segment: int = 0) -> torch.Tensor:
+    """[pairs, out]: for pair p, sum over kept i of x[p, i] * table[(experts[p] * in + i) * segments + segment]."""
     pair, channel = keep.nonzero(as_tuple=True)  # grouped by pair
     counts = torch.bincount(pair, minlength=keep.shape[0])
     offsets = torch.zeros_like(counts)
     offsets[1:] = counts.cumsum(0)[:-1]
-    rows = experts[pair] * keep.shape[1] + channel
+    rows = (experts[pair] * keep.shape[1] + channel) * segments + segment
     return F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=x[pair, channel])

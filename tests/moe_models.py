@@ -1,12 +1,12 @@
-"""Small random mixtures of experts of every supported MoE family, built from configs (no downloads), and a folder
-with a small byte-level BPE tokenizer of their own for conversions."""
+"""Small random mixtures of experts of every supported MoE family, built from configs (no downloads), a folder of
+one with the tests' small tokenizer for conversions, and the float64 reference of the routed experts' rule."""
 
 from pathlib import Path
 
 import torch
 
 COMMON = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=260, max_position_embeddings=128, num_experts_per_tok=2)
+              vocab_size=300, max_position_embeddings=128, num_experts_per_tok=2)
 # an odd number of routed experts, top-2; qwen2_moe adds a shared expert with its sigmoid gate
 MOE_MODELS = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
@@ -18,13 +18,6 @@ MOE_MODELS = {
 }
 MOE_FAMILIES = sorted(MOE_MODELS)
 ALL_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-
-CALIB_TEXT = "\n\n".join(
-    f"Section {i}: routed experts read only the channels they keep, {i * 31 % 97} tokens at a time, while the "
-    f"router stays dense and the shared expert adds its gated share to layer {i % 7}."
-    for i in range(60)
-)
-
 
 def moe_config(family: str, **overrides):
     import transformers
@@ -42,34 +35,46 @@ def random_moe(family: str, seed: int = 0, dtype=torch.float32, expert_spread: f
     torch.manual_seed(seed)
     model_cls = getattr(transformers, MOE_MODELS[family][1])
     model = model_cls(moe_config(family, **overrides)).to(dtype).eval()
+    draws = {"norm": lambda p: p.uniform_(0.5, 1.5), "bias": lambda p: p.normal_(0, 0.1),
+             "mlp.gate.weight": lambda p: p.normal_(0, 2.0 / p.shape[1] ** 0.5),  # the router
+             "experts.": lambda p: p.normal_(0, 1.0 / p.shape[2] ** 0.5).mul_(
+                 torch.randn(p.shape[0], 1, 1).mul(expert_spread).exp().to(p.dtype))}
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                param.normal_(0, 0.1)
-            elif name.endswith("mlp.gate.weight"):  # the router
-                param.normal_(0, 2.0 / param.shape[1] ** 0.5)
-            elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                scale = torch.randn(param.shape[0], 1, 1).mul(expert_spread).exp()
-                param.normal_(0, 1.0 / param.shape[2] ** 0.5).mul_(scale.to(param.dtype))
+            draw = next((d for key, d in draws.items() if key in name), None)
+            if draw is not None:
+                draw(param)
     return model
 
 
+def reference_experts(x, top_k_index, top_k_weights, gate_up, down, tau_gate_up, tau_down, activation,
+                      activation_dtype=torch.float64):
+    """The rule in float64: each routed expert's masks from its thresholds, then dense products. The activation
+    h may be rounded to `activation_dtype` first (the kernel hands it over in the model's dtype)."""
+    width = down.shape[-1]
+    x, gate_up, down = x.double(), gate_up.double(), down.double()
+    tau_gate_up, tau_down = tau_gate_up.double(), tau_down.double()
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for slot in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, slot])
+            gate = gate_up[e, :width] @ (x[t] * (x[t].abs() > tau_gate_up[e, 0]))
+            up = gate_up[e, width:] @ (x[t] * (x[t].abs() > tau_gate_up[e, 1]))
+            h = (activation(gate) * up).to(activation_dtype).double()
+            out[t] += float(top_k_weights[t, slot]) * (down[e] @ (h * (h.abs() > tau_down[e])))
+    return out
+
+
 def moe_folder(root: Path, family: str) -> Path:
-    """A random MoE of `family` with a byte-level BPE tokenizer (its vocabulary the model's), saved as a folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A random MoE of `family` with the tests' small BPE tokenizer (models.tiny_source's), saved as a folder."""
+    from transformers import AutoTokenizer
+
+    from models import CALIB_TEXT, tiny_source
 
     folder = root / family
     if (folder / "config.json").is_file():
         return folder
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([CALIB_TEXT], trainers.BpeTrainer(
-        vocab_size=COMMON["vocab_size"], special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_source(root))
     model = random_moe(family, vocab_size=len(tokenizer))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

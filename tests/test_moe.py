@@ -20,7 +20,7 @@ from winaconv_runtime.architectures import UnsupportedArchitecture, family_for_m
 from winaconv_runtime.checkpoint_format import CheckpointFormatError, section_problems
 from winaconv_runtime.sparse_experts import gathered_experts, masked_experts
 
-from moe_models import ALL_PROJECTIONS, MOE_FAMILIES, moe_folder, random_moe
+from moe_models import ALL_PROJECTIONS, MOE_FAMILIES, moe_folder, random_moe, reference_experts
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 1), (1, 3), (3, 9)]  # (batch, tokens): decode, a few tokens, prefill
@@ -45,23 +45,6 @@ def sparse_model(family, level=0.5, dtype=torch.float32):
     return base, model
 
 
-def reference_experts(experts, x, top_k_index, top_k_weights):
-    """The rule in float64: each routed expert's masks from its thresholds, then dense products."""
-    tau_gate_up, tau_down = experts.winaconv_tau_gate_up.double(), experts.winaconv_tau_down.double()
-    gate_up, down = experts.gate_up_proj.detach().double(), experts.down_proj.detach().double()
-    width = down.shape[-1]
-    x = x.double()
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for slot in range(top_k_index.shape[1]):
-            e = int(top_k_index[t, slot])
-            gate = gate_up[e, :width] @ (x[t] * (x[t].abs() > tau_gate_up[e, 0]))
-            up = gate_up[e, width:] @ (x[t] * (x[t].abs() > tau_gate_up[e, 1]))
-            h = experts.act_fn(gate) * up
-            out[t] += float(top_k_weights[t, slot]) * (down[e] @ (h * (h.abs() > tau_down[e])))
-    return out
-
-
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_level_0_is_the_base_model(family):
     base = random_moe(family)
@@ -79,7 +62,8 @@ def test_sparse_experts_equal_the_float64_reference_on_every_path(family):
         x = torch.randn(tokens, model.config.hidden_size, generator=g)
         scores = torch.rand(tokens, experts.num_experts, generator=g)
         weights, index = scores.topk(2, dim=-1)
-        reference = reference_experts(experts, x, index, weights)
+        reference = reference_experts(x, index, weights, experts.gate_up_proj.detach(), experts.down_proj.detach(),
+                                      experts.winaconv_tau_gate_up, experts.winaconv_tau_down, experts.act_fn)
         for path in (gathered_experts, masked_experts, type(experts).forward):  # row gather, masked loop, dispatch
             out = path(experts, x, index, weights)
             assert (out.double() - reference).abs().max() < 1e-5 * reference.abs().max(), (path, tokens)
@@ -164,6 +148,7 @@ def test_streamed_conversion_equals_in_memory_and_loads(tmp_path, family):
     section = json.loads((tmp_path / "streamed" / "config.json").read_text())["winaconv"]
     assert section["format_version"] == 2 and section["experts"]["count"] == 5
     assert section_problems(section, 3) == []
+    assert len({tuple(row) for row in section["levels"]["0.5"]["expert_thresholds"][0]}) == 1  # pooled: one for all
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", trust_remote_code=True)
@@ -182,14 +167,14 @@ def test_killed_conversion_resumes_to_the_same_checkpoint(tmp_path):
     _same_checkpoint(tmp_path / "resumed", tmp_path / "whole")
 
 
-@pytest.mark.parametrize("rule", ["own", "pooled"])
+@pytest.mark.parametrize("rule", ["own", "shrink"])
 def test_expert_rules_other_than_the_default_convert(tmp_path, rule):
     source = moe_folder(tmp_path, "olmoe")
     _convert(source, tmp_path / rule, expert_calibration=rule)
     section = json.loads((tmp_path / rule / "config.json").read_text())["winaconv"]
     assert section["calibration"]["expert_calibration"] == rule
     table = section["levels"]["0.5"]["expert_thresholds"][0]
-    assert (len({tuple(row) for row in table}) == 1) == (rule == "pooled")  # pooled: one grid for every expert
+    assert len({tuple(row) for row in table}) > 1  # each expert its own grid (pooled: one for all)
 
 
 def test_rotations_and_gpt_oss_are_refused_in_one_line(tmp_path):

@@ -16,6 +16,9 @@ import torch  # noqa: E402
 from winaconv_runtime import expert_kernels as EK  # noqa: E402
 
 from interpreter_bounds import AVAILABLE as BOUNDS_AVAILABLE, bounds_checked  # noqa: E402
+from moe_models import reference_experts  # noqa: E402
+
+silu = torch.nn.functional.silu
 
 _INTERPRETED = EK.HAS_TRITON and type(getattr(EK, "_expert_rows_kernel", None)).__name__ == "InterpretedFunction"
 needs_interp = pytest.mark.skipif(not _INTERPRETED, reason="triton missing, or imported before TRITON_INTERPRET=1 "
@@ -23,21 +26,6 @@ needs_interp = pytest.mark.skipif(not _INTERPRETED, reason="triton missing, or i
 
 # (experts, hidden, width, top_k, tokens)
 CASES = [(5, 72, 40, 1, 3), (7, 64, 48, 2, 4), (9, 96, 33, 8, 2), (3, 40, 24, 2, 5)]
-
-
-def _reference(x, index, weights, gate_up, down, tau_gate_up, tau_down):
-    """Per (token, routed expert): mask by the thresholds, dense products, in float64."""
-    width = down.shape[-1]
-    x, gate_up, down = x.double(), gate_up.double(), down.double()
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for slot in range(index.shape[1]):
-            e = int(index[t, slot])
-            gate = gate_up[e, :width] @ (x[t] * (x[t].abs() > tau_gate_up[e, 0]))
-            up = gate_up[e, width:] @ (x[t] * (x[t].abs() > tau_gate_up[e, 1]))
-            h = (torch.nn.functional.silu(gate) * up).to(torch.float32).double()  # the kernel's dtype between launches
-            out[t] += float(weights[t, slot]) * (down[e] @ (h * (h.abs() > tau_down[e])))
-    return out
 
 
 def _case(experts, hidden, width, top_k, tokens, sparsity, seed):
@@ -66,8 +54,8 @@ def test_grouped_kernel_equals_the_float64_reference(experts, hidden, width, top
     checked = bounds_checked() if BOUNDS_AVAILABLE else _nothing()
     with checked:
         out = EK.grouped_experts_triton(x, index, weights, gate_up_t, down_t, tau_gate_up, tau_down,
-                                        torch.nn.functional.silu)
-    reference = _reference(x, index, weights, gate_up, down, tau_gate_up, tau_down)
+                                        silu)
+    reference = reference_experts(x, index, weights, gate_up, down, tau_gate_up, tau_down, silu, torch.float32)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert (out.double() - reference).abs().max() <= 1e-5 * max(reference.abs().max().item(), 1.0)
 
@@ -80,8 +68,8 @@ def test_grouped_kernel_reads_experts_in_place_of_the_model_parameters():
     stored = gate_up.transpose(1, 2).contiguous().transpose(1, 2)  # the parameter as laid out by the runtime
     stored_down = down.transpose(1, 2).contiguous().transpose(1, 2)
     out = EK.grouped_experts_triton(x, index, weights, stored.transpose(1, 2), stored_down.transpose(1, 2),
-                                    tau_gate_up, tau_down, torch.nn.functional.silu)
-    reference = _reference(x, index, weights, gate_up, down, tau_gate_up, tau_down)
+                                    tau_gate_up, tau_down, silu)
+    reference = reference_experts(x, index, weights, gate_up, down, tau_gate_up, tau_down, silu, torch.float32)
     assert (out.double() - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 

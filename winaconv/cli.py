@@ -82,8 +82,8 @@ def main():
               "made sparse at the default level.")
 @click.option("--expert-calibration", type=click.Choice(EXPERT_CALIBRATIONS),
               default=default(ConvertOptions, "expert_calibration"), show_default=True,
-              help="Mixture of experts: each routed expert's thresholds from its own scores, from all the layer's "
-              "experts pooled, or its own shrunk towards the pooled ones by its token count (docs/moe.md).")
+              help="Mixture of experts: each routed expert's thresholds from all the layer's experts' scores pooled, "
+              "from its own shrunk towards the pooled ones by its token count, or from its own (docs/moe.md).")
 @click.option("--device", default=default(ConvertOptions, "device"), show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=default(ConvertOptions, "dtype"), show_default=True,
               help="dtype of the written weights (auto: the model's own).")

@@ -17,7 +17,7 @@ NORMS_PREFIX = "norms:"  # a hidden scoring value: "norms:" and a comma list of 
 LAYER_ALLOCATIONS = ("uniform", "error", "divergence")
 UPSTREAMS = ("dense", "sparse")  # what each layer is calibrated on: the dense model's activations, or the sparse one's
 # how a routed expert's thresholds come from the scores the router sent it (winaconv/convert/statistics.py)
-EXPERT_CALIBRATIONS = ("shrink", "own", "pooled")
+EXPERT_CALIBRATIONS = ("pooled", "shrink", "own")
 
 
 @dataclass
@@ -38,7 +38,7 @@ class ConvertOptions:
     greedy_step: float = 0.025
     layer_allocation: str = "uniform"
     upstream: str = "dense"
-    expert_calibration: str = "shrink"  # mixture-of-experts models only (docs/moe.md)
+    expert_calibration: str = "pooled"  # mixture-of-experts models only (docs/moe.md)
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0

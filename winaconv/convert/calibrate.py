@@ -32,7 +32,7 @@ class CalibrationSettings:
     device: str = "cpu"
     path_limit: float | None = None  # weighted sparsity the greedy path runs to (None: max_sparsity)
     upstream_level: float | None = None  # pass each layer's outputs on at this level (None: dense)
-    expert_rule: str = "shrink"  # how a routed expert's grid is made (statistics.EXPERT_RULES)
+    expert_rule: str = "pooled"  # how a routed expert's grid is made (statistics.EXPERT_RULES)
 
     @property
     def path_end(self) -> float:
@@ -103,7 +103,7 @@ def calibrate_layers(model, family, input_ids, shares, settings: CalibrationSett
 
 
 @torch.no_grad()
-def uniform_levels(model, family, input_ids: torch.Tensor, levels, norm_scored=(), expert_rule="shrink") -> dict:
+def uniform_levels(model, family, input_ids: torch.Tensor, levels, norm_scored=(), expert_rule="pooled") -> dict:
     """Stores levels where every projection has the level's own sparsity (TEAL's uniform allocation),
     thresholds taken from one dense pass over `input_ids`. For speed runs and tests, where the
     greedy search's cost buys nothing; accuracy comes from calibrate_layers."""

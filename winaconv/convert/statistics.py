@@ -18,8 +18,8 @@ GRID_POINTS = 2049  # quantiles stored per projection: thresholds resolved to 1/
 # The routed experts' grids [experts, GRID_POINTS] in a layer's grids, beside the seven projections' own
 EXPERT_GRIDS = {p: f"experts.{p}" for p in EXPERT_PROJECTIONS}
 # How an expert's grid is made from the scores the router sent it: its own quantiles ("own"), the quantiles of
-# all the layer's experts pooled ("pooled"), or its own shrunk towards the pooled ones by its token count n,
-# weight n / (n + EXPERT_PRIOR_TOKENS) on its own ("shrink"). The default is the measured best (docs/moe.md).
+# all the layer's experts pooled ("pooled", the default: the measured best, docs/moe.md), or its own shrunk towards
+# the pooled ones by its token count n, weight n / (n + EXPERT_PRIOR_TOKENS) on its own ("shrink").
 EXPERT_PRIOR_TOKENS = 64
 
 

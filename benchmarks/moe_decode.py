@@ -1,0 +1,240 @@
+"""Mixture-of-experts decode speed: batch-1 greedy generate() at each level, and (GPU) the grouped expert kernel.
+
+  python3 benchmarks/moe_decode.py cpu            # 16 experts, top-2, hidden 1024: level 0 and 50%, ms/token
+  python3 benchmarks/moe_decode.py cpu --smoke    # a tiny MoE, seconds (tests/test_benchmarks.py)
+  python3 benchmarks/moe_decode.py gpu            # Qwen3-30B-A3B's config, random bf16 weights, 0/25/40/50/65%,
+                                                  # transformers' static cache + compile, the weight-read floor
+  python3 benchmarks/moe_decode.py kernels        # top-8 of 128 experts, 2048 -> 2x768 and 768 -> 2048, against
+                                                  # dense products of the routed experts
+  python3 benchmarks/moe_decode.py rules          # expert calibration rules (shrink / own / pooled): output error
+                                                  # on held-out tokens at 50% after few calibration tokens (CPU)
+  add --json PATH to keep the raw figures.
+
+Models are random (Qwen3-MoE architecture, no download) and become the runtime's classes on the same weights
+(common.synthetic_runtime's way: TEAL scoring, every projection and every routed expert at the level's
+sparsity, thresholds from the prompt's own activations). ms/token is (time of N+1 tokens - time of 1) / N,
+medians over repeats; level 0 and 50% are interleaved within each repeat on the CPU, where load is noisy.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from common import copy_bandwidth, hf_generate, median_ms, ms_per_token, synchronize, versions
+
+CPU_MOE = dict(hidden_size=1024, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=1024,
+               intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+               head_dim=128, vocab_size=8192, max_position_embeddings=1024)
+SMOKE_MOE = dict(CPU_MOE, hidden_size=64, num_experts=5, moe_intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, head_dim=16, vocab_size=256)
+# Qwen3-30B-A3B's published config (hidden 2048, 48 layers, 128 experts of width 768, top-8, 32/4 heads of 128)
+QWEN3_30B_A3B = dict(hidden_size=2048, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                     intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                     head_dim=128, vocab_size=151936, max_position_embeddings=40960, norm_topk_prob=True,
+                     rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)
+GPU_LEVELS = (0.0, 0.25, 0.4, 0.5, 0.65)
+
+
+def random_moe(shape: dict, dtype, device: str):
+    """A Qwen3-MoE of `shape` with random weights (std 0.02, a router that is not flat), built on `device`."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**shape, dtype=dtype)).to(dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0, 0.02 if not name.endswith("mlp.gate.weight") else 0.2)
+    return model.eval()
+
+
+def runtime_model(base, prompt, levels):
+    from winaconv.convert.calibrate import uniform_levels
+    from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
+
+    model, family = to_runtime_model(base, winaconv_section("teal", "none", ()))
+    uniform_levels(model, family, prompt, [x for x in levels if x > 0])
+    return model
+
+
+def active_bytes(config, sparsity: float = 0.0) -> int:
+    """Weights one decode token reads: attention and its top-k experts, the decoder linears at (1 - sparsity),
+    plus the router, norms, one embedding row and the dense lm_head."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    linears = layers * (2 * hidden * q + 2 * hidden * kv + 3 * config.num_experts_per_tok * hidden
+                        * config.moe_intermediate_size)
+    dense = layers * config.num_experts * hidden + config.vocab_size * hidden + hidden
+    return int((linears * (1 - sparsity) + dense) * 2)
+
+
+def generate_fn(model, prompt):
+    return lambda n: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                    min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+def cpu(args) -> dict:
+    shape = SMOKE_MOE if args.smoke else CPU_MOE
+    new_tokens, repeats = (4, 1) if args.smoke else (args.tokens, args.repeats)
+    base = random_moe(shape, torch.float32, "cpu")
+    prompt = torch.randint(3, shape["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(0))
+    model = runtime_model(base, prompt, [0.5])
+    results = {"shape": shape, "versions": versions(), "new_tokens": new_tokens, "repeats": repeats}
+    timings = {0.0: [], 0.5: []}
+    for _ in range(repeats):  # interleaved: both levels see the same load
+        for level in timings:
+            model.set_sparsity(level)
+            timings[level].append(ms_per_token(generate_fn(model, prompt), new_tokens, repeats=1)[0])
+    for level, values in timings.items():
+        results[f"ms_per_token_{level:g}"] = statistics.median(values)
+        results[f"ms_per_token_{level:g}_all"] = values
+    results["speedup_0.5"] = results["ms_per_token_0"] / results["ms_per_token_0.5"]
+    print(f"| level | ms/token (median of {repeats}) |\n|---|---|")
+    for level in timings:
+        print(f"| {level:g} | {results[f'ms_per_token_{level:g}']:.2f} |")
+    print(f"50% over level 0: {results['speedup_0.5']:.2f}x")
+    return results
+
+
+def gpu(args) -> dict:
+    base = random_moe(QWEN3_30B_A3B, torch.bfloat16, "cuda")
+    prompt = torch.randint(3, 1000, (1, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    bandwidth = copy_bandwidth() / 2  # bytes read per second
+    results = {"versions": versions(), "copy_bandwidth_read_bytes_per_s": bandwidth, "new_tokens": args.tokens}
+    compiled = hf_generate(base, prompt, cache_implementation="static")
+    base.generation_config.compile_config = None
+    results["transformers_static_compile_ms"] = ms_per_token(compiled, args.tokens, args.repeats)[0]
+    model = runtime_model(base, prompt, GPU_LEVELS)
+    print("| level | generate() ms/token | weight-read floor ms |\n|---|---|---|")
+    for level in GPU_LEVELS:
+        model.set_sparsity(level)
+        ms = ms_per_token(generate_fn(model, prompt), args.tokens, args.repeats)[0]
+        floor = active_bytes(base.config, level) / bandwidth * 1e3
+        results[f"generate_ms_{level:g}"], results[f"floor_ms_{level:g}"] = ms, floor
+        print(f"| {level:g} | {ms:.2f} | {floor:.2f} |")
+    print(f"transformers static cache + compile (base model): {results['transformers_static_compile_ms']:.2f} ms/token")
+    return results
+
+
+def kernels(args) -> dict:
+    """The grouped launch pair against dense products of the same 8 routed experts (batched matmul)."""
+    from winaconv_runtime.expert_kernels import grouped_experts_triton
+
+    experts, hidden, width, top_k = 128, 2048, 768, 8
+    g = torch.Generator("cuda").manual_seed(0)
+    gate_up = torch.randn(experts, 2 * width, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    down = torch.randn(experts, hidden, width, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    gate_up_t, down_t = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+    x = torch.randn(1, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
+    index = torch.randperm(experts, device="cuda", generator=g)[:top_k][None]
+    weights = torch.rand(1, top_k, device="cuda", generator=g)
+    silu = torch.nn.functional.silu
+
+    def dense():
+        h = torch.bmm(gate_up[index[0]], x[0, :, None].expand(top_k, hidden, 1)).squeeze(-1)
+        h = silu(h[:, :width]) * h[:, width:]
+        return (torch.bmm(down[index[0]], h[:, :, None]).squeeze(-1) * weights[0, :, None]).sum(0)
+
+    def timed(fn):
+        for _ in range(3):
+            fn()
+        synchronize()
+        return median_ms(lambda: (fn(), synchronize()), 200)
+
+    results = {"dense_ms": timed(dense)}
+    print("| sparsity | grouped kernel ms | dense bmm ms | speed-up |\n|---|---|---|---|")
+    for sparsity in (0.0, 0.25, 0.4, 0.5, 0.65, 0.8):
+        level = torch.quantile(x.float().abs().flatten(), sparsity).item() if sparsity else 0.0
+        tau_gate_up = torch.full((experts, 2, hidden), level, device="cuda")
+        tau_down = torch.full((experts, width), 0.0 if not sparsity else 1e-4 * sparsity, device="cuda")
+        ms = timed(lambda: grouped_experts_triton(x, index, weights, gate_up_t, down_t, tau_gate_up, tau_down, silu))
+        results[f"grouped_ms_{sparsity:g}"] = ms
+        print(f"| {sparsity:g} | {ms:.4f} | {results['dense_ms']:.4f} | {results['dense_ms'] / ms:.2f} |")
+    return results
+
+
+RULES_MOE = dict(SMOKE_MOE, hidden_size=128, num_experts=16, moe_intermediate_size=96, num_hidden_layers=3,
+                 vocab_size=512)
+
+
+def rules(args) -> dict:
+    """Each rule's relative logit error with the routed experts at 50% (WINA scoring; attention and the rest dense)
+    and their realised sparsity on held-out tokens, after calibrating on few tokens; experts differ in scale."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
+    from moe_models import ALL_PROJECTIONS, random_moe as random_test_moe
+    from winaconv.convert.calibrate import uniform_levels
+    from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
+    from winaconv_runtime.modeling_winaconv import sparse_linears
+
+    torch.set_num_threads(1)
+    seeds, results = (range(2) if args.smoke else range(args.repeats)), {}
+    print("| calibration tokens | rule | relative logit error, experts at 50% (mean over seeds) | experts' sparsity |")
+    print("|---|---|---|---|")
+    for tokens in ((32,) if args.smoke else (32, 128, 512)):
+        for rule in ("shrink", "own", "pooled"):
+            errors, kept = [], []
+            for seed in seeds:
+                base = random_test_moe("qwen3_moe", seed=seed, expert_spread=1.0, **RULES_MOE)
+                model, family = to_runtime_model(base, winaconv_section("wina", "none", ALL_PROJECTIONS))
+                g = torch.Generator().manual_seed(100 + seed)
+                calib = torch.randint(3, RULES_MOE["vocab_size"], (1, tokens), generator=g)
+                held_out = torch.randint(3, RULES_MOE["vocab_size"], (4, 64), generator=g)
+                uniform_levels(model, family, calib, [0.5], norm_scored=ALL_PROJECTIONS, expert_rule=rule)
+                model.set_sparsity(0)
+                dense = model(held_out).logits
+                model.set_sparsity(0.5)
+                for layer in model.model.layers:  # attention dense: the error is the experts' alone
+                    for _, linear in sparse_linears(layer, family):
+                        linear.set_thresholds(None, None)
+                counts = []
+                hooks = [layer.mlp.experts.register_forward_pre_hook(
+                    lambda m, a, counts=counts: counts.append(_dropped_share(m, *a[:2])))
+                    for layer in model.model.layers]
+                sparse = model(held_out).logits
+                for hook in hooks:
+                    hook.remove()
+                errors.append(((sparse - dense).norm() / dense.norm()).item())
+                kept.append(statistics.mean(counts))
+            key = f"{tokens}_{rule}"
+            results[f"error_{key}"], results[f"sparsity_{key}"] = statistics.mean(errors), statistics.mean(kept)
+            print(f"| {tokens} | {rule} | {results[f'error_{key}']:.4f} | {results[f'sparsity_{key}']:.3f} |")
+    return results
+
+
+def _dropped_share(experts, x, index) -> float:
+    """Share of the gate/up input channels the routed experts drop on these tokens."""
+    tau = experts.winaconv_tau_gate_up[index.reshape(-1)]  # [pairs, 2, H]
+    rows = x.repeat_interleave(index.shape[1], dim=0).abs().unsqueeze(1)
+    return (rows <= tau).float().mean().item()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("cpu", "gpu", "kernels", "rules"))
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if args.mode in ("gpu", "kernels") and not torch.cuda.is_available():
+        print(f"{args.mode} needs a GPU", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    results = {"cpu": cpu, "gpu": gpu, "kernels": kernels, "rules": rules}[args.mode](args)
+    results["seconds"] = time.perf_counter() - started
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
