@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from winaconv_runtime.checkpoint_format import SAFETENSORS_METADATA
 from winaconv.convert.write import save_sharded, saved_state_names, write_checkpoint_files
+from winaconv_runtime.checkpoint_format import SAFETENSORS_METADATA
 
 
 def run_cli(*args):
@@ -123,3 +123,21 @@ def eval_args(folder, text):
 
 def max_relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def reference_experts(x, top_k_index, top_k_weights, gate_up, down, tau_gate_up, tau_down, activation,
+                      activation_dtype=torch.float64):
+    """The rule in float64: each routed expert's masks from its thresholds, then dense products. The activation
+    h may be rounded to `activation_dtype` first (the kernel hands it over in the model's dtype)."""
+    width = down.shape[-1]
+    x, gate_up, down = x.double(), gate_up.double(), down.double()
+    tau_gate_up, tau_down = tau_gate_up.double(), tau_down.double()
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for slot in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, slot])
+            gate = gate_up[e, :width] @ (x[t] * (x[t].abs() > tau_gate_up[e, 0]))
+            up = gate_up[e, width:] @ (x[t] * (x[t].abs() > tau_gate_up[e, 1]))
+            h = (activation(gate) * up).to(activation_dtype).double()
+            out[t] += float(top_k_weights[t, slot]) * (down[e] @ (h * (h.abs() > tau_down[e])))
+    return out

@@ -16,11 +16,12 @@ from winaconv.convert import ConvertOptions, convert
 from winaconv.convert.calibrate import uniform_levels
 from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
 from winaconv.errors import WinaconvError
-from winaconv_runtime.architectures import UnsupportedArchitecture, family_for_model_type, parameter_shares
+from winaconv_runtime.architectures import PROJECTIONS, UnsupportedArchitecture, family_for_model_type, parameter_shares
 from winaconv_runtime.checkpoint_format import CheckpointFormatError, section_problems
 from winaconv_runtime.sparse_experts import gathered_experts, masked_experts
 
-from moe_models import ALL_PROJECTIONS, MOE_FAMILIES, moe_folder, random_moe, reference_experts
+from models import MOE_FAMILIES, moe_folder, random_moe
+from support import reference_experts
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 1), (1, 3), (3, 9)]  # (batch, tokens): decode, a few tokens, prefill
@@ -38,9 +39,9 @@ def one_thread():
 
 def sparse_model(family, level=0.5, dtype=torch.float32):
     base = random_moe(family, dtype=dtype)
-    model, runtime_family = to_runtime_model(base, winaconv_section("wina", "none", ALL_PROJECTIONS))
+    model, runtime_family = to_runtime_model(base, winaconv_section("wina", "none", PROJECTIONS))
     ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
-    uniform_levels(model, runtime_family, ids, [level], norm_scored=ALL_PROJECTIONS)
+    uniform_levels(model, runtime_family, ids, [level], norm_scored=PROJECTIONS)
     model.set_sparsity(level)
     return base, model
 
@@ -48,7 +49,7 @@ def sparse_model(family, level=0.5, dtype=torch.float32):
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_level_0_is_the_base_model(family):
     base = random_moe(family)
-    model, _ = to_runtime_model(copy.deepcopy(base), winaconv_section("wina", "none", ALL_PROJECTIONS))
+    model, _ = to_runtime_model(copy.deepcopy(base), winaconv_section("wina", "none", PROJECTIONS))
     ids = torch.randint(3, 250, (2, 11), generator=torch.Generator().manual_seed(1))
     assert torch.equal(model(ids).logits, base(ids).logits)
 
@@ -206,7 +207,7 @@ def test_format_versions(tmp_path):
 
 
 def test_active_byte_shares_count_the_routed_and_shared_experts():
-    from moe_models import moe_config
+    from models import moe_config
 
     config = moe_config("qwen2_moe")
     shares = parameter_shares(config)

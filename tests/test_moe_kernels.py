@@ -15,8 +15,9 @@ import torch  # noqa: E402
 
 from winaconv_runtime import expert_kernels as EK  # noqa: E402
 
-from interpreter_bounds import AVAILABLE as BOUNDS_AVAILABLE, bounds_checked  # noqa: E402
-from moe_models import reference_experts  # noqa: E402
+from interpreter_bounds import AVAILABLE as BOUNDS_AVAILABLE  # noqa: E402
+from interpreter_bounds import bounds_checked
+from support import reference_experts  # noqa: E402
 
 silu = torch.nn.functional.silu
 
