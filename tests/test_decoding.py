@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationMixin
 
-from winaconv.calibrate import uniform_levels
-from winaconv.runtime_model import to_runtime_model, winaconv_section
+from winaconv.convert.calibrate import uniform_levels
+from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
 from winaconv_runtime import sparse_linear
 from winaconv_runtime.architectures import PROJECTIONS, projection_sizes
 
-from random_models import FAMILY_MODELS, random_model
+from models import FAMILY_MODELS, random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from greedy_decoder import GreedyDecoder  # noqa: E402  (a benchmark front of the engine, not shipped)

@@ -10,12 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GenerationMixin, TextStreamer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from winaconv.calibrate import uniform_levels
-from winaconv.runtime_model import to_runtime_model, winaconv_section
+from winaconv.convert.calibrate import uniform_levels
+from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
 from winaconv_runtime.generation_config import GenerationInputError, resolved_config
 from winaconv_runtime.sampling import DecodeSettings, process_logits, top_k_candidates
 
-from random_models import ALL_FAMILIES, random_model
+from models import ALL_FAMILIES, random_model
 
 VOCAB = 120
 
