@@ -10,7 +10,7 @@ from pathlib import Path
 from support import assert_one_line_error, edit_config, eval_args, run_cli, trace
 from support import problem_lines as problems
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_commands_refuse_modified_checkpoint_code_and_never_run_it(checkpoint_copy, held_out_text):
