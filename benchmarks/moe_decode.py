@@ -166,9 +166,10 @@ def rules(args) -> dict:
     """Each rule's relative logit error with the routed experts at 50% (WINA scoring; attention and the rest dense)
     and their realised sparsity on held-out tokens, after calibrating on few tokens; experts differ in scale."""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
-    from moe_models import ALL_PROJECTIONS, random_moe as random_test_moe
+    from models import random_moe as random_test_moe
     from winaconv.convert.calibrate import uniform_levels
     from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
+    from winaconv_runtime.architectures import PROJECTIONS
     from winaconv_runtime.modeling_winaconv import sparse_linears
 
     torch.set_num_threads(1)
@@ -180,11 +181,11 @@ def rules(args) -> dict:
             errors, kept = [], []
             for seed in seeds:
                 base = random_test_moe("qwen3_moe", seed=seed, expert_spread=1.0, **RULES_MOE)
-                model, family = to_runtime_model(base, winaconv_section("wina", "none", ALL_PROJECTIONS))
+                model, family = to_runtime_model(base, winaconv_section("wina", "none", PROJECTIONS))
                 g = torch.Generator().manual_seed(100 + seed)
                 calib = torch.randint(3, RULES_MOE["vocab_size"], (1, tokens), generator=g)
                 held_out = torch.randint(3, RULES_MOE["vocab_size"], (4, 64), generator=g)
-                uniform_levels(model, family, calib, [0.5], norm_scored=ALL_PROJECTIONS, expert_rule=rule)
+                uniform_levels(model, family, calib, [0.5], norm_scored=PROJECTIONS, expert_rule=rule)
                 model.set_sparsity(0)
                 dense = model(held_out).logits
                 model.set_sparsity(0.5)

@@ -4,7 +4,7 @@ static cache + compile on the base model, and the per-GPU weight-read floor.
 
 One device call on two H200s (kind nvidia-h200-x2; repo root, `runtime/` linked as `winaconv_runtime`):
   python -m torch.distributed.run --nproc-per-node 2 benchmarks/tp_decode.py --out $OUT/tp_decode.json
-CPU smoke run (a tiny config, gloo, float32, seconds; tests/test_tensor_parallel.py runs it so it cannot rot):
+CPU smoke run (a tiny config, gloo, float32, seconds; tests/runtime/test_tensor_parallel.py runs it so it cannot rot):
   python -m torch.distributed.run --nproc-per-node 2 benchmarks/tp_decode.py --smoke --out /tmp/tp_smoke.json
 
 No 141 GB checkpoint is written: each rank writes a folder holding only config.json and an empty weight file, and

@@ -137,7 +137,7 @@ def interpreted_kernels_stay_in_bounds():
 # SIGSEGV at its first kernel test after test_decoding.py), never when it ran first or alone. The
 # bounds check above rules out the kernels' own memory accesses (every launch of both files checked);
 # the cause is not understood, so the kernel tests run on a fresh process's heap.
-_EARLY_FILES = ("test_kernels.py", "test_decoding.py")
+_EARLY_FILES = ("test_kernels.py", "test_sparse_linear.py")
 
 
 def pytest_collection_modifyitems(items):

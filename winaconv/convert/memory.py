@@ -11,7 +11,7 @@ from .calibrate import CalibrationSettings
 from .layers import end_names
 
 # What peak_host_bound leaves out besides Python and the libraries: the allocator's caches and thread pools
-# (measured in tests/test_streaming.py); growth past bound + this is warned about
+# (measured in tests/convert/test_memory.py); growth past bound + this is warned about
 PROCESS_ALLOWANCE = 128 << 20
 
 

@@ -17,7 +17,7 @@ from models import ALL_FAMILIES, random_model, runtime_with_levels
 from support import edit_config, run_cli, write_checkpoint
 from tp_worker import decode_step, load, measure
 
-WORKER = Path(__file__).with_name("tp_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "tp_worker.py"
 
 
 def saved_checkpoint(family: str, folder: Path, transform: str = "none") -> Path:
@@ -118,7 +118,7 @@ def test_inspect_and_the_model_card_say_how_it_shards(checkpoint_copy):
 def test_the_gpu_benchmark_runs_on_two_cpu_ranks(tmp_path):
     """benchmarks/tp_decode.py --smoke: the script of the GPU measurement, on a tiny config (gloo), end to end."""
     out = tmp_path / "smoke.json"
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tp_decode.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "tp_decode.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), "--smoke",
                "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)

@@ -1,6 +1,6 @@
 """CPU tests of runtime/kernels.py: the torch reference and the Triton kernels under TRITON_INTERPRET=1.
 
-Run: python -m pytest tests/test_kernels.py -q
+Run: python -m pytest tests/runtime/test_kernels.py -q
 
 TRITON_INTERPRET must be set before runtime/kernels.py is imported (triton.jit decides between the
 compiled and the interpreted kernel at decoration time).  It is set at the top of this module; if
@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 

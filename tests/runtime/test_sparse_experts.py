@@ -23,7 +23,7 @@ from winaconv_runtime.sparse_experts import gathered_experts, masked_experts
 from models import MOE_FAMILIES, moe_folder, random_moe
 from support import reference_experts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHAPES = [(1, 1), (1, 3), (3, 9)]  # (batch, tokens): decode, a few tokens, prefill
 
 

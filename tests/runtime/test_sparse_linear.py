@@ -16,7 +16,7 @@ from winaconv_runtime.architectures import PROJECTIONS, projection_sizes
 
 from models import FAMILY_MODELS, random_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from greedy_decoder import GreedyDecoder  # noqa: E402  (a benchmark front of the engine, not shipped)
 
 

@@ -87,5 +87,5 @@ class _nothing:
 def test_expert_kernel_in_fresh_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="1", WINACONV_MOE_KERNEL_SUBPROCESS="1")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                            env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.returncode == 0, result.stdout[-3000:]
