@@ -13,7 +13,7 @@ never fetched.
 
 import torch
 
-from .kernels import HAS_TRITON
+from .kernels import HAS_TRITON, opaque_op
 
 if HAS_TRITON:
     import triton
@@ -70,22 +70,16 @@ def launch_expert_rows(x: torch.Tensor, experts: torch.Tensor, weight_t: torch.T
     return out
 
 
-_op = None
-if HAS_TRITON:
-    _OP_NAME = f"winaconv::expert_rows_v{_OP_VERSION}"
-    try:
-        # opaque to torch.compile (one extern call, recorded by a CUDA graph), as runtime/kernels.py's op
-        @torch.library.custom_op(_OP_NAME, mutates_args=())
-        def _expert_rows_op(x: torch.Tensor, experts: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor,
-                            width: int, pairs_per_row: int) -> torch.Tensor:
-            return launch_expert_rows(x, experts, weight_t, tau, width, pairs_per_row)
+def _expert_rows_call(x: torch.Tensor, experts: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor,
+                      width: int, pairs_per_row: int) -> torch.Tensor:
+    return launch_expert_rows(x, experts, weight_t, tau, width, pairs_per_row)
 
-        @_expert_rows_op.register_fake
-        def _(x, experts, weight_t, tau, width, pairs_per_row):
-            return x.new_empty((experts.numel(), weight_t.shape[2]), dtype=torch.float32)
-    except RuntimeError:
-        pass  # registered by another copy of this file (package + model folder): same name, same contract
-    _op = getattr(torch.ops.winaconv, f"expert_rows_v{_OP_VERSION}")
+
+def _expert_rows_fake(x, experts, weight_t, tau, width, pairs_per_row):
+    return x.new_empty((experts.numel(), weight_t.shape[2]), dtype=torch.float32)
+
+
+_op = opaque_op(f"expert_rows_v{_OP_VERSION}", _expert_rows_call, _expert_rows_fake) if HAS_TRITON else None
 
 
 def grouped_experts_triton(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,

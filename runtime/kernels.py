@@ -474,26 +474,29 @@ def _launch_list(x, weight_t, tau, ends, bias, cfg: KernelConfig):
     return y
 
 
-_op = None
-if HAS_TRITON:
-    _OP_NAME = f"winaconv::sparse_linear_v{_OP_VERSION}"
+def opaque_op(name: str, call, fake):
+    """`call` as torch.ops.winaconv.<name>: an opaque custom op (its schema from `call`'s annotations) with an
+    explicit `fake`, so torch.compile calls it as one extern kernel and a CUDA graph records its launches. (A
+    triton_op, which lets inductor trace the launch, made compiling a whole decode step very slow: inductor
+    analyses every call site of a user kernel.) Another copy of a runtime file (the package and a model folder)
+    finds the op registered: the version number in the name guarantees the same contract."""
     try:
-        # An opaque custom op with an explicit fake: torch.compile calls it as one extern kernel and a
-        # CUDA graph records its launches. (A triton_op, which lets inductor trace the launch, made
-        # compiling a whole decode step very slow: inductor analyses every call site of a user kernel.)
-        @torch.library.custom_op(_OP_NAME, mutates_args=())
-        def _sparse_linear_op(x: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor,
-                              segment_ends: List[int], bias: Optional[torch.Tensor], kept_percent: int) -> torch.Tensor:
-            return launch(x, weight_t, tau, segment_ends, bias, kept_percent=kept_percent)
-
-        @_sparse_linear_op.register_fake
-        def _(x, weight_t, tau, segment_ends, bias, kept_percent):
-            return x.new_empty((x.shape[0], weight_t.shape[1]))
+        torch.library.custom_op(f"winaconv::{name}", mutates_args=())(call).register_fake(fake)
     except RuntimeError:
-        # already registered by another copy of this file (package + model folder): the version
-        # number in the name guarantees the same contract, reuse it.
         pass
-    _op = getattr(torch.ops.winaconv, f"sparse_linear_v{_OP_VERSION}")
+    return getattr(torch.ops.winaconv, name)
+
+
+def _sparse_linear_call(x: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor, segment_ends: List[int],
+                        bias: Optional[torch.Tensor], kept_percent: int) -> torch.Tensor:
+    return launch(x, weight_t, tau, segment_ends, bias, kept_percent=kept_percent)
+
+
+def _sparse_linear_fake(x, weight_t, tau, segment_ends, bias, kept_percent):
+    return x.new_empty((x.shape[0], weight_t.shape[1]))
+
+
+_op = opaque_op(f"sparse_linear_v{_OP_VERSION}", _sparse_linear_call, _sparse_linear_fake) if HAS_TRITON else None
 
 
 def sparse_linear_triton(x, weight_t, tau, segment_ends, bias=None, kept_percent: int = 100):
