@@ -60,6 +60,8 @@ def study_options(parser, calib_tokens: int, greedy_tokens: int, eval_tokens: in
     parser.add_argument("--eval-tokens", type=int, default=eval_tokens, help="held-out tokens evaluated (0: all)")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (conversion and evaluation)")
+    parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="a tiny random model and budget on the CPU: checks the script runs")
 
 
 def base_model_folder(path: Path, gguf: Path | None = None) -> Path:
@@ -78,6 +80,7 @@ def smoke_setup(args) -> None:
     from transformers import AutoTokenizer
     from winaconv.convert.calibration_data import builtin_texts
 
+    args.work.mkdir(parents=True, exist_ok=True)
     args.model = args.work / "smoke-model"
     if not (args.model / "config.json").is_file():
         random_llama(SMOKE_LLAMA, "cpu", norms=(0.8, 1.2), dtype=torch.float32).save_pretrained(args.model)
@@ -240,11 +243,8 @@ def main():
     parser.add_argument("--md", type=Path, help="markdown report to write (tables, how it was made, the exact transform's cost)")
     parser.add_argument("--only", help="comma-separated labels of CONFIGS to run (default: all)")
     parser.add_argument("--check-dense", action="store_true", help="also evaluate each checkpoint at sparsity 0")
-    parser.add_argument("--table-only", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help="a tiny random model and budget on the CPU: checks the script runs")
     args = parser.parse_args()
     if args.smoke:
-        args.work.mkdir(parents=True, exist_ok=True)
         smoke_setup(args)
 
     if args.table_only:

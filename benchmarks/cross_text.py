@@ -325,11 +325,8 @@ def main() -> None:
     parser.add_argument("--job", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--merged-from", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--keep-checkpoints", action="store_true")
-    parser.add_argument("--table-only", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help="a tiny random model and budget on the CPU: checks the script runs")
     args = parser.parse_args()
     if args.smoke:
-        args.work.mkdir(parents=True, exist_ok=True)
         smoke_setup(args)
         args.only, args.calib, args.eval_tokens = "WINA pca, reference scoring;WINA pca, norms on o", "prose", 128
     if args.jobs > 1 and args.job < 0 and not args.table_only:

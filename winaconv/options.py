@@ -24,7 +24,8 @@ EXPERT_CALIBRATIONS = ("pooled", "shrink", "own")
 class ConvertOptions:
     model: str
     out: Path
-    # the defaults of method and scoring are the ones the accuracy study measured best (README: Results)
+    # the defaults of method and scoring follow the cross-text study's rule (benchmarks/cross_text.py,
+    # docs/results.md "Across texts"): they change only for a row that beats them beyond the spread across texts
     method: str = "wina"
     scoring: str = "reference"
     transform: str | None = None  # None: the family's default (transform.default_transform)
