@@ -1,6 +1,6 @@
 """Every script kept in benchmarks/ runs here on the CPU in seconds (its --smoke mode: tiny shapes, the same code
 path as the measurement), so a change elsewhere that breaks a script fails CI instead of the next GPU session.
-tp_decode.py's smoke run (two gloo ranks) is in tests/test_tensor_parallel.py."""
+tp_decode.py's smoke run (two gloo ranks) is in tests/runtime/test_tensor_parallel.py."""
 
 import json
 import math
@@ -128,16 +128,6 @@ def test_cross_text_smoke(tmp_path):
     assert not any((tmp_path / "work").glob("wina-*")) and not any(tmp_path.glob("cross.part*"))
     again = run_script("cross_text.py", "--smoke", "--work", tmp_path / "work", "--out", out)
     assert "converting" not in again and "| WINA pca, norms on o | " in again
-
-
-def test_moe_decode_smoke(tmp_path):
-    """moe_decode.py: a tiny random MoE through generate() at level 0 and 50%, and the expert-rule table."""
-    out = tmp_path / "moe.json"
-    output = run_script("moe_decode.py", "cpu", "--smoke", "--json", out)
-    results = json.loads(out.read_text())
-    assert math.isfinite(results["ms_per_token_0"]) and math.isfinite(results["ms_per_token_0.5"])
-    assert "50% over level 0:" in output
-    assert "| 32 | shrink |" in run_script("moe_decode.py", "rules", "--smoke")
 
 
 def test_moe_decode_smoke(tmp_path):
