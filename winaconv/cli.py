@@ -1,11 +1,9 @@
 """The `winaconv` command line."""
 
-import contextlib
 import functools
-import logging
 import json
+import logging
 import os
-import signal
 from pathlib import Path
 
 import click
@@ -14,8 +12,21 @@ from winaconv_runtime.checkpoint_format import CheckpointFormatError
 
 from . import __version__
 from .errors import WinaconvError
-from .options import (DTYPE_NAMES, EXPERT_CALIBRATIONS, LAYER_ALLOCATIONS, METHODS, SCORINGS, TRANSFORMS, UPSTREAMS,
-                      BenchOptions, ConvertOptions, EvalOptions, GenerateOptions, default)
+from .interrupts import interrupts_unwind
+from .options import (
+    DTYPE_NAMES,
+    EXPERT_CALIBRATIONS,
+    LAYER_ALLOCATIONS,
+    METHODS,
+    SCORINGS,
+    TRANSFORMS,
+    UPSTREAMS,
+    BenchOptions,
+    ConvertOptions,
+    EvalOptions,
+    GenerateOptions,
+    default,
+)
 from .render import err, print_bench, print_eval, print_inspection, print_summary, progress_bar, say
 
 
@@ -111,28 +122,11 @@ def convert(model, out, push_to=None, push_private=False, **options):
         check_repo_id(push_to)
         resolve_token(None)
     opts = ConvertOptions(model=model, out=out, **options)
-    with terminate_like_interrupt(), progress_bar() as progress:
+    with interrupts_unwind(), progress_bar() as progress:
         report = run_conversion(opts, progress=progress, say=say)
     print_summary(report, report.default_sparsity)
     if push_to:
         push_checkpoint(report.out, push_to, private=push_private)
-
-
-@contextlib.contextmanager
-def terminate_like_interrupt():
-    """SIGTERM (kill, timeout, job schedulers) unwinds like Ctrl-C, so the staging folder is removed."""
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def parse_names(ctx, param, value):

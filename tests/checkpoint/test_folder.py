@@ -143,11 +143,11 @@ def _run_staged(tmp_path, body):
         import os, resource, signal, sys
         from pathlib import Path
         from winaconv.checkpoint.folder import atomic_folder
-        from winaconv.cli import terminate_like_interrupt
+        from winaconv.interrupts import interrupts_unwind
         from winaconv.errors import WinaconvError
         out = Path({str(tmp_path / 'ckpt')!r})
         try:
-            with terminate_like_interrupt(), atomic_folder(out, False) as staging:
+            with interrupts_unwind(), atomic_folder(out, False) as staging:
         {textwrap.indent(textwrap.dedent(body), ' ' * 16)}
         except KeyboardInterrupt:
             sys.exit(130)

@@ -25,6 +25,7 @@ from winaconv_runtime.checkpoint_format import CONVERSION_ID_KEY, SAFETENSORS_ME
 
 from .. import sources
 from ..checkpoint.folder import atomic_folder
+from ..interrupts import raise_if_interrupted
 from ..options import ConvertOptions, norm_scored_projections
 from .allocate import ALLOCATION_HEADROOM, MAX_LAYER_SPARSITY, LayerCalibration, layer_targets, level_tables
 from .calibrate import CalibrationSettings, Calibrator
@@ -165,6 +166,7 @@ def convert(options: ConvertOptions, progress=None, say=print) -> ConvertReport:
                     writer.sync()  # the layer's tensors are on disk before the journal says it is done
                     journal.save_layer(calibrator.progress())  # journal
                 shown.advance()
+                raise_if_interrupted()
         except KeyboardInterrupt:
             note = resume_policy.interrupted_note(staging, config.num_hidden_layers)
             if note:
