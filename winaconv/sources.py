@@ -162,7 +162,7 @@ def source_dtype(config, requested: str) -> torch.dtype:
     """The dtype to load and save in: --dtype, else the model's own, else float32."""
     if requested != "auto":
         return DTYPES[requested]
-    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    own = getattr(config, "dtype", None)  # transformers 5 maps an older config's torch_dtype here
     if isinstance(own, str):
         own = DTYPES.get(own)
     return own if own in DTYPES.values() else torch.float32
