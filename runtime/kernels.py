@@ -474,16 +474,26 @@ def _launch_list(x, weight_t, tau, ends, bias, cfg: KernelConfig):
     return y
 
 
+_OPAQUE_OPS = {}  # each op this copy defined: torch holds a definition only weakly
+
+
 def opaque_op(name: str, call, fake):
     """`call` as torch.ops.winaconv.<name>: an opaque custom op (its schema from `call`'s annotations) with an
     explicit `fake`, so torch.compile calls it as one extern kernel and a CUDA graph records its launches. (A
     triton_op, which lets inductor trace the launch, made compiling a whole decode step very slow: inductor
-    analyses every call site of a user kernel.) Another copy of a runtime file (the package and a model folder)
-    finds the op registered: the version number in the name guarantees the same contract."""
+    analyses every call site of a user kernel.)
+    Another copy of a runtime file (the package and a model folder's copy) finds the op defined and uses it: the
+    version number in the name guarantees the same contract. It must not define it again: torch then destroys the
+    first definition, and the op handles the first copy holds point at a freed operator (the CI failures that
+    ended in std::bad_alloc, a SIGSEGV or "vector::reserve" in kernel tests run after a model folder's copy was
+    imported)."""
     try:
-        torch.library.custom_op(f"winaconv::{name}", mutates_args=())(call).register_fake(fake)
-    except RuntimeError:
+        return getattr(torch.ops.winaconv, name)
+    except (AttributeError, RuntimeError):  # not defined in this process yet
         pass
+    definition = torch.library.custom_op(f"winaconv::{name}", mutates_args=())(call)
+    definition.register_fake(fake)
+    _OPAQUE_OPS[name] = definition
     return getattr(torch.ops.winaconv, name)
 
 

@@ -130,20 +130,3 @@ def interpreted_kernels_stay_in_bounds():
         return
     with interpreter_bounds.bounds_checked():
         yield
-
-
-# Interpreted Triton kernels first, in this order: three full CI runs failed inside interpreted-kernel tests
-# after heavier tests had run in the same process (std::bad_alloc in test_kernels.py after the real-model tests;
-# a SIGSEGV at its first kernel test after what is now runtime/test_sparse_linear.py; "ValueError:
-# vector::reserve" at every call of the expert op in test_expert_kernels.py after the convert tests), never
-# when the file ran first or alone, and none reproduced on this machine in the CI order. The bounds check above
-# rules out a kernel touching memory outside its arguments; the cause is not known, so these files run first.
-_EARLY_FILES = ("test_kernels.py", "test_expert_kernels.py", "test_sparse_linear.py")
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item):
-        name = item.path.name
-        return _EARLY_FILES.index(name) if name in _EARLY_FILES else len(_EARLY_FILES)
-
-    items.sort(key=rank)  # stable: the order inside each file is kept

@@ -316,3 +316,34 @@ def test_kernels_in_fresh_subprocess():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def test_a_model_folders_copy_of_the_runtime_reuses_the_ops_instead_of_redefining_them(tmp_path):
+    """A checkpoint's copy of the runtime files, imported next to the package (trust_remote_code does that), must
+    not define the ops again: torch would destroy the package's definitions, and the op handles the package holds
+    would point at freed operators (CI failures far from their cause: std::bad_alloc, SIGSEGV, vector::reserve)."""
+    import shutil
+
+    shutil.copytree(os.path.join(_ROOT, "runtime"), tmp_path / "model_folder_runtime")
+    script = f"""
+import gc, importlib, sys
+import torch
+from torch._library import custom_ops
+from winaconv_runtime import expert_kernels, kernels
+names = ("winaconv::sparse_linear_v3", "winaconv::expert_rows_v{{}}".format(expert_kernels._OP_VERSION))
+libraries = [custom_ops.OPDEF_TO_LIB[n] for n in names]
+sys.path.insert(0, {str(tmp_path)!r})
+copy = importlib.import_module("model_folder_runtime.expert_kernels")
+gc.collect()
+assert copy.__file__ != expert_kernels.__file__
+assert [custom_ops.OPDEF_TO_LIB[n] for n in names] == libraries, "a copy redefined the ops"
+assert all(n in custom_ops.OPDEFS for n in names), "an op's definition was garbage-collected"
+x, w = torch.randn(1, 64), torch.randn(64, 48)
+tau = torch.zeros(1, 64)
+assert torch.allclose(kernels.sparse_linear_triton(x, w, tau, [48]), kernels.sparse_linear_reference(x, w, tau, [48]),
+                      atol=1e-4)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
