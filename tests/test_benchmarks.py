@@ -57,6 +57,12 @@ def test_kernel_bench_smoke(tmp_path):
     assert "summary: speed-up over cuBLAS" in (tmp_path / "kernel.txt").read_text()
 
 
+def test_layout_probe_smoke():
+    """layout_probe.py's blocked-layout kernel, every candidate, against float64 on odd shapes (interpreter); a
+    candidate off by more than bf16 rounding fails the script."""
+    assert "correctness: every candidate within" in run_script("layout_probe.py", "--smoke")
+
+
 def test_e2e_decode_smoke(tmp_path):
     """Every stage: a random model folder, its conversion, decode of the checkpoint and of a synthetic exact-transform
     model (with the step's profile), and generate() greedy and sampling next to transformers."""
