@@ -11,6 +11,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from winaconv_runtime.architectures import PROJECTIONS
 
+from budgets import FAST_CONVERT
 from support import assert_one_line_exception
 
 # the folder's own copy of the runtime raises its own CheckpointFormatError class
@@ -76,7 +77,8 @@ def tokenizer(wina_folder):
 def test_loads_runtime_from_the_folder(wina_folder):
     model = load(wina_folder)
     assert type(model).__module__.startswith("transformers_modules"), "must come from the folder's own code"
-    assert model.sparsity == 0.5 and model.available_sparsities() == [0.0, 0.25, 0.5]
+    levels = [0.0, *FAST_CONVERT["sparsity_levels"]]  # level 0 (dense) is always available
+    assert model.sparsity == FAST_CONVERT["default_sparsity"] and model.available_sparsities() == levels
     base = AutoModel.from_pretrained(wina_folder, trust_remote_code=True, sparsity=0.25)
     assert type(base).__name__ == "WinaLlamaModel" and base.sparsity == 0.25
 
