@@ -4,6 +4,7 @@ measure on, a runtime model with synthetic levels, and a profile of one decode s
 installed (`pip install -e .`). Each script's `--smoke` runs it on SMOKE_LLAMA on the CPU in seconds
 (tests/test_benchmarks.py)."""
 
+import contextlib
 import statistics
 import sys
 import time
@@ -29,6 +30,18 @@ SMOKE_LLAMA = dict(LLAMA3_8B, hidden_size=64, intermediate_size=96, num_hidden_l
                    num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512)
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build modules in `dtype` (transformers' constructors ignore config.dtype: a 30B model would first be
+    built in float32, twice its bf16 bytes)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def random_llama(shape: dict = LLAMA3_8B, device: str = "cuda", norms: tuple[float, float] | None = None,
                  dtype: torch.dtype = torch.bfloat16):
     """A Llama of these shapes with random weights, built on `device`; norms=(low, high) draws the norm
@@ -36,7 +49,7 @@ def random_llama(shape: dict = LLAMA3_8B, device: str = "cuda", norms: tuple[flo
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device(device), default_dtype(dtype):
         model = LlamaForCausalLM(LlamaConfig(**shape, dtype=dtype)).to(dtype)
     if norms is not None:
         with torch.no_grad():

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from common import copy_bandwidth, hf_generate, median_ms, ms_per_token, synchronize, versions
+from common import capture_graph, copy_bandwidth, default_dtype, hf_generate, ms_per_token, versions
 
 CPU_MOE = dict(hidden_size=1024, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=1024,
                intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
@@ -44,7 +44,7 @@ def random_moe(shape: dict, dtype, device: str):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device(device), default_dtype(dtype):
         model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**shape, dtype=dtype)).to(dtype)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -104,57 +104,111 @@ def cpu(args) -> dict:
 def gpu(args) -> dict:
     base = random_moe(QWEN3_30B_A3B, torch.bfloat16, "cuda")
     prompt = torch.randint(3, 1000, (1, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    bandwidth = copy_bandwidth() / 2  # bytes read per second
-    results = {"versions": versions(), "copy_bandwidth_read_bytes_per_s": bandwidth, "new_tokens": args.tokens}
-    compiled = hf_generate(base, prompt, cache_implementation="static")
-    base.generation_config.compile_config = None
-    results["transformers_static_compile_ms"] = ms_per_token(compiled, args.tokens, args.repeats)[0]
+    bandwidth = copy_bandwidth()  # bytes moved per second; a read-only stream moves about as many
+    results = {"versions": versions(), "device": torch.cuda.get_device_name(), "copy_bandwidth_bytes_per_s": bandwidth,
+               "new_tokens": args.tokens, "weights_gib": _gib(torch.cuda.memory_allocated())}
+    print(f"{results['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, weights {results['weights_gib']:.1f} GiB",
+          flush=True)
+    if not args.no_baselines:
+        compiled = hf_generate(base, prompt, cache_implementation="static")
+        results["transformers_static_compile_ms"] = ms_per_token(compiled, args.tokens, args.repeats)[0]
+        print(f"transformers static cache + compile (base model): {results['transformers_static_compile_ms']:.2f} "
+              f"ms/token", flush=True)
+        del compiled
+        _release_compiled(base)
     model = runtime_model(base, prompt, GPU_LEVELS)
-    print("| level | generate() ms/token | weight-read floor ms |\n|---|---|---|")
+    print("| level | generate() ms/token | weight-read floor ms | GPU memory GiB |\n|---|---|---|---|", flush=True)
     for level in GPU_LEVELS:
         model.set_sparsity(level)
         ms = ms_per_token(generate_fn(model, prompt), args.tokens, args.repeats)[0]
         floor = active_bytes(base.config, level) / bandwidth * 1e3
         results[f"generate_ms_{level:g}"], results[f"floor_ms_{level:g}"] = ms, floor
-        print(f"| {level:g} | {ms:.2f} | {floor:.2f} |")
-    print(f"transformers static cache + compile (base model): {results['transformers_static_compile_ms']:.2f} ms/token")
+        results[f"max_allocated_gib_{level:g}"] = _gib(torch.cuda.max_memory_allocated())
+        print(f"| {level:g} | {ms:.2f} | {floor:.2f} | {results[f'max_allocated_gib_{level:g}']:.1f} |", flush=True)
+        if args.json:  # a run cut short keeps the levels it finished
+            with open(args.json, "w") as handle:
+                json.dump(results, handle, indent=1)
     return results
 
 
-def kernels(args) -> dict:
-    """The grouped launch pair against dense products of the same 8 routed experts (batched matmul)."""
-    from winaconv_runtime.expert_kernels import grouped_experts_triton
+def _gib(n: int) -> float:
+    return n / 2 ** 30
 
-    experts, hidden, width, top_k = 128, 2048, 768, 8
+
+def _release_compiled(model) -> None:
+    """Drop transformers' compiled forward, its static cache and graphs before the runtime's own engine runs
+    (on an 80 GB card the 61 GB model leaves room for one of them)."""
+    import gc
+
+    model.generation_config.compile_config = None
+    for name in ("_compiled_call", "_cache"):
+        if hasattr(model, name):
+            delattr(model, name)
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def kernels(args) -> dict:
+    """The grouped launch pair (every tiles candidate) against dense products of the same 8 routed experts
+    (gather + batched matmul), each timed in a CUDA graph of 16 calls over 16 different routings (the expert
+    tables are 1.2 GB: a call's experts are not in L2 from the last call). The floor: the routed experts' kept
+    bytes at the copy bandwidth."""
+    from winaconv_runtime.expert_kernels import TILES, ExpertTiles, grouped_experts_triton
+
+    experts, hidden, width, top_k, calls = 128, 2048, 768, 8, 16
     g = torch.Generator("cuda").manual_seed(0)
     gate_up = torch.randn(experts, 2 * width, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
     down = torch.randn(experts, hidden, width, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
     gate_up_t, down_t = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
     x = torch.randn(1, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
-    index = torch.randperm(experts, device="cuda", generator=g)[:top_k][None]
+    routings = [torch.randperm(experts, device="cuda", generator=g)[:top_k][None] for _ in range(calls)]
     weights = torch.rand(1, top_k, device="cuda", generator=g)
     silu = torch.nn.functional.silu
+    bandwidth = copy_bandwidth()
+    candidates = {"default": TILES, "n64k32i4": ExpertTiles(64, 32, 4, 4), "n128k64i2": ExpertTiles(128, 64, 2, 4),
+                  "n128k32i8": ExpertTiles(128, 32, 8, 4), "n256k32i4w8": ExpertTiles(256, 32, 4, 8),
+                  "n128k16i8": ExpertTiles(128, 16, 8, 4), "n64k64i4": ExpertTiles(64, 64, 4, 4)}
 
-    def dense():
+    def dense(index):
         h = torch.bmm(gate_up[index[0]], x[0, :, None].expand(top_k, hidden, 1)).squeeze(-1)
         h = silu(h[:, :width]) * h[:, width:]
         return (torch.bmm(down[index[0]], h[:, :, None]).squeeze(-1) * weights[0, :, None]).sum(0)
 
     def timed(fn):
-        for _ in range(3):
-            fn()
-        synchronize()
-        return median_ms(lambda: (fn(), synchronize()), 200)
+        graph, _ = capture_graph(lambda: [fn(routings[i]) for i in range(calls)])
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(15):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+        return statistics.median(times)
 
-    results = {"dense_ms": timed(dense)}
-    print("| sparsity | grouped kernel ms | dense bmm ms | speed-up |\n|---|---|---|---|")
+    results = {"device": torch.cuda.get_device_name(), "versions": versions(), "copy_bandwidth_bytes_per_s": bandwidth,
+               "dense_ms": timed(dense), "candidates": {k: list(v) for k, v in candidates.items()}}
+    expert_bytes = top_k * 3 * hidden * width * 2
+    print(f"{results['device']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s; dense gather + bmm "
+          f"{results['dense_ms'] * 1e3:.1f} us per call")
+    print("| sparsity | floor us | " + " | ".join(f"{k} us" for k in candidates) + " | default over dense |")
+    print("|---|---|" + "---|" * len(candidates) + "---|")
     for sparsity in (0.0, 0.25, 0.4, 0.5, 0.65, 0.8):
         level = torch.quantile(x.float().abs().flatten(), sparsity).item() if sparsity else 0.0
         tau_gate_up = torch.full((experts, 2, hidden), level, device="cuda")
         tau_down = torch.full((experts, width), 0.0 if not sparsity else 1e-4 * sparsity, device="cuda")
-        ms = timed(lambda: grouped_experts_triton(x, index, weights, gate_up_t, down_t, tau_gate_up, tau_down, silu))
-        results[f"grouped_ms_{sparsity:g}"] = ms
-        print(f"| {sparsity:g} | {ms:.4f} | {results['dense_ms']:.4f} | {results['dense_ms'] / ms:.2f} |")
+        row = {}
+        for name, tiles in candidates.items():
+            row[name] = timed(lambda index, tiles=tiles: grouped_experts_triton(
+                x, index, weights, gate_up_t, down_t, tau_gate_up, tau_down, silu, tiles))
+        floor = expert_bytes * (1 - sparsity) / bandwidth * 1e3
+        results[f"floor_ms_{sparsity:g}"] = floor
+        results[f"grouped_ms_{sparsity:g}"] = row
+        print(f"| {sparsity:g} | {floor * 1e3:.1f} | " + " | ".join(f"{v * 1e3:.1f}" for v in row.values())
+              + f" | {results['dense_ms'] / row['default']:.2f} |", flush=True)
     return results
 
 
@@ -222,6 +276,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--json")
+    parser.add_argument("--no-baselines", action="store_true", help="gpu: skip transformers' static cache + compile")
     args = parser.parse_args()
     if args.mode in ("gpu", "kernels") and not torch.cuda.is_available():
         print(f"{args.mode} needs a GPU", file=sys.stderr)

@@ -8,8 +8,9 @@ IMPLEMENTATION there. The rule, per token and routed expert e (docs/moe.md):
     down:      keep channel j of h = act(gate) * up  <=>  |h_j| > tau_down[e, j]
 with tau = threshold / ||W[:, i]|| (WINA) or the threshold itself (TEAL), as sparse_linear.channel_thresholds.
 
-Paths: no thresholds (level 0): the implementation the model was built with (transformers' own). Decode-sized
-batches: the grouped Triton kernel (GPU) or a row gather of the kept rows of W^T per routed expert (CPU).
+Paths: no thresholds (level 0): the implementation the model was built with (transformers' own), but decode-sized
+batches on the GPU take the grouped kernel keeping every channel. Decode-sized batches: the grouped Triton kernel
+(GPU) or a row gather of the kept rows of W^T per routed expert (CPU).
 Otherwise (prefill, large batches): transformers' per-expert loop with the masks applied.
 """
 
@@ -60,6 +61,12 @@ def set_expert_thresholds(experts, thresholds, scored_with_norm) -> None:
     if thresholds is None:
         experts.winaconv_tau_gate_up = experts.winaconv_tau_down = None
         experts._winaconv_rows = None  # the dense model keeps no second copy
+        if experts.gate_up_proj.is_cuda:
+            # the layout is settled before any level is compiled and captured (a relayout at the first sparse
+            # level left the dense level's graphs holding the old copy), and decode at level 0 takes the
+            # grouped kernel with thresholds that keep every channel
+            _lay_out_rows(experts)
+            experts._winaconv_keep_all = _keep_all(experts)
         return
     norms_gate_up, norms_down = column_norms(experts)
     table = torch.as_tensor(thresholds, dtype=torch.float32).to(norms_down.device)
@@ -73,6 +80,13 @@ def set_expert_thresholds(experts, thresholds, scored_with_norm) -> None:
         else:
             setattr(experts, name, tau)
     _lay_out_rows(experts)
+
+
+def _keep_all(experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thresholds that keep every channel, as stride-0 views of one row (no per-expert memory)."""
+    experts_count, width, hidden = experts.down_proj.shape[0], experts.down_proj.shape[-1], experts.gate_up_proj.shape[-1]
+    row = torch.full((max(hidden, width),), float("-inf"), device=experts.gate_up_proj.device)
+    return row[:hidden].expand(experts_count, 2, hidden), row[:width].expand(experts_count, width)
 
 
 def _channel_thresholds(norms: torch.Tensor, thresholds: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
@@ -109,6 +123,11 @@ def sparse_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
                            top_k_weights: torch.Tensor) -> torch.Tensor:
     """The function registered as IMPLEMENTATION (see the module's docstring for its paths)."""
     if self.winaconv_tau_gate_up is None:
+        keep_all = getattr(self, "_winaconv_keep_all", None)
+        if keep_all is not None and use_expert_kernel(hidden_states, top_k_index.numel()):
+            gate_up_t, down_t = transposed_rows(self)
+            return grouped_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_t, down_t, *keep_all,
+                                          self.act_fn)
         return dense_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     if use_expert_kernel(hidden_states, top_k_index.numel()):
         gate_up_t, down_t = transposed_rows(self)

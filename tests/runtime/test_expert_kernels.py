@@ -44,10 +44,15 @@ def _case(experts, hidden, width, top_k, tokens, sparsity, seed):
     return x, index, weights, gate_up, down, tau_gate_up, tau_down
 
 
+# the default tiles (one input chunk at these widths), and small ones: several chunks, the last one ragged
+TILES = [EK.TILES, EK.ExpertTiles(block_n=32, block_k=16, iters=2, num_warps=4)]
+
+
 @needs_interp
 @pytest.mark.parametrize("experts,hidden,width,top_k,tokens", CASES)
 @pytest.mark.parametrize("sparsity", [0.0, 0.6])
-def test_grouped_kernel_equals_the_float64_reference(experts, hidden, width, top_k, tokens, sparsity):
+@pytest.mark.parametrize("tiles", TILES, ids=["default-tiles", "small-tiles"])
+def test_grouped_kernel_equals_the_float64_reference(experts, hidden, width, top_k, tokens, sparsity, tiles):
     x, index, weights, gate_up, down, tau_gate_up, tau_down = _case(experts, hidden, width, top_k, tokens, sparsity,
                                                                     seed=experts * 10 + top_k)
     gate_up_t = gate_up.transpose(1, 2).contiguous()  # W^T rows, as the runtime lays them out
@@ -55,7 +60,7 @@ def test_grouped_kernel_equals_the_float64_reference(experts, hidden, width, top
     checked = bounds_checked() if BOUNDS_AVAILABLE else _nothing()
     with checked:
         out = EK.grouped_experts_triton(x, index, weights, gate_up_t, down_t, tau_gate_up, tau_down,
-                                        silu)
+                                        silu, tiles)
     reference = reference_experts(x, index, weights, gate_up, down, tau_gate_up, tau_down, silu, torch.float32)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert (out.double() - reference).abs().max() <= 1e-5 * max(reference.abs().max().item(), 1.0)
@@ -72,6 +77,24 @@ def test_grouped_kernel_reads_experts_in_place_of_the_model_parameters():
                                     tau_gate_up, tau_down, silu)
     reference = reference_experts(x, index, weights, gate_up, down, tau_gate_up, tau_down, silu, torch.float32)
     assert (out.double() - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+@needs_interp
+def test_level_zero_thresholds_keep_every_channel_through_stride_zero_views():
+    """Level 0 on the GPU runs the grouped kernel with sparse_experts._keep_all's thresholds: one -inf row
+    broadcast over experts and segments (stride 0), which must equal the dense experts."""
+    from winaconv_runtime.sparse_experts import _keep_all
+
+    x, index, weights, gate_up, down, _, _ = _case(7, 72, 40, 2, 3, 0.0, seed=5)
+    experts = torch.nn.Module()
+    experts.gate_up_proj, experts.down_proj = torch.nn.Parameter(gate_up), torch.nn.Parameter(down)
+    tau_gate_up, tau_down = _keep_all(experts)
+    assert tau_gate_up.stride()[:2] == (0, 0) and tau_down.stride(0) == 0
+    out = EK.grouped_experts_triton(x, index, weights, gate_up.transpose(1, 2).contiguous(),
+                                    down.transpose(1, 2).contiguous(), tau_gate_up, tau_down, silu)
+    zeros = torch.full_like(tau_gate_up, -1.0), torch.full_like(tau_down, -1.0)
+    reference = reference_experts(x, index, weights, gate_up, down, *zeros, silu, torch.float32)
+    assert (out.double() - reference).abs().max() <= 1e-5 * max(reference.abs().max().item(), 1.0)
 
 
 class _nothing:
