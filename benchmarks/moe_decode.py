@@ -58,6 +58,13 @@ def runtime_model(base, prompt, levels):
     from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
 
     model, family = to_runtime_model(base, winaconv_section("teal", "none", ()))
+    # base keeps the runtime's own Parameter objects: the runtime lays the experts out anew once (on the GPU),
+    # and a base holding the old tensors would keep a second 57 GiB copy of them
+    shared = dict(model.named_parameters())
+    for name, _ in list(base.named_parameters()):
+        if name in shared:
+            module_name, _, attr = name.rpartition(".")
+            setattr(base.get_submodule(module_name), attr, shared[name])
     uniform_levels(model, family, prompt, [x for x in levels if x > 0])
     return model
 
