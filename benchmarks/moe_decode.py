@@ -123,9 +123,10 @@ def gpu(args) -> dict:
               f"ms/token", flush=True)
         del compiled
         _release_compiled(base)
-    model = runtime_model(base, prompt, GPU_LEVELS)
+    levels = [float(x) for x in args.levels.split(",")] if args.levels else list(GPU_LEVELS)
+    model = runtime_model(base, prompt, levels)
     print("| level | generate() ms/token | weight-read floor ms | GPU memory GiB |\n|---|---|---|---|", flush=True)
-    for level in GPU_LEVELS:
+    for level in levels:
         model.set_sparsity(level)
         ms = ms_per_token(generate_fn(model, prompt), args.tokens, args.repeats)[0]
         floor = active_bytes(base.config, level) / bandwidth * 1e3
@@ -283,6 +284,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--json")
+    parser.add_argument("--levels", help="gpu: comma-separated levels (default: 0,0.25,0.4,0.5,0.65)")
     parser.add_argument("--no-baselines", action="store_true", help="gpu: skip transformers' static cache + compile")
     args = parser.parse_args()
     if args.mode in ("gpu", "kernels") and not torch.cuda.is_available():
