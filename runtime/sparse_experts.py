@@ -66,7 +66,8 @@ def set_expert_thresholds(experts, thresholds, scored_with_norm) -> None:
             # level left the dense level's graphs holding the old copy), and decode at level 0 takes the
             # grouped kernel with thresholds that keep every channel
             _lay_out_rows(experts)
-            experts._winaconv_keep_all = _keep_all(experts)
+            if getattr(experts, "_winaconv_keep_all", None) is None:  # made once: captured graphs read it
+                experts._winaconv_keep_all = _keep_all(experts)
         return
     norms_gate_up, norms_down = column_norms(experts)
     table = torch.as_tensor(thresholds, dtype=torch.float32).to(norms_down.device)
