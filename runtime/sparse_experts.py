@@ -123,17 +123,13 @@ def transposed_rows(experts) -> tuple[torch.Tensor, torch.Tensor]:
 def sparse_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                            top_k_weights: torch.Tensor) -> torch.Tensor:
     """The function registered as IMPLEMENTATION (see the module's docstring for its paths)."""
-    if self.winaconv_tau_gate_up is None:
-        keep_all = getattr(self, "_winaconv_keep_all", None)
-        if keep_all is not None and use_expert_kernel(hidden_states, top_k_index.numel()):
-            gate_up_t, down_t = transposed_rows(self)
-            return grouped_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_t, down_t, *keep_all,
-                                          self.act_fn)
-        return dense_forward(self)(self, hidden_states, top_k_index, top_k_weights)
-    if use_expert_kernel(hidden_states, top_k_index.numel()):
+    dense = self.winaconv_tau_gate_up is None
+    tau = getattr(self, "_winaconv_keep_all", None) if dense else (self.winaconv_tau_gate_up, self.winaconv_tau_down)
+    if tau is not None and use_expert_kernel(hidden_states, top_k_index.numel()):
         gate_up_t, down_t = transposed_rows(self)
-        return grouped_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_t, down_t,
-                                      self.winaconv_tau_gate_up, self.winaconv_tau_down, self.act_fn)
+        return grouped_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_t, down_t, *tau, self.act_fn)
+    if dense:
+        return dense_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     if not hidden_states.is_cuda and gather_pays(self, hidden_states, top_k_index):
         return gathered_experts(self, hidden_states, top_k_index, top_k_weights)
     return masked_experts(self, hidden_states, top_k_index, top_k_weights)
