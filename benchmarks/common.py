@@ -117,6 +117,26 @@ def capture_graph(fn, *args, warmups: int = 1):
     return graph, out
 
 
+def graph_time(make_call, n_copies, loop=24, replays=15):
+    """Median time of one call in us: a CUDA graph of `loop` calls make_call(0), make_call(1), ... cycling over
+    n_copies (weight copies or routings, so a call's bytes are not in L2 from the last one), replayed `replays` times."""
+    g, _ = capture_graph(lambda: [make_call(i % n_copies) for i in range(loop)])
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(replays):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / loop)
+    ts.sort()
+    del g
+    return ts[len(ts) // 2]
+
+
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

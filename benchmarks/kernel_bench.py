@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from common import capture_graph
+from common import capture_graph, graph_time
 from winaconv_runtime import kernels as K
 
 SHAPES = {  # name: (in, segment_ends)
@@ -207,25 +207,6 @@ def make_inputs(Kd, ends, T, s, dtype=torch.bfloat16, seed=0, dev=None):
 
 def bench(fn, warmup=10, rep=40):
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3  # us
-
-
-def graph_time(make_call, n_copies, loop=24, replays=15):
-    """Capture `loop` launches cycling over weight copies; median replay time / loop, in us."""
-    g, _ = capture_graph(lambda: [make_call(i % n_copies) for i in range(loop)])
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(replays):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / loop)
-    ts.sort()
-    del g
-    return ts[len(ts) // 2]
 
 
 def one_call_time(make_call, n_copies, loop=16, replays=9):

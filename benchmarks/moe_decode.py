@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from common import capture_graph, copy_bandwidth, default_dtype, hf_generate, ms_per_token, versions
+from common import copy_bandwidth, default_dtype, graph_time, hf_generate, ms_per_token, profile_step, versions
 
 CPU_MOE = dict(hidden_size=1024, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=1024,
                intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
@@ -124,6 +124,7 @@ def gpu(args) -> dict:
         del compiled
         _release_compiled(base)
     levels = [float(x) for x in args.levels.split(",")] if args.levels else list(GPU_LEVELS)
+    profile_levels = [float(x) for x in args.profile_levels.split(",")] if args.profile_levels else []
     model = runtime_model(base, prompt, levels)
     print("| level | generate() ms/token | weight-read floor ms | GPU memory GiB |\n|---|---|---|---|", flush=True)
     for level in levels:
@@ -133,10 +134,30 @@ def gpu(args) -> dict:
         results[f"generate_ms_{level:g}"], results[f"floor_ms_{level:g}"] = ms, floor
         results[f"max_allocated_gib_{level:g}"] = _gib(torch.cuda.max_memory_allocated())
         print(f"| {level:g} | {ms:.2f} | {floor:.2f} | {results[f'max_allocated_gib_{level:g}']:.1f} |", flush=True)
+        if level in profile_levels:
+            results[f"profile_{level:g}"] = _profile(model, prompt, args.tokens)
         if args.json:  # a run cut short keeps the levels it finished
             with open(args.json, "w") as handle:
                 json.dump(results, handle, indent=1)
     return results
+
+
+def _profile(model, prompt, new_tokens: int) -> dict | str:
+    """Device time of one decode step by kind of kernel (common.profile_step), on an engine of the cache length
+    generate() used; a diagnostic, so its failure is reported, not raised."""
+    from greedy_decoder import GreedyDecoder
+    from winaconv_runtime.decode_engine import cache_bucket
+
+    try:
+        decoder = GreedyDecoder(model, cache_bucket(prompt.shape[1] + new_tokens + 1, model.config.max_position_embeddings))
+        found = profile_step(decoder, prompt)
+    except Exception as error:  # noqa: BLE001
+        return f"failed: {error!r}"
+    print("profile ms/step:", json.dumps({k: round(v, 3) for k, v in found["ms_per_step"].items()}),
+          "kernels/step:", json.dumps(found["kernels_per_step"]), flush=True)
+    for name, (ms, count) in list(found["top_kernels_ms_count"].items())[:12]:
+        print(f"  {ms:8.4f} ms {count:4d}x {name}", flush=True)
+    return found
 
 
 def _gib(n: int) -> float:
@@ -183,19 +204,8 @@ def kernels(args) -> dict:
         h = silu(h[:, :width]) * h[:, width:]
         return (torch.bmm(down[index[0]], h[:, :, None]).squeeze(-1) * weights[0, :, None]).sum(0)
 
-    def timed(fn):
-        graph, _ = capture_graph(lambda: [fn(routings[i]) for i in range(calls)])
-        graph.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(15):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / calls)
-        return statistics.median(times)
+    def timed(fn):  # ms per call, over the 16 routings in turn
+        return graph_time(lambda i: fn(routings[i]), calls, loop=calls) / 1e3
 
     results = {"device": torch.cuda.get_device_name(), "versions": versions(), "copy_bandwidth_bytes_per_s": bandwidth,
                "dense_ms": timed(dense), "candidates": {k: list(v) for k, v in candidates.items()}}
@@ -285,6 +295,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--json")
     parser.add_argument("--levels", help="gpu: comma-separated levels (default: 0,0.25,0.4,0.5,0.65)")
+    parser.add_argument("--profile-levels", default="", help="gpu: levels whose decode step is profiled by kernel")
     parser.add_argument("--no-baselines", action="store_true", help="gpu: skip transformers' static cache + compile")
     args = parser.parse_args()
     if args.mode in ("gpu", "kernels") and not torch.cuda.is_available():
