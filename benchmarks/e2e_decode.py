@@ -193,9 +193,10 @@ def decode(work: Path, out: Path, new_tokens: int, checkpoints: list[str], synth
 
 
 def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baselines: bool = True,
-                    profile_levels=(0.5,)) -> None:
+                    profile_levels=(0.5,), sdpa_beside: bool = False) -> None:
     """model.generate() greedy and sampling (temperature 0.7, top-p 0.9) at each level and batch size, next to
-    the GreedyDecoder front of the same engine and transformers' static cache + compile on the base model."""
+    the GreedyDecoder front of the same engine and transformers' static cache + compile on the base model;
+    sdpa_beside: the GreedyDecoder also with transformers' sdpa in place of the decode-attention kernel."""
     import transformers
     from transformers import GenerationMixin
 
@@ -236,12 +237,21 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
 
     for b in batches:
         # the cache length generate() picks for these calls: same shapes, so one compiled step serves both
-        decoder = GreedyDecoder(model, cache_bucket(128 + new_tokens + 1, model.config.max_position_embeddings), batch_size=b)
+        length = cache_bucket(128 + new_tokens + 1, model.config.max_position_embeddings)
+        decoder = GreedyDecoder(model, length, batch_size=b)
+        sdpa_decoder = GreedyDecoder(model, length, batch_size=b, decode_attention=False) if sdpa_beside else None
         for level in levels:
             model.set_sparsity(level)
             key = f"b{b}_{level:g}"
             results[f"graph_decoder_ms_{key}"] = stage(
                 f"{key} graph decoder", lambda: _time_graph_decoder(decoder, prompts[b], new_tokens)[0])
+            results[f"attention_{key}"] = model.config._attn_implementation
+            if sdpa_beside and model.config._attn_implementation != "sdpa":  # the same engine on plain sdpa
+                chosen = model.config._attn_implementation
+                model.set_attn_implementation("sdpa")
+                results[f"graph_decoder_sdpa_ms_{key}"] = stage(
+                    f"{key} graph decoder, sdpa attention", lambda: _time_graph_decoder(sdpa_decoder, prompts[b], new_tokens)[0])
+                model.set_attn_implementation(chosen)
             if b == 1 and level in profile_levels:
                 try:  # a diagnostic: its failure must not cost the timings
                     results[f"profile_{key}"] = profile_step(decoder, prompts[b])
@@ -261,7 +271,7 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
                 results[f"generate_first_tokens_equal_to_transformers_{key}"] = f"{same} of 32"
             print(key, {k: round(v, 3) for k, v in results.items() if k.endswith(key) and isinstance(v, float)}, flush=True)
             save()
-        del decoder
+        del decoder, sdpa_decoder
         _empty_cache()
     print(json.dumps(results, indent=1))
 
@@ -295,6 +305,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--levels", default=",".join(f"{x:g}" for x in LEVELS))
     parser.add_argument("--profile-levels", default="0,0.5", help="levels whose decode step is profiled")
+    parser.add_argument("--sdpa-beside", action="store_true",
+                        help="generate: also time the decoder with transformers' sdpa instead of the decode-attention kernel")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "e2e.json")
     parser.add_argument("--smoke", action="store_true",
                         help="SMOKE_LLAMA in float32 on the CPU, 4 new tokens: checks the stage runs (tests/test_benchmarks.py)")
@@ -310,7 +322,7 @@ def main():
     elif args.stage == "generate":
         generate_speeds(args.out, args.new_tokens, [float(x) for x in args.levels.split(",")],
                         tuple(int(b) for b in args.batches.split(",")), not args.no_baselines,
-                        [float(x) for x in args.profile_levels.split(",") if x])
+                        [float(x) for x in args.profile_levels.split(",") if x], args.sdpa_beside)
     else:
         names = lambda text: [t for t in text.split(",") if t]  # noqa: E731
         levels = [float(x) for x in args.levels.split(",")]

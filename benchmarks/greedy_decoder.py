@@ -17,8 +17,9 @@ from winaconv_runtime.sampling import DecodeSettings
 
 class GreedyDecoder:
     def __init__(self, model, max_length: int, batch_size: int = 1, compile: bool | None = None,
-                 cuda_graph: bool | None = None):
-        self.engine = DecodeEngine(model, batch_size, max_length, compile=compile, cuda_graph=cuda_graph)
+                 cuda_graph: bool | None = None, decode_attention: bool | None = None):
+        self.engine = DecodeEngine(model, batch_size, max_length, compile=compile, cuda_graph=cuda_graph,
+                                   decode_attention=decode_attention)
         self.max_length, self.batch_size = int(max_length), int(batch_size)
 
     @torch.no_grad()
