@@ -118,6 +118,8 @@ class SparseLinear(nn.Linear):
         if thresholds is None:
             self.tau = None
             self._cpu_rows.clear()  # the dense model keeps no second copy
+            if self.shared_input_group is not None and _uses_kernels(local(self.weight)):
+                self.shared_input_group.fuse()  # dense on the GPU too: one product for the group
             return
         norms = self._column_norms()
         tau = torch.stack([channel_thresholds(norms[i], thresholds[i], scored_with_norm[i]) for i in self._segment_index])
@@ -168,11 +170,10 @@ class SparseLinear(nn.Linear):
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)
         self._cpu_rows.clear()  # never keep a stale (host) W^T copy after a move or dtype change
-        if self.tau is not None:  # moved after thresholds were set (model.to("cuda"))
-            if self.shared_input_group is not None:
-                self.shared_input_group.invalidate()  # members move one by one: the model re-fuses
-            else:
-                self._lay_out_for_kernel()
+        if self.shared_input_group is not None:
+            self.shared_input_group.invalidate()  # members move one by one: the model re-joins them
+        elif self.tau is not None:  # moved after thresholds were set (model.to("cuda"))
+            self._lay_out_for_kernel()
         return module
 
     def _runs_kernel(self, flat: torch.Tensor) -> bool:
@@ -190,6 +191,9 @@ class SparseLinear(nn.Linear):
         # Shapes come from the tensors, not in_features / out_features: under tensor parallelism x holds this
         # rank's input channels, self.weight its shard, and the output is its rows.
         if self.tau is None:
+            group = self.shared_input_group
+            if group is not None and group.joined and _uses_kernels(x):
+                return group.dense_output_for(self, x)
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
         if flat.device.type == "cpu" and not _uses_kernels(flat):
@@ -217,12 +221,13 @@ class SparseLinear(nn.Linear):
 
 
 class SharedInputGroup:
-    """Separate linears that read one input (q/k/v, gate/up), run as one kernel launch at decode.
+    """Separate linears that read one input (q/k/v, gate/up), run as one launch.
 
     On the GPU the members' W^T are stored side by side in one [in, sum(out)] tensor and each
-    member's weight becomes a view of its columns (no extra memory; state-dict keys unchanged), and
-    their thresholds become rows of one [segments, in] tensor. At decode, the first member called
-    launches the kernel for all of them and leaves each other member its slice of the output, tagged
+    member's weight becomes a view of its columns (no extra memory; state-dict keys unchanged): `joined`.
+    At a sparse level their thresholds also become rows of one [segments, in] tensor (`is_fused`) and decode
+    makes one kernel launch for the group; at level 0 every product of the group is one dense F.linear. The
+    first member called computes the output of all of them and leaves each other member its slice, tagged
     with the input it belongs to; transformers' own attention and MLP code stays untouched.
     """
 
@@ -230,7 +235,7 @@ class SharedInputGroup:
         self.members = tuple(members)
         self._measure()
         self.weight_t = self.bias = self.tau = None
-        self.is_fused = False
+        self.joined = self.is_fused = False
         for member in self.members:
             member.shared_input_group = self
 
@@ -243,14 +248,16 @@ class SharedInputGroup:
         self.column_ranges = tuple(zip((0,) + ends[:-1], ends))
 
     def invalidate(self) -> None:
+        """The thresholds (or, after a move, the weights) must be joined again by the next fuse()."""
         self.is_fused = False
+        self.joined = self.joined and self._weights_are_fused()
 
     @torch.no_grad()
     def fuse(self) -> None:
         members = self.members
         weight = local(members[0].weight)
-        if any(m.tau is None for m in members) or not _uses_kernels(weight) or not HAS_TRITON:
-            self.is_fused = False
+        if not _uses_kernels(weight) or not HAS_TRITON:
+            self.joined = self.is_fused = False
             return
         if self.is_fused:
             return
@@ -262,6 +269,9 @@ class SharedInputGroup:
                 set_local(m, "weight", fused[:, start:end].t())
             self.weight_t = fused
         self.bias = self._fused_bias()
+        self.joined = True
+        if any(m.tau is None for m in members):  # level 0, or a level being set member by member
+            return
         tau = torch.cat([m.tau for m in members])
         if self.tau is not None and self.tau.shape == tau.shape and self.tau.device == tau.device:
             self.tau.copy_(tau)  # keep the tensor graphs were captured with
@@ -295,6 +305,14 @@ class SharedInputGroup:
                 set_local(m, "bias", fused[start:end])
         return fused
 
+    def dense_output_for(self, member: SparseLinear, x: torch.Tensor) -> torch.Tensor:
+        """member's dense output for input x (level 0): one F.linear over the joined weights for the group."""
+        pending = member._pending
+        if pending is not None and pending[0] is x:
+            member._pending = None
+            return pending[1]
+        return self._hand_out(member, x, F.linear(x, self.weight_t.t(), self.bias))
+
     def output_for(self, member: SparseLinear, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """member's output for input x: left by the launch of an earlier member, or launched now."""
         pending = member._pending
@@ -303,12 +321,16 @@ class SharedInputGroup:
             return pending[1]
         kept_percent = max(m.kept_percent for m in self.members)
         y = sparse_linear_triton(flat.contiguous(), self.weight_t, self.tau, self.segment_ends, self.bias, kept_percent)
+        return self._hand_out(member, x, y)
+
+    def _hand_out(self, member: SparseLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """member's columns of the group's output y; the other members' columns wait for their call on x."""
         own = None
         for m, (start, end) in zip(self.members, self.column_ranges):
             if m is member:
-                own = y[:, start:end]
+                own = y[..., start:end]
             else:
-                m._pending = (x, y[:, start:end])
+                m._pending = (x, y[..., start:end])
         return own
 
 

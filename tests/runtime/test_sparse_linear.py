@@ -112,6 +112,32 @@ def test_switching_levels_updates_joined_thresholds_in_place(kernels_on_cpu):
     torch.testing.assert_close(dense, decode_logits(model, ids[:1, :12]))
 
 
+def test_level_zero_runs_one_dense_product_per_shared_input(kernels_on_cpu, monkeypatch):
+    """Dense on the GPU path: q/k/v and gate/up are one F.linear over the joined W^T (also after a dtype change),
+    equal to the linears' own products; no kernel launch."""
+    model, ids = sparse_random_model("qwen2")  # q/k/v biases are joined too
+    kernels_on_cpu_tensors(False)
+    model.set_sparsity(0)
+    reference = decode_logits(model, ids[:1, :12])
+    kernels_on_cpu_tensors(True)
+    model.set_sparsity(0)
+    products = []
+    hand_out = sparse_linear.SharedInputGroup._hand_out
+    monkeypatch.setattr(sparse_linear.SharedInputGroup, "_hand_out",
+                        lambda group, *a: products.append(group) or hand_out(group, *a))
+    group = model._shared_input_groups[0]
+    assert group.joined and not group.is_fused
+    k_weight = model.model.layers[0].self_attn.k_proj.weight
+    assert k_weight.untyped_storage().data_ptr() == group.weight_t.untyped_storage().data_ptr()  # a view of it
+    kernels_on_cpu.clear()
+    torch.testing.assert_close(decode_logits(model, ids[:1, :12]), reference)
+    layers = model.config.num_hidden_layers
+    assert not kernels_on_cpu and len(products) == 2 * 2 * layers, "prefill and one step: 2 products per layer each"
+    model.to(torch.float64)
+    assert group.joined and group.weight_t.dtype == torch.float64
+    torch.testing.assert_close(decode_logits(model, ids[:1, :12]), reference.double(), rtol=1e-4, atol=1e-5)
+
+
 def test_joined_weights_survive_a_dtype_change(kernels_on_cpu):
     model, ids = sparse_random_model("qwen2")  # q/k/v biases are joined too
     model.set_sparsity(0.5)

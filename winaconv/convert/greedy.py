@@ -124,10 +124,10 @@ class BlockTrials:
 
 
 def _in_fused_group(module) -> bool:
-    """A linear of a fused shared-input group (GPU) may take its output from a launch made by another member for
+    """A linear of a joined shared-input group (GPU) may take its output from a launch made by another member for
     the same input tensor; skipping its call would leave that output waiting, stale once thresholds change."""
     group = getattr(module, "shared_input_group", None)
-    return group is not None and group.is_fused
+    return group is not None and group.joined
 
 
 def _input_norms(layer, family) -> list:
