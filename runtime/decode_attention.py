@@ -190,18 +190,23 @@ def decode_attention(query, key, value, mask=None, scale: float | None = None) -
     mask None or [B or 1, 1, 1, L] (bool or additive). Returns [B, 1, H, D] in query's dtype."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
-    if query.dim() != 4 or query.shape[2] != 1 or key.shape != value.shape or query.shape[1] % key.shape[1]:
+    if query.dim() != 4 or query.shape[2] != 1 or not _heads_fit(query, key, value):
         raise ValueError(f"decode_attention needs query [B, H, 1, D] and key = value [B, KVH, L, D] with KVH "
                          f"dividing H; got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     return _op(query, key, value, mask, scale)
 
 
+def _heads_fit(query, key, value) -> bool:
+    """key and value alike, and the query heads a whole number of groups per key/value head."""
+    return key.shape == value.shape and query.shape[1] % key.shape[1] == 0
+
+
 def handles(query, key, value, mask, kwargs) -> bool:
     """True where the kernel computes exactly what transformers' sdpa path would."""
     if query.shape[2] != 1 or not (query.is_cuda or _interpreting()) or not HAS_TRITON:
         return False
-    if key.shape != value.shape or query.shape[1] % key.shape[1] or query.shape[-1] > 256:
+    if not _heads_fit(query, key, value) or query.shape[-1] > 256:
         return False
     if any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sinks", "position_bias")):
         return False

@@ -193,7 +193,7 @@ class SparseLinear(nn.Linear):
         if self.tau is None:
             group = self.shared_input_group
             if group is not None and group.joined and _uses_kernels(x):
-                return group.dense_output_for(self, x)
+                return group.output_for(self, x)
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
         if flat.device.type == "cpu" and not _uses_kernels(flat):
@@ -201,7 +201,7 @@ class SparseLinear(nn.Linear):
         elif not self._runs_kernel(flat):
             y = masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
         elif self.shared_input_group is not None:
-            y = self.shared_input_group.output_for(self, x, flat)
+            y = self.shared_input_group.output_for(self, x)
         else:
             y = sparse_linear_triton(flat.contiguous(), self.weight.t(), self.tau, self.segment_ends, self.bias,
                                      self.kept_percent)
@@ -305,22 +305,19 @@ class SharedInputGroup:
                 set_local(m, "bias", fused[start:end])
         return fused
 
-    def dense_output_for(self, member: SparseLinear, x: torch.Tensor) -> torch.Tensor:
-        """member's dense output for input x (level 0): one F.linear over the joined weights for the group."""
+    def output_for(self, member: SparseLinear, x: torch.Tensor) -> torch.Tensor:
+        """member's output for input x: left by the product an earlier member ran on x, or run now for the group
+        (one dense F.linear at level 0, else one sparse kernel launch over the flattened tokens)."""
         pending = member._pending
         if pending is not None and pending[0] is x:
             member._pending = None
             return pending[1]
-        return self._hand_out(member, x, F.linear(x, self.weight_t.t(), self.bias))
-
-    def output_for(self, member: SparseLinear, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        """member's output for input x: left by the launch of an earlier member, or launched now."""
-        pending = member._pending
-        if pending is not None and pending[0] is x:
-            member._pending = None
-            return pending[1]
-        kept_percent = max(m.kept_percent for m in self.members)
-        y = sparse_linear_triton(flat.contiguous(), self.weight_t, self.tau, self.segment_ends, self.bias, kept_percent)
+        if member.tau is None:
+            y = F.linear(x, self.weight_t.t(), self.bias)
+        else:
+            kept_percent = max(m.kept_percent for m in self.members)
+            y = sparse_linear_triton(x.reshape(-1, x.shape[-1]).contiguous(), self.weight_t, self.tau,
+                                     self.segment_ends, self.bias, kept_percent)
         return self._hand_out(member, x, y)
 
     def _hand_out(self, member: SparseLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
