@@ -19,6 +19,7 @@ import torch
 from transformers import StaticCache
 
 from .decode_attention import install as install_decode_attention
+from .expert_routing import install as install_expert_routing
 from .sampling import KNOB_ROWS, DecodeSettings, choose_tokens, process_logits
 
 SYNC_EVERY = 8  # tokens between host checks of "every row finished" (and streamer pushes)
@@ -36,7 +37,8 @@ class DecodeEngine:
     """Static tensors for one (batch size, cache length): KV cache, token buffer, mask, row positions."""
 
     def __init__(self, model, batch_size: int, max_length: int, compile: bool | None = None,
-                 cuda_graph: bool | None = None, decode_attention: bool | None = None):
+                 cuda_graph: bool | None = None, decode_attention: bool | None = None,
+                 expert_routing: bool | None = None):
         self.model = model
         self.device = model.device
         on_gpu = self.device.type == "cuda"
@@ -44,6 +46,8 @@ class DecodeEngine:
         self.use_graph = on_gpu if cuda_graph is None else bool(cuda_graph)
         if on_gpu if decode_attention is None else decode_attention:
             install_decode_attention(model)  # a model on sdpa gets a kernel for its one-token steps
+        if on_gpu if expert_routing is None else expert_routing:
+            install_expert_routing(model)  # a MoE model's routers: softmax + top-k in one launch
         self.compile = on_gpu if compile is None else bool(compile)
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_length)
         self._cache_keyword = cache_keyword(model)
