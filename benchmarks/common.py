@@ -181,7 +181,8 @@ KERNEL_KINDS = (("collectives", ("nccl", "allreduce", "all_reduce", "allgather",
                 ("winaconv sparse", ("_wina_", "_split_reduce_kernel", "embedding_bag")),  # GPU kernels, CPU gather
                 ("dense matmul", ("gemv", "gemm", "cutlass", "nvjet", "sm90_", "cublas", "splitkreduce", "aten::mm",
                                   "aten::addmm", "aten::linear")),
-                ("attention", ("flash", "fmha", "attention", "sdpa")))
+                ("attention", ("flash", "fmha", "attention", "sdpa")),
+                ("moe routing", ("_route_kernel", "topk", "sort", "softmax")))
 
 
 @torch.no_grad()
