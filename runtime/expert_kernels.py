@@ -1,34 +1,40 @@
 """Triton kernels for the routed experts at decode: one launch for every (token, routed expert) pair's gate/up
-product, one for its down product, reading only the rows of W^T whose input channel the pair keeps. Each launch
-splits a pair's input rows into chunks (ExpertTiles) and returns the chunks' partial sums, which the caller adds.
+product and SiLU(gate) * up, one for the down product weighted and summed over each token's routed experts,
+reading only the rows of W^T whose input channel the pair keeps.
 
-A pair p = (token t, expert e = top_k_index[t, k]) computes, for each output column n of its expert,
-    y[p, n] = sum over kept i of x[row(p), i] * W^T[e, i, n],   kept <=> |x[row(p), i]| > tau[e, segment(n), i]
-where the weights are stored as W^T ([E, in, out], each input channel one contiguous row), a column belongs to
-segment 0 below `width` and to segment 1 from there (gate | up), and row(p) = p // top_k for the gate/up launch
-(every routed expert reads its token's input) and p for the down launch (each pair reads its own activation).
-The expert index is read in the kernel and the grid depends on shapes only: no host sync, so a CUDA graph can
-replay it. Repeated experts in a batch are independent pairs. Dropped rows are masked loads: their bytes are
-never fetched.
+A pair p = (token t, expert e = top_k_index[t, k]), p = t * top_k + k, computes
+    gate/up:  g[p, n] = sum over kept i of x[t, i] * W^T[e, i, n]           kept <=> |x[t, i]| > tau[e, 0, i]
+              u[p, n] = sum over kept i of x[t, i] * W^T[e, i, width + n]   kept <=> |x[t, i]| > tau[e, 1, i]
+              h[p, n] = silu(g[p, n]) * u[p, n]
+    down:     y[t, n] = sum over k of weight[t, k] * sum over kept j of h[p, j] * D^T[e, j, n],
+              kept <=> |h[p, j]| > tau_down[e, j]
+with the weights stored as W^T ([E, in, out], each input channel one contiguous row). Each launch splits a pair's
+input rows into chunks (ExpertTiles: split-K, so that a decode step's few pairs still keep every SM busy with
+loads in flight); each program stores its chunk's fp32 partial, and the program that finishes an output block
+last (a per-block ticket says so) sums the block's partials in a fixed order (deterministic), applies SiLU * up
+(gate/up) or the routing weights (down), stores the result in the input's dtype and resets the ticket. So a
+layer's experts take two launches and nothing between them. The expert index is read in the kernel and the grid
+depends on shapes only: no host sync, so a CUDA graph can replay it. Repeated experts in a batch are independent
+pairs. Dropped rows are masked loads: their bytes are never fetched.
 """
 
 from typing import NamedTuple
 
 import torch
 
-from .kernels import HAS_TRITON, opaque_op
+from .kernels import HAS_TRITON, opaque_op, reduction_tickets
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-_OP_VERSION = 2
+_OP_VERSION = 3
 MAX_PAIRS = 64  # above this many (token, expert) pairs the masked grouped product is used instead
 
 
 class ExpertTiles(NamedTuple):
-    """One program's share: BLOCK_N output columns x ITERS*BLOCK_K input rows of one pair (split-K: a pair's
-    rows are cut into chunks so that a decode step's few pairs still keep every SM busy with loads in flight)."""
+    """One program's share: BLOCK_N output columns (of gate and of up, in the gate/up launch) x ITERS*BLOCK_K
+    input rows of one pair."""
     block_n: int = 128
     block_k: int = 32
     iters: int = 8
@@ -44,90 +50,192 @@ TILES = ExpertTiles()
 if HAS_TRITON:
 
     @triton.jit
-    def _expert_rows_kernel(x_ptr, experts_ptr, w_ptr, tau_ptr, out_ptr, in_features, out_features, width,
-                            pairs_per_row, stride_x, stride_we, stride_wk, stride_te, stride_ts, stride_os,
-                            ITERS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Program (pair, n, s): the pair's partial product over input chunk s for column block n, written to
-        out[s, pair, n-block]; the chunks are summed by the caller (fused into the next elementwise op when
-        compiled), so the result does not depend on the order programs finish in."""
+    def _take_ticket(tickets_ptr, block, parts):
+        """True for the program that stores the block's last partial (release of its stores, acquire of the
+        others'): it alone reduces, then resets the ticket for the next launch."""
+        tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
+        return tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel") == parts - 1
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, experts_ptr, w_ptr, tau_ptr, ws_ptr, tickets_ptr, h_ptr,
+                        in_features, width, top_k,
+                        stride_x, stride_we, stride_wk, stride_te, stride_ts, stride_wsc, stride_wsp, stride_h,
+                        ITERS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (pair, n, chunk): gate and up columns n*BLOCK_N.. over input chunk `chunk`; the block's last
+        program stores h = silu(gate) * up."""
         pair = tl.program_id(0)
+        block = tl.program_id(1)
         chunk = tl.program_id(2)
         expert = tl.load(experts_ptr + pair).to(tl.int64)
-        row = pair // pairs_per_row
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < out_features
-        second = (cols >= width)[None, :]
-        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < width
+        tau = tau_ptr + expert * stride_te
+        rows = w_ptr + expert * stride_we
+        acc_gate = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         for it in tl.static_range(ITERS):  # unrolled: every chunk's loads can be in flight together
             ks = (chunk * ITERS + it) * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = ks < in_features
-            x = tl.load(x_ptr + row * stride_x + ks, mask=k_ok, other=0.0).to(tl.float32)
-            tau_first = tl.load(tau_ptr + expert * stride_te + ks, mask=k_ok, other=float("inf"))
-            tau_second = tl.load(tau_ptr + expert * stride_te + stride_ts + ks, mask=k_ok, other=float("inf"))
-            magnitude = tl.abs(x)[:, None]
-            keep = tl.where(second, magnitude > tau_second[:, None], magnitude > tau_first[:, None])
-            keep = keep & col_ok[None, :] & k_ok[:, None]
-            w = tl.load(w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :], mask=keep, other=0.0,
-                        eviction_policy="evict_first")
-            acc += w.to(tl.float32) * x[:, None]
-        tl.store(out_ptr + chunk * stride_os + pair * out_features + cols, tl.sum(acc, axis=0), mask=col_ok)
+            x = tl.load(x_ptr + (pair // top_k) * stride_x + ks, mask=k_ok, other=0.0).to(tl.float32)
+            magnitude = tl.abs(x)
+            keep_gate = magnitude > tl.load(tau + ks, mask=k_ok, other=float("inf"))
+            keep_up = magnitude > tl.load(tau + stride_ts + ks, mask=k_ok, other=float("inf"))
+            w = rows + ks[:, None] * stride_wk + cols[None, :]
+            gate = tl.load(w, mask=keep_gate[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+            up = tl.load(w + width, mask=keep_up[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+            acc_gate += gate.to(tl.float32) * x[:, None]
+            acc_up += up.to(tl.float32) * x[:, None]
+        partial = ws_ptr + pair * stride_wsp + cols
+        tl.store(partial + chunk * stride_wsc, tl.sum(acc_gate, axis=0), mask=col_ok)
+        tl.store(partial + chunk * stride_wsc + width, tl.sum(acc_up, axis=0), mask=col_ok)
+        ticket = pair * tl.num_programs(1) + block
+        if _take_ticket(tickets_ptr, ticket, tl.num_programs(2)):
+            gate_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+            up_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for c in range(0, tl.num_programs(2)):  # chunk order: deterministic
+                gate_sum += tl.load(partial + c * stride_wsc, mask=col_ok, other=0.0, cache_modifier=".cg")
+                up_sum += tl.load(partial + c * stride_wsc + width, mask=col_ok, other=0.0, cache_modifier=".cg")
+            hidden = gate_sum / (1.0 + tl.exp(-gate_sum)) * up_sum
+            tl.store(h_ptr + pair * stride_h + cols, hidden.to(h_ptr.dtype.element_ty), mask=col_ok)
+            tl.atomic_xchg(tickets_ptr + ticket, 0)
+
+    @triton.jit
+    def _down_kernel(h_ptr, experts_ptr, routing_ptr, w_ptr, tau_ptr, ws_ptr, tickets_ptr, y_ptr,
+                     in_features, out_features, top_k,
+                     stride_h, stride_we, stride_wk, stride_te, stride_wsc, stride_wsp, stride_y,
+                     ITERS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (pair, n, chunk): the pair's down partial for columns n*BLOCK_N.. over chunk `chunk`; the
+        last program of the token's block (top_k pairs x chunks) stores y = sum_k weight_k * down_k."""
+        pair = tl.program_id(0)
+        block = tl.program_id(1)
+        chunk = tl.program_id(2)
+        expert = tl.load(experts_ptr + pair).to(tl.int64)
+        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < out_features
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        for it in tl.static_range(ITERS):
+            ks = (chunk * ITERS + it) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = ks < in_features
+            h = tl.load(h_ptr + pair * stride_h + ks, mask=k_ok, other=0.0).to(tl.float32)
+            keep = tl.abs(h) > tl.load(tau_ptr + expert * stride_te + ks, mask=k_ok, other=float("inf"))
+            w = tl.load(w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :],
+                        mask=keep[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+            acc += w.to(tl.float32) * h[:, None]
+        tl.store(ws_ptr + chunk * stride_wsc + pair * stride_wsp + cols, tl.sum(acc, axis=0), mask=col_ok)
+        token = pair // top_k
+        ticket = token * tl.num_programs(1) + block
+        chunks = tl.num_programs(2)
+        if _take_ticket(tickets_ptr, ticket, top_k * chunks):
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for k in range(0, top_k):  # routed-expert order, then chunk order: deterministic
+                routed = token * top_k + k
+                down = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for c in range(0, chunks):
+                    down += tl.load(ws_ptr + c * stride_wsc + routed * stride_wsp + cols, mask=col_ok, other=0.0,
+                                    cache_modifier=".cg")
+                total += down * tl.load(routing_ptr + routed).to(tl.float32)
+            tl.store(y_ptr + token * stride_y + cols, total.to(y_ptr.dtype.element_ty), mask=col_ok)
+            tl.atomic_xchg(tickets_ptr + ticket, 0)
 
 
-def launch_expert_rows(x: torch.Tensor, experts: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor,
-                       width: int, pairs_per_row: int, tiles: ExpertTiles = TILES) -> torch.Tensor:
-    """[chunks, pairs, out] float32 partials (sum over dim 0 for the product): each pair's product with its
-    expert's kept rows. x [rows, in] (unit stride along in), experts [pairs] int, weight_t [E, in, out] (unit
-    stride along out), tau [E, segments, in] float32 with unit stride along in (segment 1 read for columns >=
-    width; pass width = out for one segment)."""
+def _ticket_count(blocks: int, device) -> torch.Tensor:
+    tickets = reduction_tickets(device)
+    if blocks > tickets.numel():
+        raise ValueError(f"{blocks} output blocks exceed the {tickets.numel()} reduction tickets")
+    return tickets
+
+
+def launch_gate_up(x: torch.Tensor, experts: torch.Tensor, gate_up_t: torch.Tensor, tau: torch.Tensor,
+                   top_k: int, tiles: ExpertTiles = TILES) -> torch.Tensor:
+    """h [pairs, width] in x's dtype: silu(gate) * up of every pair. x [tokens, H] (unit stride along H),
+    experts [pairs] int (pair p reads x[p // top_k]), gate_up_t [E, H, 2 * width] (unit stride along the last
+    dimension), tau [E, 2, H] float32 (unit stride along H; gate row, then up row)."""
     pairs = experts.numel()
-    in_features, out_features = weight_t.shape[1], weight_t.shape[2]
+    in_features, width = gate_up_t.shape[1], gate_up_t.shape[2] // 2
     chunks = tiles.splits(in_features)
-    out = torch.empty((chunks, pairs, out_features), dtype=torch.float32, device=x.device)
+    hidden = torch.empty((pairs, width), dtype=x.dtype, device=x.device)
     if pairs == 0:
-        return out
-    stride_ts = tau.stride(1) if tau.shape[1] > 1 else 0
-    grid = (pairs, triton.cdiv(out_features, tiles.block_n), chunks)
-    _expert_rows_kernel[grid](x, experts, weight_t, tau, out, in_features, out_features, width, pairs_per_row,
-                              x.stride(0), weight_t.stride(0), weight_t.stride(1), tau.stride(0), stride_ts,
-                              out.stride(0), ITERS=tiles.iters, BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n,
-                              num_warps=tiles.num_warps)
-    return out
+        return hidden
+    blocks = triton.cdiv(width, tiles.block_n)
+    tickets = _ticket_count(pairs * blocks, x.device)
+    partials = torch.empty((chunks, pairs, 2 * width), dtype=torch.float32, device=x.device)
+    _gate_up_kernel[(pairs, blocks, chunks)](
+        x, experts, gate_up_t, tau, partials, tickets, hidden, in_features, width, top_k,
+        x.stride(0), gate_up_t.stride(0), gate_up_t.stride(1), tau.stride(0), tau.stride(1), partials.stride(0),
+        partials.stride(1), hidden.stride(0),
+        ITERS=tiles.iters, BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps)
+    return hidden
 
 
-def _expert_rows_call(x: torch.Tensor, experts: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor,
-                      width: int, pairs_per_row: int, block_n: int, block_k: int, iters: int,
-                      num_warps: int) -> torch.Tensor:
-    return launch_expert_rows(x, experts, weight_t, tau, width, pairs_per_row,
-                              ExpertTiles(block_n, block_k, iters, num_warps))
+def launch_down(hidden: torch.Tensor, experts: torch.Tensor, routing_weights: torch.Tensor, down_t: torch.Tensor,
+                tau: torch.Tensor, top_k: int, tiles: ExpertTiles = TILES) -> torch.Tensor:
+    """y [tokens, H] in hidden's dtype: each token's down products weighted by routing_weights [tokens * top_k]
+    and summed. hidden [pairs, width], down_t [E, width, H] (unit stride along H), tau [E, width] float32."""
+    pairs = experts.numel()
+    in_features, out_features = down_t.shape[1], down_t.shape[2]
+    chunks = tiles.splits(in_features)
+    tokens = pairs // top_k
+    y = torch.empty((tokens, out_features), dtype=hidden.dtype, device=hidden.device)
+    if pairs == 0:
+        return y
+    blocks = triton.cdiv(out_features, tiles.block_n)
+    tickets = _ticket_count(tokens * blocks, hidden.device)
+    partials = torch.empty((chunks, pairs, out_features), dtype=torch.float32, device=hidden.device)
+    _down_kernel[(pairs, blocks, chunks)](
+        hidden, experts, routing_weights, down_t, tau, partials, tickets, y, in_features, out_features, top_k,
+        hidden.stride(0), down_t.stride(0), down_t.stride(1), tau.stride(0), partials.stride(0), partials.stride(1),
+        y.stride(0),
+        ITERS=tiles.iters, BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps)
+    return y
 
 
-def _expert_rows_fake(x, experts, weight_t, tau, width, pairs_per_row, block_n, block_k, iters, num_warps):
-    chunks = ExpertTiles(block_n, block_k, iters, num_warps).splits(weight_t.shape[1])
-    return x.new_empty((chunks, experts.numel(), weight_t.shape[2]), dtype=torch.float32)
+def _gate_up_call(x: torch.Tensor, experts: torch.Tensor, gate_up_t: torch.Tensor, tau: torch.Tensor, top_k: int,
+                  block_n: int, block_k: int, iters: int, num_warps: int) -> torch.Tensor:
+    return launch_gate_up(x, experts, gate_up_t, tau, top_k, ExpertTiles(block_n, block_k, iters, num_warps))
 
 
-_op = opaque_op(f"expert_rows_v{_OP_VERSION}", _expert_rows_call, _expert_rows_fake) if HAS_TRITON else None
+def _gate_up_fake(x, experts, gate_up_t, tau, top_k, block_n, block_k, iters, num_warps):
+    return x.new_empty((experts.numel(), gate_up_t.shape[2] // 2))
+
+
+def _down_call(hidden: torch.Tensor, experts: torch.Tensor, routing_weights: torch.Tensor, down_t: torch.Tensor,
+               tau: torch.Tensor, top_k: int, block_n: int, block_k: int, iters: int,
+               num_warps: int) -> torch.Tensor:
+    return launch_down(hidden, experts, routing_weights, down_t, tau, top_k,
+                       ExpertTiles(block_n, block_k, iters, num_warps))
+
+
+def _down_fake(hidden, experts, routing_weights, down_t, tau, top_k, block_n, block_k, iters, num_warps):
+    return hidden.new_empty((experts.numel() // top_k, down_t.shape[2]))
+
+
+_gate_up_op = opaque_op(f"expert_gate_up_v{_OP_VERSION}", _gate_up_call, _gate_up_fake) if HAS_TRITON else None
+_down_op = opaque_op(f"expert_down_v{_OP_VERSION}", _down_call, _down_fake) if HAS_TRITON else None
+
+
+def is_silu(activation) -> bool:
+    """The kernels apply SiLU themselves (every supported MoE family's experts use it)."""
+    return activation is torch.nn.functional.silu or type(activation).__name__ in ("SiLU", "SiLUActivation")
 
 
 def grouped_experts_triton(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                            gate_up_t: torch.Tensor, down_t: torch.Tensor, tau_gate_up: torch.Tensor,
                            tau_down: torch.Tensor, activation, tiles: ExpertTiles = TILES) -> torch.Tensor:
     """The routed experts' output [tokens, hidden] for decode: gate/up in one launch, down in one launch.
-    gate_up_t [E, H, 2I] and down_t [E, I, H] are W^T views; tau_gate_up [E, 2, H], tau_down [E, I]."""
+    gate_up_t [E, H, 2I] and down_t [E, I, H] are W^T views; tau_gate_up [E, 2, H], tau_down [E, I];
+    activation must be SiLU (is_silu)."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
-    tokens, top_k = top_k_index.shape
-    width = down_t.shape[1]
+    if not is_silu(activation):
+        raise ValueError(f"the grouped expert kernels apply SiLU; got {activation!r}")
+    top_k = top_k_index.shape[1]
     experts = top_k_index.reshape(-1).contiguous()
-    x = x.contiguous()
-    gate_up = _op(x, experts, gate_up_t, tau_gate_up, width, top_k, *tiles).sum(dim=0)
-    hidden = (activation(gate_up[:, :width]) * gate_up[:, width:]).to(x.dtype)
-    down = _op(hidden, experts, down_t, tau_down.unsqueeze(1), down_t.shape[2], 1, *tiles).sum(dim=0)
-    weighted = down * top_k_weights.reshape(-1, 1).float()
-    return weighted.view(tokens, top_k, -1).sum(dim=1).to(x.dtype)
+    hidden = _gate_up_op(x.contiguous(), experts, gate_up_t, tau_gate_up, top_k, *tiles)
+    return _down_op(hidden, experts, top_k_weights.reshape(-1).contiguous(), down_t, tau_down, top_k, *tiles)
 
 
-def use_expert_kernel(tensor: torch.Tensor, pairs: int) -> bool:
-    """Decode-sized batches on the GPU (tests call grouped_experts_triton directly under the interpreter)."""
-    return HAS_TRITON and tensor.is_cuda and pairs <= MAX_PAIRS
+def use_expert_kernel(tensor: torch.Tensor, pairs: int, activation) -> bool:
+    """Decode-sized batches of SiLU experts on the GPU (tests call grouped_experts_triton directly under the
+    interpreter)."""
+    return HAS_TRITON and tensor.is_cuda and pairs <= MAX_PAIRS and is_silu(activation)
 

@@ -401,7 +401,7 @@ def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = N
     split = nsplit > 1
     ws = torch.empty((nsplit, T, N), device=x.device, dtype=torch.float32) if split else y
     fused = split and cfg.fused_reduce
-    tickets = _tickets(x.device) if fused else ws
+    tickets = reduction_tickets(x.device) if fused else ws
     for group in _launch_groups(ends, cfg.block_n):
         if fused and group.n_programs > tickets.numel():
             raise ValueError(f"{group.n_programs} column blocks exceed the {tickets.numel()} reduction tickets")
@@ -430,7 +430,7 @@ def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = N
 _TICKETS = {}
 
 
-def _tickets(device) -> torch.Tensor:
+def reduction_tickets(device) -> torch.Tensor:
     """Per-column-block reduction tickets, zero between launches (the last program of a block resets its
     ticket). One set per device: launches on one stream never overlap."""
     key = str(device)
@@ -451,7 +451,7 @@ def _launch_list(x, weight_t, tau, ends, bias, cfg: KernelConfig):
     idx = torch.empty((len(ends), groups, block_c), device=x.device, dtype=torch.int32)
     xs = torch.empty((len(ends), groups, block_c), device=x.device, dtype=torch.float32)
     has_bias = bias is not None
-    tickets = _tickets(x.device) if cfg.fused_reduce else idx
+    tickets = reduction_tickets(x.device) if cfg.fused_reduce else idx
     for group in _launch_groups(ends, cfg.block_n):
         if cfg.fused_reduce and group.n_programs > tickets.numel():
             raise ValueError(f"{group.n_programs} column blocks exceed the {tickets.numel()} reduction tickets")

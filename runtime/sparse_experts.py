@@ -125,7 +125,7 @@ def sparse_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
     """The function registered as IMPLEMENTATION (see the module's docstring for its paths)."""
     dense = self.winaconv_tau_gate_up is None
     tau = getattr(self, "_winaconv_keep_all", None) if dense else (self.winaconv_tau_gate_up, self.winaconv_tau_down)
-    if tau is not None and use_expert_kernel(hidden_states, top_k_index.numel()):
+    if tau is not None and use_expert_kernel(hidden_states, top_k_index.numel(), self.act_fn):
         gate_up_t, down_t = transposed_rows(self)
         return grouped_experts_triton(hidden_states, top_k_index, top_k_weights, gate_up_t, down_t, *tau, self.act_fn)
     if dense:

@@ -1,5 +1,6 @@
-"""The grouped expert kernel (runtime/expert_kernels.py) under TRITON_INTERPRET=1, every memory access bounds-checked,
-against a float64 reference: odd expert counts and widths, top-k 1/2/8, repeated experts in a batch.
+"""The grouped expert kernels (runtime/expert_kernels.py) under TRITON_INTERPRET=1, every memory access
+bounds-checked, against a float64 reference: odd expert counts and widths, top-k 1/2/8, repeated experts in a
+batch, inputs split over several chunks; the in-kernel reductions leave their tickets at zero.
 
 TRITON_INTERPRET must be set before the kernels are imported; if another test module imported them first, the
 in-process tests are skipped and one test runs this file again in a fresh subprocess.
@@ -14,6 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from winaconv_runtime import expert_kernels as EK  # noqa: E402
+from winaconv_runtime.kernels import reduction_tickets  # noqa: E402
 
 from interpreter_bounds import AVAILABLE as BOUNDS_AVAILABLE  # noqa: E402
 from interpreter_bounds import bounds_checked
@@ -21,7 +23,7 @@ from support import reference_experts  # noqa: E402
 
 silu = torch.nn.functional.silu
 
-_INTERPRETED = EK.HAS_TRITON and type(getattr(EK, "_expert_rows_kernel", None)).__name__ == "InterpretedFunction"
+_INTERPRETED = EK.HAS_TRITON and type(getattr(EK, "_gate_up_kernel", None)).__name__ == "InterpretedFunction"
 needs_interp = pytest.mark.skipif(not _INTERPRETED, reason="triton missing, or imported before TRITON_INTERPRET=1 "
                                   "(covered by test_expert_kernel_in_fresh_subprocess)")
 
@@ -64,6 +66,28 @@ def test_grouped_kernel_equals_the_float64_reference(experts, hidden, width, top
     reference = reference_experts(x, index, weights, gate_up, down, tau_gate_up, tau_down, silu, torch.float32)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert (out.double() - reference).abs().max() <= 1e-5 * max(reference.abs().max().item(), 1.0)
+    assert int(reduction_tickets(x.device).abs().sum()) == 0  # every block's last program reset its ticket
+
+
+@needs_interp
+def test_bfloat16_experts_are_within_rounding_and_repeat_bit_for_bit():
+    x, index, weights, gate_up, down, tau_gate_up, tau_down = _case(7, 64, 48, 2, 4, 0.5, seed=9)
+    bf = [t.bfloat16() for t in (x, weights, gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous())]
+    small = EK.ExpertTiles(block_n=16, block_k=16, iters=1, num_warps=4)  # four chunks per pair
+    out = EK.grouped_experts_triton(bf[0], index, bf[1], bf[2], bf[3], tau_gate_up, tau_down, silu, small)
+    again = EK.grouped_experts_triton(bf[0], index, bf[1], bf[2], bf[3], tau_gate_up, tau_down, silu, small)
+    reference = reference_experts(bf[0].float(), index, bf[1].float(), gate_up.bfloat16().float(),
+                                  down.bfloat16().float(), tau_gate_up, tau_down, silu, torch.float32)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, again)  # fixed-order reductions
+    assert (out.double() - reference).abs().max() <= 2 ** -6 * reference.abs().max()
+
+
+def test_other_activations_are_refused():
+    assert EK.is_silu(silu) and EK.is_silu(torch.nn.SiLU()) and not EK.is_silu(torch.nn.GELU())
+    x, index, weights, gate_up, down, tau_gate_up, tau_down = _case(3, 40, 24, 2, 5, 0.0, seed=2)
+    with pytest.raises(ValueError, match="SiLU"):
+        EK.grouped_experts_triton(x, index, weights, gate_up.transpose(1, 2), down.transpose(1, 2), tau_gate_up,
+                                  tau_down, torch.nn.GELU())
 
 
 @needs_interp

@@ -210,7 +210,7 @@ def test_tickets_are_back_at_zero_after_fused_reductions():
         for T in (1, 3):
             x, w, tau, b = _make(300, (100, 200, 300, 400, 500, 650), T, 0.5, torch.float32, True, 31 + T)
             K.launch(x, w, tau, (100, 200, 300, 400, 500, 650), b, cfg)
-            assert int(K._tickets(x.device).abs().sum()) == 0, (cfg, T)
+            assert int(K.reduction_tickets(x.device).abs().sum()) == 0, (cfg, T)
 
 
 @needs_interp
@@ -265,7 +265,7 @@ def test_list_kind_edges(fused, poisoned_empty):
     assert torch.equal(y[:, 100:250], torch.zeros(1, 150))
     assert _rel(y, masked_product_float64(x, w, tau, ends, None)) < 1e-5
     if fused:
-        assert int(K._tickets(x.device).abs().sum()) == 0
+        assert int(K.reduction_tickets(x.device).abs().sum()) == 0
 
 
 def test_kernel_kind_follows_the_kept_share(monkeypatch):
@@ -330,7 +330,8 @@ import gc, importlib, sys
 import torch
 from torch._library import custom_ops
 from winaconv_runtime import expert_kernels, kernels
-names = ("winaconv::sparse_linear_v3", "winaconv::expert_rows_v{{}}".format(expert_kernels._OP_VERSION))
+version = expert_kernels._OP_VERSION
+names = ("winaconv::sparse_linear_v3", f"winaconv::expert_gate_up_v{{version}}", f"winaconv::expert_down_v{{version}}")
 libraries = [custom_ops.OPDEF_TO_LIB[n] for n in names]
 sys.path.insert(0, {str(tmp_path)!r})
 copy = importlib.import_module("model_folder_runtime.expert_kernels")
