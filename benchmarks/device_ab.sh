@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One device call's measurements, side by side: the current runtime against an older copy of it (an ignored
+# folder holding winaconv_runtime/, e.g. `git archive <commit> runtime`), plus the peers. Each step is cut at
+# its own time limit and writes <step>.log (and .json) under $OUT, so a call that runs out keeps what finished.
+#   OLD=.old_runtime bash benchmarks/device_ab.sh gen moe_kernels moe teal_kernels peers
+set -u
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-/tmp/device_ab}
+OLD=${OLD:-$ROOT/.old_runtime}
+mkdir -p "$OUT" /tmp/device_ab_new
+ln -sfn "$ROOT/runtime" /tmp/device_ab_new/winaconv_runtime
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+new() { PYTHONPATH=/tmp/device_ab_new:$ROOT:$ROOT/benchmarks "$@"; }
+old() { PYTHONPATH=$OLD:$ROOT:$ROOT/benchmarks "$@"; }
+step() {  # step NAME SECONDS which COMMAND...
+  local name=$1 limit=$2 which=$3
+  shift 3
+  echo "== $name ($which, limit ${limit}s) $(date +%T)"
+  (cd "$ROOT/benchmarks" && $which timeout "$limit" "$@") > "$OUT/$name.log" 2>&1
+  echo "   rc $? $(date +%T)"
+  tail -n 25 "$OUT/$name.log"
+}
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
+for what in "$@"; do
+  case $what in
+    gen)  # Llama-3-8B config, generate() at batch 1: current runtime (with a profile at 50%) and the older one
+      step gen_new 200 new python3 e2e_decode.py generate --batches 1 --levels 0,0.5,0.65 --new-tokens 128 \
+        --no-baselines --profile-levels 0.5 --out "$OUT/gen_new.json"
+      step gen_old 130 old python3 e2e_decode.py generate --batches 1 --levels 0,0.5 --new-tokens 128 \
+        --no-baselines --profile-levels "" --out "$OUT/gen_old.json" ;;
+    moe_kernels)  # the grouped expert launches, top-8 of 128 (2048 -> 2x768, 768 -> 2048)
+      step moe_kernels_new 90 new python3 moe_decode.py kernels --json "$OUT/moe_kernels_new.json"
+      step moe_kernels_old 90 old python3 moe_decode.py kernels --json "$OUT/moe_kernels_old.json" ;;
+    moe)  # Qwen3-30B-A3B config, generate() at 0 and 50%
+      step moe_new 200 new python3 moe_decode.py gpu --no-baselines --levels 0,0.5 --profile-levels 0 --tokens 32 \
+        --repeats 3 --json "$OUT/moe_new.json"
+      step moe_old 150 old python3 moe_decode.py gpu --no-baselines --levels 0,0.5 --tokens 32 --repeats 3 \
+        --json "$OUT/moe_old.json" ;;
+    teal_kernels)  # kernel table at batch 1 beside TEAL's public kernel (.peers/teal)
+      step kernel_teal 200 new python3 kernel_bench.py --skip-check --batches 1 --out "$OUT/kernel_teal.txt" ;;
+    peers)  # TEAL's gpt-fast, dense and with TEAL's kernels at 50% (.peers/teal)
+      step peers 240 new python3 peer_gpt_fast.py --levels 0,0.5 --new-tokens 128 --json "$OUT/peers.json" ;;
+    *) echo "unknown step $what" ;;
+  esac
+done
