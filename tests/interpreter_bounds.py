@@ -12,6 +12,9 @@ triton 3.2-3.9); where those names are missing it reports itself unavailable ins
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -97,3 +100,19 @@ def bounds_checked():
         _interp.GridExecutor.__call__ = launch
         for name, fn in originals.items():
             setattr(builder, name, fn)
+
+
+def checked_where_possible():
+    """bounds_checked() where the interpreter's hooks exist, no checking elsewhere."""
+    return bounds_checked() if AVAILABLE else contextlib.nullcontext()
+
+
+def rerun_under_interpreter(test_file: str, flag: str, timeout: int = 900) -> None:
+    """Run test_file in a fresh pytest process with TRITON_INTERPRET=1 and the environment variable `flag` set
+    (the file skips this call there) and assert its tests pass: TRITON_INTERPRET only takes effect for kernels
+    imported after it is set, and another test module may have imported them first."""
+    env = dict(os.environ, TRITON_INTERPRET="1", **{flag: "1"})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(test_file)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

@@ -6,8 +6,6 @@ TRITON_INTERPRET must be set before the kernels are imported; if another test mo
 in-process tests are skipped and one test runs this file again in a fresh subprocess.
 """
 import os
-import subprocess
-import sys
 import warnings
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -18,8 +16,7 @@ from transformers import GenerationMixin, StaticCache  # noqa: E402
 
 from winaconv_runtime import decode_attention as DA  # noqa: E402
 
-from interpreter_bounds import AVAILABLE as BOUNDS_AVAILABLE  # noqa: E402
-from interpreter_bounds import bounds_checked  # noqa: E402
+from interpreter_bounds import checked_where_possible, rerun_under_interpreter  # noqa: E402
 from models import ALL_FAMILIES, random_model  # noqa: E402
 
 _INTERPRETED = DA.HAS_TRITON and type(DA._decode_attention_partial_kernel).__name__ == "InterpretedFunction"
@@ -49,7 +46,7 @@ def _inputs(batch, heads, kv_heads, length, dim, mask_kind, seed):
 def test_kernel_equals_the_float64_reference(shape, mask_kind):
     query, key, value, mask = _inputs(*shape, mask_kind, seed=sum(shape))
     query = query.transpose(1, 2).contiguous().transpose(1, 2)  # the strides q_proj(...).view().transpose() gives
-    checked = bounds_checked() if BOUNDS_AVAILABLE else _nothing()
+    checked = checked_where_possible()
     with checked:
         out = DA.decode_attention(query, key, value, mask, scale=0.7)
     reference = DA.decode_attention_reference(query, key, value, mask, 0.7)
@@ -111,19 +108,8 @@ def _greedy(model, prompt):
                                         do_sample=False, pad_token_id=0, cache_implementation="static")
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
 
 @pytest.mark.skipif(_INTERPRETED or os.environ.get("WINACONV_DECODE_ATTENTION_SUBPROCESS") == "1"
                     or not DA.HAS_TRITON, reason="the in-process tests run under the interpreter")
 def test_decode_attention_in_fresh_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1", WINACONV_DECODE_ATTENTION_SUBPROCESS="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            env=env, capture_output=True, text=True, cwd=root)
-    assert result.returncode == 0, result.stdout[-3000:]
+    rerun_under_interpreter(__file__, "WINACONV_DECODE_ATTENTION_SUBPROCESS")

@@ -6,8 +6,6 @@ TRITON_INTERPRET must be set before the kernels are imported; if another test mo
 in-process tests are skipped and one test runs this file again in a fresh subprocess.
 """
 import os
-import subprocess
-import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -17,8 +15,7 @@ import torch  # noqa: E402
 from winaconv_runtime import expert_kernels as EK  # noqa: E402
 from winaconv_runtime.kernels import reduction_tickets  # noqa: E402
 
-from interpreter_bounds import AVAILABLE as BOUNDS_AVAILABLE  # noqa: E402
-from interpreter_bounds import bounds_checked
+from interpreter_bounds import checked_where_possible, rerun_under_interpreter  # noqa: E402
 from support import reference_experts  # noqa: E402
 
 silu = torch.nn.functional.silu
@@ -59,7 +56,7 @@ def test_grouped_kernel_equals_the_float64_reference(experts, hidden, width, top
                                                                     seed=experts * 10 + top_k)
     gate_up_t = gate_up.transpose(1, 2).contiguous()  # W^T rows, as the runtime lays them out
     down_t = down.transpose(1, 2).contiguous()
-    checked = bounds_checked() if BOUNDS_AVAILABLE else _nothing()
+    checked = checked_where_possible()
     with checked:
         out = EK.grouped_experts_triton(x, index, weights, gate_up_t, down_t, tau_gate_up, tau_down,
                                         silu, tiles)
@@ -121,18 +118,8 @@ def test_level_zero_thresholds_keep_every_channel_through_stride_zero_views():
     assert (out.double() - reference).abs().max() <= 1e-5 * max(reference.abs().max().item(), 1.0)
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
 
 @pytest.mark.skipif(_INTERPRETED or os.environ.get("WINACONV_MOE_KERNEL_SUBPROCESS") == "1" or not EK.HAS_TRITON,
                     reason="the in-process tests run under the interpreter")
 def test_expert_kernel_in_fresh_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1", WINACONV_MOE_KERNEL_SUBPROCESS="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    assert result.returncode == 0, result.stdout[-3000:]
+    rerun_under_interpreter(__file__, "WINACONV_MOE_KERNEL_SUBPROCESS")

@@ -6,8 +6,6 @@ TRITON_INTERPRET must be set before the kernels are imported; if another test mo
 in-process tests are skipped and one test runs this file again in a fresh subprocess.
 """
 import os
-import subprocess
-import sys
 import warnings
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -18,8 +16,7 @@ from transformers import GenerationMixin  # noqa: E402
 
 from winaconv_runtime import expert_routing as ER  # noqa: E402
 
-from interpreter_bounds import AVAILABLE as BOUNDS_AVAILABLE  # noqa: E402
-from interpreter_bounds import bounds_checked  # noqa: E402
+from interpreter_bounds import checked_where_possible, rerun_under_interpreter  # noqa: E402
 from models import MOE_FAMILIES, random_moe  # noqa: E402
 
 _INTERPRETED = ER.HAS_TRITON and type(ER._route_kernel).__name__ == "InterpretedFunction"
@@ -40,7 +37,7 @@ def _distinct_logits(rows, experts, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_routing_equals_the_float64_reference(rows, experts, top_k, normalize, dtype):
     logits = _distinct_logits(rows, experts, dtype, seed=rows * experts + top_k)
-    with bounds_checked() if BOUNDS_AVAILABLE else _nothing():
+    with checked_where_possible():
         scores, indices = ER.route(logits, top_k, normalize)
     expected_scores, expected_indices = ER.route_reference(logits, top_k, normalize)
     assert torch.equal(indices, expected_indices)
@@ -92,19 +89,8 @@ def _greedy(model, prompt):
                                         do_sample=False, pad_token_id=0, cache_implementation="static")
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
 
 @pytest.mark.skipif(_INTERPRETED or os.environ.get("WINACONV_EXPERT_ROUTING_SUBPROCESS") == "1"
                     or not ER.HAS_TRITON, reason="the in-process tests run under the interpreter")
 def test_expert_routing_in_fresh_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1", WINACONV_EXPERT_ROUTING_SUBPROCESS="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            env=env, capture_output=True, text=True, cwd=root)
-    assert result.returncode == 0, result.stdout[-3000:]
+    rerun_under_interpreter(__file__, "WINACONV_EXPERT_ROUTING_SUBPROCESS")

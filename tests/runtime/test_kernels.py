@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from winaconv_runtime import kernels as K  # noqa: E402
 
+from interpreter_bounds import rerun_under_interpreter  # noqa: E402
 from support import masked_product_float64  # noqa: E402
 
 _INTERPRETED = K.HAS_TRITON and type(getattr(K, "_wina_tile_kernel", None)).__name__ == "InterpretedFunction"
@@ -312,10 +313,7 @@ def test_compile_fullgraph_and_fake():
 @pytest.mark.skipif(_INTERPRETED or _IN_SUBPROCESS or not K.HAS_TRITON,
                     reason="kernels already run in this process under the interpreter")
 def test_kernels_in_fresh_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1", WINACONV_KERNEL_TEST_SUBPROCESS="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                       cwd=_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    rerun_under_interpreter(__file__, "WINACONV_KERNEL_TEST_SUBPROCESS")
 
 
 def test_a_model_folders_copy_of_the_runtime_reuses_the_ops_instead_of_redefining_them(tmp_path):
