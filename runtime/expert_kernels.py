@@ -57,18 +57,22 @@ if HAS_TRITON:
         return tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel") == parts - 1
 
     @triton.jit
+    def _program(experts_ptr, n_columns, BLOCK_N: tl.constexpr):
+        """Program (pair, block, chunk): its pair's expert and its output columns (with their bounds mask)."""
+        pair = tl.program_id(0)
+        block = tl.program_id(1)
+        expert = tl.load(experts_ptr + pair).to(tl.int64)
+        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        return pair, block, tl.program_id(2), expert, cols, cols < n_columns
+
+    @triton.jit
     def _gate_up_kernel(x_ptr, experts_ptr, w_ptr, tau_ptr, ws_ptr, tickets_ptr, h_ptr,
                         in_features, width, top_k,
                         stride_x, stride_we, stride_wk, stride_te, stride_ts, stride_wsc, stride_wsp, stride_h,
                         ITERS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (pair, n, chunk): gate and up columns n*BLOCK_N.. over input chunk `chunk`; the block's last
         program stores h = silu(gate) * up."""
-        pair = tl.program_id(0)
-        block = tl.program_id(1)
-        chunk = tl.program_id(2)
-        expert = tl.load(experts_ptr + pair).to(tl.int64)
-        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < width
+        pair, block, chunk, expert, cols, col_ok = _program(experts_ptr, width, BLOCK_N)
         tau = tau_ptr + expert * stride_te
         rows = w_ptr + expert * stride_we
         acc_gate = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
@@ -106,12 +110,7 @@ if HAS_TRITON:
                      ITERS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (pair, n, chunk): the pair's down partial for columns n*BLOCK_N.. over chunk `chunk`; the
         last program of the token's block (top_k pairs x chunks) stores y = sum_k weight_k * down_k."""
-        pair = tl.program_id(0)
-        block = tl.program_id(1)
-        chunk = tl.program_id(2)
-        expert = tl.load(experts_ptr + pair).to(tl.int64)
-        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < out_features
+        pair, block, chunk, expert, cols, col_ok = _program(experts_ptr, out_features, BLOCK_N)
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         for it in tl.static_range(ITERS):
             ks = (chunk * ITERS + it) * BLOCK_K + tl.arange(0, BLOCK_K)
