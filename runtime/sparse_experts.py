@@ -184,7 +184,7 @@ def masked_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
 def gathered_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                      top_k_weights: torch.Tensor) -> torch.Tensor:
     """CPU decode: for every (token, routed expert) pair, only the kept rows of that expert's W^T are read
-    (torch's embedding_bag: one bag per pair, rows of all experts in one table)."""
+    (torch's embedding_bag: one bag per pair and projection, rows of all experts in one table)."""
     tokens, top_k = top_k_index.shape
     gate_up_t, down_t = transposed_rows(self)
     experts_count, hidden, width = gate_up_t.shape[0], gate_up_t.shape[1], gate_up_t.shape[2] // 2
@@ -194,21 +194,22 @@ def gathered_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
     # W^T of every expert as rows of width I: row (e * H + i) * 2 + s is segment s (gate, up) of channel i
     # (embedding_bag copies a table that is not contiguous, so never a column slice)
     table = gate_up_t.reshape(experts_count * hidden * 2, width)
-    gate = _pair_bags(x, keep[:, 0], experts, table, segments=2, segment=0)
-    up = _pair_bags(x, keep[:, 1], experts, table, segments=2, segment=1)
+    gate, up = _pair_bags(x.unsqueeze(1).expand(-1, 2, -1), keep, experts, table).unbind(1)  # one call for both
     h = self.act_fn(gate) * up
     keep_down = h.abs() > self.winaconv_tau_down[experts]
-    y = _pair_bags(h, keep_down, experts, down_t.reshape(experts_count * width, hidden))
+    y = _pair_bags(h.unsqueeze(1), keep_down.unsqueeze(1), experts, down_t.reshape(experts_count * width, hidden))[:, 0]
     weighted = y * top_k_weights.reshape(-1, 1)
     return weighted.view(tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
 
 
-def _pair_bags(x: torch.Tensor, keep: torch.Tensor, experts: torch.Tensor, table: torch.Tensor, segments: int = 1,
-               segment: int = 0) -> torch.Tensor:
-    """[pairs, out]: for pair p, sum over kept i of x[p, i] * table[(experts[p] * in + i) * segments + segment]."""
-    pair, channel = keep.nonzero(as_tuple=True)  # grouped by pair
-    counts = torch.bincount(pair, minlength=keep.shape[0])
+def _pair_bags(x: torch.Tensor, keep: torch.Tensor, experts: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """[pairs, segments, out]: for pair p and segment s, the sum over kept i (keep[p, s, i]) of x[p, s, i] *
+    table[(experts[p] * in + i) * segments + s]; every (pair, segment) is one bag of a single embedding_bag call."""
+    pairs, segments, in_features = keep.shape
+    pair, segment, channel = keep.nonzero(as_tuple=True)  # grouped by pair, then segment
+    counts = torch.bincount(pair * segments + segment, minlength=pairs * segments)
     offsets = torch.zeros_like(counts)
     offsets[1:] = counts.cumsum(0)[:-1]
-    rows = (experts[pair] * keep.shape[1] + channel) * segments + segment
-    return F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=x[pair, channel])
+    rows = (experts[pair] * in_features + channel) * segments + segment
+    out = F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=x[pair, segment, channel])
+    return out.view(pairs, segments, -1)
