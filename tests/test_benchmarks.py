@@ -63,6 +63,12 @@ def test_layout_probe_smoke():
     assert "correctness: every candidate within" in run_script("layout_probe.py", "--smoke")
 
 
+def test_attention_bench_smoke():
+    """attention_bench.py's table on a tiny cache: the kernel (interpreter) within float64 rounding of sdpa."""
+    row = next(line for line in run_script("attention_bench.py", "--smoke").splitlines() if line.startswith("| tiny"))
+    assert float(row.strip("| ").split("|")[-1]) < 1e-5
+
+
 def test_e2e_decode_smoke(tmp_path):
     """Every stage: a random model folder, its conversion, decode of the checkpoint and of a synthetic exact-transform
     model (with the step's profile), and generate() greedy and sampling next to transformers."""
