@@ -208,7 +208,9 @@ def kernels(args) -> dict:
         return graph_time(lambda i: fn(routings[i]), calls, loop=calls) / 1e3
 
     results = {"device": torch.cuda.get_device_name(), "versions": versions(), "copy_bandwidth_bytes_per_s": bandwidth,
-               "dense_ms": timed(dense), "candidates": {k: list(v) for k, v in candidates.items()}}
+               "dense_ms": timed(dense), "candidates": {k: list(v) for k, v in candidates.items()},
+               "checks": _gpu_checks(x, routings, weights, gate_up, down, gate_up_t, down_t, silu)}
+    print("checks on this GPU:", json.dumps(results["checks"]), flush=True)
     expert_bytes = top_k * 3 * hidden * width * 2
     print(f"{results['device']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s; dense gather + bmm "
           f"{results['dense_ms'] * 1e3:.1f} us per call")
@@ -228,6 +230,38 @@ def kernels(args) -> dict:
         print(f"| {sparsity:g} | {floor * 1e3:.1f} | " + " | ".join(f"{v * 1e3:.1f}" for v in row.values())
               + f" | {results['dense_ms'] / row['default']:.2f} |", flush=True)
     return results
+
+
+@torch.no_grad()
+def _gpu_checks(x, routings, weights, gate_up, down, gate_up_t, down_t, silu) -> dict:
+    """The kernels' results on the GPU itself (CI checks them under the interpreter only): the grouped launches
+    keeping every channel against a float32 product of the same routed experts (relative max error), and the
+    routing kernel's experts against torch's softmax + top-k on random logits (rows whose indices differ)."""
+    from winaconv_runtime.expert_kernels import grouped_experts_triton
+
+    device = x.device
+    experts, hidden, width = gate_up.shape[0], gate_up.shape[2], down.shape[2]
+    keep_all = torch.full((experts, 2, hidden), -1.0, device=device), torch.full((experts, width), -1.0, device=device)
+    errors = []
+    for index in routings[:4]:
+        got = grouped_experts_triton(x, index, weights, gate_up_t, down_t, *keep_all, silu).float()
+        h = torch.einsum("kih,h->ki", gate_up[index[0]].float(), x[0].float())
+        h = (silu(h[:, :width]) * h[:, width:]).to(x.dtype).float()
+        want = (torch.einsum("khi,ki->kh", down[index[0]].float(), h) * weights[0, :, None]).sum(0)
+        errors.append(float((got[0] - want).abs().max() / want.abs().max()))
+    try:
+        from winaconv_runtime.expert_routing import route, route_reference
+    except ImportError:  # an older runtime (device_ab.sh's A/B)
+        return {"grouped_relative_error_keep_all": max(errors), "routing": "not in this runtime"}
+    logits = torch.randn(64, experts, device=device, generator=torch.Generator(device).manual_seed(1))
+    differing = {}
+    for normalize in (True, False):
+        scores, indices = route(logits.bfloat16().float(), 8, normalize)
+        want_scores, want_indices = route_reference(logits.bfloat16().float(), 8, normalize)
+        differing[f"normalize={normalize}"] = {
+            "rows_with_other_experts": int((indices != want_indices).any(1).sum()),
+            "max_score_error": float((scores.double() - want_scores).abs().max())}
+    return {"grouped_relative_error_keep_all": max(errors), "routing": differing}
 
 
 RULES_MOE = dict(SMOKE_MOE, hidden_size=128, num_experts=16, moe_intermediate_size=96, num_hidden_layers=3,
