@@ -2,7 +2,7 @@
 # One device call's measurements, side by side: the current runtime against an older copy of it (an ignored
 # folder holding winaconv_runtime/, e.g. `git archive <commit> runtime`), plus the peers. Each step is cut at
 # its own time limit and writes <step>.log (and .json) under $OUT, so a call that runs out keeps what finished.
-#   OLD=.old_runtime bash benchmarks/device_ab.sh gen moe_kernels moe teal_kernels peers
+#   OLD=.old_runtime bash benchmarks/device_ab.sh gen moe_kernels moe teal_kernels batch_kernels peers
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/device_ab}
@@ -38,6 +38,9 @@ for what in "$@"; do
         --json "$OUT/moe_old.json" ;;
     teal_kernels)  # kernel table at batch 1 beside TEAL's public kernel (.peers/teal)
       step kernel_teal 200 new python3 kernel_bench.py --skip-check --batches 1 --out "$OUT/kernel_teal.txt" ;;
+    batch_kernels)  # batch 2-8: the few-token kind against the tensor-core tile and cuBLAS (quick GPU check first)
+      step kernel_batch 240 new python3 kernel_bench.py --quick-check --skip-check --sweep --batches 2,4,8 \
+        --candidates d128x128w4,f64x32i4w4e,f64x16i8w4e,f128x16i4w8e,f32x32i8w4ef --out "$OUT/kernel_batch.txt" ;;
     peers)  # TEAL's gpt-fast, dense and with TEAL's kernels at 50% (.peers/teal)
       step peers 240 new python3 peer_gpt_fast.py --levels 0,0.5 --new-tokens 128 --json "$OUT/peers.json" ;;
     *) echo "unknown step $what" ;;
