@@ -10,7 +10,6 @@ step calls it (key/value heads repeated, masked). The error column is the kernel
 float64 reference, relative to the output's largest value.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -19,7 +18,7 @@ if "--smoke" in sys.argv:  # the kernel runs in Triton's CPU interpreter, chosen
 
 import torch
 
-from common import graph_time, versions
+from common import graph_time, save_json, versions
 
 # (name, heads, key/value heads, head dim)
 MODELS = [("llama3-8b", 32, 8, 128), ("qwen3-30b-a3b", 32, 4, 128)]
@@ -67,9 +66,7 @@ def main() -> int:
             print(f"| {name} | {batch} | {length} | {filled} | {row['sdpa_us']:.1f} | {row['kernel_us']:.1f} | "
                   f"{row['sdpa_us'] / row['kernel_us']:.2f} | {error:.1e} |", flush=True)
             del caches
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=1)
+    save_json(args.out, results)
     return 0
 
 

@@ -5,6 +5,7 @@ installed (`pip install -e .`). Each script's `--smoke` runs it on SMOKE_LLAMA o
 (tests/test_benchmarks.py)."""
 
 import contextlib
+import json
 import statistics
 import sys
 import time
@@ -135,6 +136,14 @@ def graph_time(make_call, n_copies, loop=24, replays=15):
     ts.sort()
     del g
     return ts[len(ts) // 2]
+
+
+def save_json(path, results: dict) -> None:
+    """Write `results` to `path` when a path was given (scripts call it after each step: a run cut short keeps
+    what it finished)."""
+    if path:
+        with open(path, "w") as handle:
+            json.dump(results, handle, indent=1)
 
 
 def synchronize() -> None:

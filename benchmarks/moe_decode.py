@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from common import copy_bandwidth, default_dtype, graph_time, hf_generate, ms_per_token, profile_step, versions
+from common import copy_bandwidth, default_dtype, graph_time, hf_generate, ms_per_token, profile_step, save_json, versions
 
 CPU_MOE = dict(hidden_size=1024, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=1024,
                intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
@@ -136,9 +136,7 @@ def gpu(args) -> dict:
         print(f"| {level:g} | {ms:.2f} | {floor:.2f} | {results[f'max_allocated_gib_{level:g}']:.1f} |", flush=True)
         if level in profile_levels:
             results[f"profile_{level:g}"] = _profile(model, prompt, args.tokens)
-        if args.json:  # a run cut short keeps the levels it finished
-            with open(args.json, "w") as handle:
-                json.dump(results, handle, indent=1)
+        save_json(args.json, results)  # a run cut short keeps the levels it finished
     return results
 
 
@@ -340,9 +338,7 @@ def main() -> int:
     started = time.perf_counter()
     results = {"cpu": cpu, "gpu": gpu, "kernels": kernels, "rules": rules}[args.mode](args)
     results["seconds"] = time.perf_counter() - started
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
+    save_json(args.json, results)
     return 0
 
 

@@ -21,14 +21,13 @@ to it (captured in a dense prefill), the weights stored column-major as TEAL's k
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 import types
 
 import torch
 
-from common import copy_bandwidth, ms_per_token, versions
+from common import copy_bandwidth, ms_per_token, save_json, versions
 
 PEERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".peers", "teal")
 
@@ -193,9 +192,7 @@ def main() -> int:
         del model
         torch.compiler.reset()
         torch.cuda.empty_cache()
-        if args.json:
-            with open(args.json, "w") as handle:
-                json.dump(results, handle, indent=1)
+        save_json(args.json, results)
     return 0
 
 
