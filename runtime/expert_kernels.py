@@ -28,6 +28,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .kernels import take_ticket
+
 _OP_VERSION = 3
 MAX_PAIRS = 64  # above this many (token, expert) pairs the masked grouped product is used instead
 
@@ -48,13 +50,6 @@ TILES = ExpertTiles()
 
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _take_ticket(tickets_ptr, block, parts):
-        """True for the program that stores the block's last partial (release of its stores, acquire of the
-        others'): it alone reduces, then resets the ticket for the next launch."""
-        tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
-        return tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel") == parts - 1
 
     @triton.jit
     def _program(experts_ptr, n_columns, BLOCK_N: tl.constexpr):
@@ -93,7 +88,7 @@ if HAS_TRITON:
         tl.store(partial + chunk * stride_wsc, tl.sum(acc_gate, axis=0), mask=col_ok)
         tl.store(partial + chunk * stride_wsc + width, tl.sum(acc_up, axis=0), mask=col_ok)
         ticket = pair * tl.num_programs(1) + block
-        if _take_ticket(tickets_ptr, ticket, tl.num_programs(2)):
+        if take_ticket(tickets_ptr, ticket, tl.num_programs(2)):
             gate_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
             up_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
             for c in range(0, tl.num_programs(2)):  # chunk order: deterministic
@@ -124,7 +119,7 @@ if HAS_TRITON:
         token = pair // top_k
         ticket = token * tl.num_programs(1) + block
         chunks = tl.num_programs(2)
-        if _take_ticket(tickets_ptr, ticket, top_k * chunks):
+        if take_ticket(tickets_ptr, ticket, top_k * chunks):
             total = tl.zeros([BLOCK_N], dtype=tl.float32)
             for k in range(0, top_k):  # routed-expert order, then chunk order: deterministic
                 routed = token * top_k + k
@@ -135,13 +130,6 @@ if HAS_TRITON:
                 total += down * tl.load(routing_ptr + routed).to(tl.float32)
             tl.store(y_ptr + token * stride_y + cols, total.to(y_ptr.dtype.element_ty), mask=col_ok)
             tl.atomic_xchg(tickets_ptr + ticket, 0)
-
-
-def _ticket_count(blocks: int, device) -> torch.Tensor:
-    tickets = reduction_tickets(device)
-    if blocks > tickets.numel():
-        raise ValueError(f"{blocks} output blocks exceed the {tickets.numel()} reduction tickets")
-    return tickets
 
 
 def launch_gate_up(x: torch.Tensor, experts: torch.Tensor, gate_up_t: torch.Tensor, tau: torch.Tensor,
@@ -156,7 +144,7 @@ def launch_gate_up(x: torch.Tensor, experts: torch.Tensor, gate_up_t: torch.Tens
     if pairs == 0:
         return hidden
     blocks = triton.cdiv(width, tiles.block_n)
-    tickets = _ticket_count(pairs * blocks, x.device)
+    tickets = reduction_tickets(x.device, pairs * blocks)
     partials = torch.empty((chunks, pairs, 2 * width), dtype=torch.float32, device=x.device)
     _gate_up_kernel[(pairs, blocks, chunks)](
         x, experts, gate_up_t, tau, partials, tickets, hidden, in_features, width, top_k,
@@ -178,7 +166,7 @@ def launch_down(hidden: torch.Tensor, experts: torch.Tensor, routing_weights: to
     if pairs == 0:
         return y
     blocks = triton.cdiv(out_features, tiles.block_n)
-    tickets = _ticket_count(tokens * blocks, hidden.device)
+    tickets = reduction_tickets(hidden.device, tokens * blocks)
     partials = torch.empty((chunks, pairs, out_features), dtype=torch.float32, device=hidden.device)
     _down_kernel[(pairs, blocks, chunks)](
         hidden, experts, routing_weights, down_t, tau, partials, tickets, y, in_features, out_features, top_k,

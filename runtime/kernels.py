@@ -164,13 +164,19 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def take_ticket(tickets_ptr, block, parts):
+        """True for the program that stores the block's last partial (release of its stores, acquire of the
+        others'): it alone reduces, then resets the ticket (tl.atomic_xchg to 0) for the next launch."""
+        tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
+        return tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel") == parts - 1
+
+    @triton.jit
     def _reduce_if_last(tickets_ptr, pid, n_parts, ws_ptr, stride_part, stride_ws, b_ptr, y_ptr, stride_y,
                         t_idx, T, cols, cmask, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
         """The program that finishes a column block last (its ticket says so) sums the block's n_parts fp32
         partials in part order (deterministic), adds the bias, stores y and resets the ticket for the next
         launch: the reduction without a second launch."""
-        tl.debug_barrier()  # every thread's partial is stored before the ticket is taken (release)
-        if tl.atomic_add(tickets_ptr + pid, 1, sem="acq_rel") == n_parts - 1:
+        if take_ticket(tickets_ptr, pid, n_parts):
             omask = (t_idx < T)[:, None] & cmask[None, :]
             offs = t_idx[:, None] * stride_ws + cols[None, :]
             total = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
@@ -407,10 +413,9 @@ def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = N
     split = nsplit > 1
     ws = torch.empty((nsplit, T, N), device=x.device, dtype=torch.float32) if split else y
     fused = split and cfg.fused_reduce
-    tickets = reduction_tickets(x.device) if fused else ws
-    for group in _launch_groups(ends, cfg.block_n):
-        if fused and group.n_programs > tickets.numel():
-            raise ValueError(f"{group.n_programs} column blocks exceed the {tickets.numel()} reduction tickets")
+    groups = _launch_groups(ends, cfg.block_n)
+    tickets = reduction_tickets(x.device, max(group.n_programs for group in groups)) if fused else ws
+    for group in groups:
         g, col0 = group.first_segment, group.first_column
         w_g = weight_t if col0 == 0 else weight_t[:, col0:]
         tau_g = tau if g == 0 else tau[g:]
@@ -436,13 +441,17 @@ def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = N
 _TICKETS = {}
 
 
-def reduction_tickets(device) -> torch.Tensor:
-    """Per-column-block reduction tickets, zero between launches (the last program of a block resets its
-    ticket). One set per device: launches on one stream never overlap."""
+def reduction_tickets(device, blocks: int = 0) -> torch.Tensor:
+    """Per-output-block reduction tickets (take_ticket), zero between launches (the last program of a block
+    resets its ticket). One set per device: launches on one stream never overlap. Raises if a launch needs
+    more than the set holds."""
     key = str(device)
     if key not in _TICKETS:
         _TICKETS[key] = torch.zeros(1 << 14, dtype=torch.int32, device=device)
-    return _TICKETS[key]
+    tickets = _TICKETS[key]
+    if blocks > tickets.numel():
+        raise ValueError(f"{blocks} output blocks exceed the {tickets.numel()} reduction tickets")
+    return tickets
 
 
 def _launch_list(x, weight_t, tau, ends, bias, cfg: KernelConfig):
@@ -457,10 +466,9 @@ def _launch_list(x, weight_t, tau, ends, bias, cfg: KernelConfig):
     idx = torch.empty((len(ends), groups, block_c), device=x.device, dtype=torch.int32)
     xs = torch.empty((len(ends), groups, block_c), device=x.device, dtype=torch.float32)
     has_bias = bias is not None
-    tickets = reduction_tickets(x.device) if cfg.fused_reduce else idx
-    for group in _launch_groups(ends, cfg.block_n):
-        if cfg.fused_reduce and group.n_programs > tickets.numel():
-            raise ValueError(f"{group.n_programs} column blocks exceed the {tickets.numel()} reduction tickets")
+    groups = _launch_groups(ends, cfg.block_n)
+    tickets = reduction_tickets(x.device, max(group.n_programs for group in groups)) if cfg.fused_reduce else idx
+    for group in groups:
         g, col0 = group.first_segment, group.first_column
         w_g = weight_t if col0 == 0 else weight_t[:, col0:]
         tau_g = tau if g == 0 else tau[g:]
