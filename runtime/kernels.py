@@ -413,9 +413,9 @@ def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = N
     split = nsplit > 1
     ws = torch.empty((nsplit, T, N), device=x.device, dtype=torch.float32) if split else y
     fused = split and cfg.fused_reduce
-    groups = _launch_groups(ends, cfg.block_n)
-    tickets = reduction_tickets(x.device, max(group.n_programs for group in groups)) if fused else ws
-    for group in groups:
+    launches = _launch_groups(ends, cfg.block_n)
+    tickets = reduction_tickets(x.device, max(group.n_programs for group in launches)) if fused else ws
+    for group in launches:
         g, col0 = group.first_segment, group.first_column
         w_g = weight_t if col0 == 0 else weight_t[:, col0:]
         tau_g = tau if g == 0 else tau[g:]
@@ -466,9 +466,9 @@ def _launch_list(x, weight_t, tau, ends, bias, cfg: KernelConfig):
     idx = torch.empty((len(ends), groups, block_c), device=x.device, dtype=torch.int32)
     xs = torch.empty((len(ends), groups, block_c), device=x.device, dtype=torch.float32)
     has_bias = bias is not None
-    groups = _launch_groups(ends, cfg.block_n)
-    tickets = reduction_tickets(x.device, max(group.n_programs for group in groups)) if cfg.fused_reduce else idx
-    for group in groups:
+    launches = _launch_groups(ends, cfg.block_n)
+    tickets = reduction_tickets(x.device, max(group.n_programs for group in launches)) if cfg.fused_reduce else idx
+    for group in launches:
         g, col0 = group.first_segment, group.first_column
         w_g = weight_t if col0 == 0 else weight_t[:, col0:]
         tau_g = tau if g == 0 else tau[g:]
