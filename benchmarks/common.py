@@ -195,6 +195,24 @@ KERNEL_KINDS = (("collectives", ("nccl", "allreduce", "all_reduce", "allgather",
 
 
 @torch.no_grad()
+def decode_step_ms(decoder, prompt, steps: int, repeats: int = 3) -> float:
+    """Wall ms per decode step of the decoder's engine (its CUDA graph where it uses one), the prefill left out:
+    a prompt whose prefill is slow and uneven makes generate(N + 1) - generate(1) noisy. Median of `repeats`."""
+    engine = decoder.engine
+    decoder.generate(prompt, 4)  # compile, warm and capture the step
+    times = []
+    for _ in range(repeats):
+        decoder.generate(prompt, 1)  # prefill; the timed steps continue this sequence
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        synchronize()
+        times.append((time.perf_counter() - start) / steps * 1000)
+    return statistics.median(times)
+
+
+@torch.no_grad()  # a compiled step traced with grad on saves tensors for a backward (and fails on custom ops)
 def profile_step(decoder, prompt, steps: int = 4) -> dict:
     """Device time per decode step by kind of kernel: the decoder's step replayed without its CUDA graph (the
     compiled step where it is compiled), so every kernel stays visible. On the CPU: aten ops' own CPU time."""

@@ -2,11 +2,11 @@
 # One device call's measurements, side by side: the current runtime against an older copy of it (an ignored
 # folder holding winaconv_runtime/, e.g. `git archive <commit> runtime`), plus the peers. Each step is cut at
 # its own time limit and writes <step>.log (and .json) under $OUT, so a call that runs out keeps what finished.
-#   OLD=.old_runtime bash benchmarks/device_ab.sh gen moe_kernels moe teal_kernels batch_kernels peers
+#   OLD=.old_runtime bash benchmarks/device_ab.sh gen gen_old moe_kernels moe teal_kernels batch_kernels peers
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/device_ab}
-OLD=${OLD:-$ROOT/.old_runtime}
+OLD=$(cd "${OLD:-$ROOT/.old_runtime}" 2>/dev/null && pwd)  # absolute: each step runs from benchmarks/
 mkdir -p "$OUT" /tmp/device_ab_new
 ln -sfn "$ROOT/runtime" /tmp/device_ab_new/winaconv_runtime
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -23,21 +23,30 @@ step() {  # step NAME SECONDS which COMMAND...
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
 for what in "$@"; do
   case $what in
-    gen)  # Llama-3-8B config, generate() at batch 1: current runtime (with a profile at 50%) and the older one
-      step gen_new 200 new python3 e2e_decode.py generate --batches 1 --levels 0,0.5,0.65 --new-tokens 128 \
-        --no-baselines --profile-levels 0.5 --out "$OUT/gen_new.json"
+    gen)  # Llama-3-8B config, generate() at batch 1 (a profile at 50%; the graph decoder also without PDL)
+      step gen_new 300 new python3 e2e_decode.py generate --batches 1 --levels 0,0.5,0.65 --new-tokens 128 \
+        --no-baselines --profile-levels 0.5 --pdl-beside --out "$OUT/gen_new.json" ;;
+    gen_old)  # the same with the older runtime
       step gen_old 130 old python3 e2e_decode.py generate --batches 1 --levels 0,0.5 --new-tokens 128 \
         --no-baselines --profile-levels "" --out "$OUT/gen_old.json" ;;
     moe_kernels)  # the grouped expert launches, top-8 of 128 (2048 -> 2x768, 768 -> 2048)
       step moe_kernels_new 90 new python3 moe_decode.py kernels --json "$OUT/moe_kernels_new.json"
       step moe_kernels_old 90 old python3 moe_decode.py kernels --json "$OUT/moe_kernels_old.json" ;;
-    moe)  # Qwen3-30B-A3B config, generate() at 0 and 50%
-      step moe_new 200 new python3 moe_decode.py gpu --no-baselines --levels 0,0.5 --profile-levels 0 --tokens 32 \
-        --repeats 3 --json "$OUT/moe_new.json"
+    moe_half)  # Qwen3-30B-A3B config, 50% alone with its profile and dynamo's recompile log
+      step moe_half_new 200 new env TORCH_LOGS=recompiles,graph_breaks python3 moe_decode.py gpu --no-baselines \
+        --levels 0.5 --profile-levels 0.5 --tokens 32 --repeats 3 --json "$OUT/moe_half_new.json" ;;
+    moe)  # Qwen3-30B-A3B config, generate() and the decode step alone at 0, 50 and 65%
+      step moe_new 240 new python3 moe_decode.py gpu --no-baselines --levels 0,0.5,0.65 --profile-levels 0,0.5 \
+        --tokens 32 --repeats 3 --json "$OUT/moe_new.json" ;;
+    moe_old)
       step moe_old 150 old python3 moe_decode.py gpu --no-baselines --levels 0,0.5 --tokens 32 --repeats 3 \
         --json "$OUT/moe_old.json" ;;
     teal_kernels)  # kernel table at batch 1 beside TEAL's public kernel (.peers/teal)
-      step kernel_teal 200 new python3 kernel_bench.py --skip-check --batches 1 --out "$OUT/kernel_teal.txt" ;;
+      step kernel_teal 200 new python3 kernel_bench.py --quick-check --skip-check --candidates t64x512w4,L128r32g4s3f \
+        --batches 1 --out "$OUT/kernel_teal.txt" ;;
+    teal_kernels_no_pdl)  # the same, every runtime kernel launched without programmatic dependent launch
+      step kernel_teal_no_pdl 200 new env WINACONV_PDL=0 python3 kernel_bench.py --skip-check --batches 1 \
+        --out "$OUT/kernel_teal_no_pdl.txt" ;;
     batch_kernels)  # batch 2-8: the few-token kind against the tensor-core tile and cuBLAS (quick GPU check first)
       step kernel_batch 240 new python3 kernel_bench.py --quick-check --skip-check --sweep --batches 2,4,8 \
         --candidates d128x128w4,f64x32i4w4e,f64x16i8w4e,f128x16i4w8e,f32x32i8w4ef --out "$OUT/kernel_batch.txt" ;;

@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from common import copy_bandwidth, default_dtype, graph_time, hf_generate, ms_per_token, profile_step, save_json, versions
+from common import (copy_bandwidth, decode_step_ms, default_dtype, graph_time, hf_generate, ms_per_token, profile_step,
+                    save_json, versions)
 
 CPU_MOE = dict(hidden_size=1024, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=1024,
                intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
@@ -134,20 +135,32 @@ def gpu(args) -> dict:
         results[f"generate_ms_{level:g}"], results[f"floor_ms_{level:g}"] = ms, floor
         results[f"max_allocated_gib_{level:g}"] = _gib(torch.cuda.max_memory_allocated())
         print(f"| {level:g} | {ms:.2f} | {floor:.2f} | {results[f'max_allocated_gib_{level:g}']:.1f} |", flush=True)
+        results[f"step_ms_{level:g}"] = _step_ms(model, prompt, args.tokens)
+        print(f"  decode step alone (prefill left out): {results[f'step_ms_{level:g}']:.2f} ms", flush=True)
         if level in profile_levels:
             results[f"profile_{level:g}"] = _profile(model, prompt, args.tokens)
         save_json(args.json, results)  # a run cut short keeps the levels it finished
     return results
 
 
-def _profile(model, prompt, new_tokens: int) -> dict | str:
-    """Device time of one decode step by kind of kernel (common.profile_step), on an engine of the cache length
-    generate() used; a diagnostic, so its failure is reported, not raised."""
+def _decoder(model, prompt, new_tokens: int):
+    """A GreedyDecoder on an engine of the cache length generate() used."""
     from greedy_decoder import GreedyDecoder
     from winaconv_runtime.decode_engine import cache_bucket
 
+    return GreedyDecoder(model, cache_bucket(prompt.shape[1] + new_tokens + 1, model.config.max_position_embeddings))
+
+
+def _step_ms(model, prompt, new_tokens: int) -> float:
+    """generate()'s step without the prefill (a sparse MoE prefill runs the per-expert loop: slow and uneven)."""
+    return decode_step_ms(_decoder(model, prompt, new_tokens), prompt, steps=new_tokens)
+
+
+def _profile(model, prompt, new_tokens: int) -> dict | str:
+    """Device time of one decode step by kind of kernel (common.profile_step), on an engine of the cache length
+    generate() used; a diagnostic, so its failure is reported, not raised."""
     try:
-        decoder = GreedyDecoder(model, cache_bucket(prompt.shape[1] + new_tokens + 1, model.config.max_position_embeddings))
+        decoder = _decoder(model, prompt, new_tokens)
         found = profile_step(decoder, prompt)
     except Exception as error:  # noqa: BLE001
         return f"failed: {error!r}"

@@ -182,7 +182,8 @@ def main() -> int:
     prompt = torch.randint(3, 128000, (1, args.prompt), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     for level in [float(x) for x in args.levels.split(",")]:
         model = random_gpt_fast(gpt_fast, "cuda")
-        model.setup_caches(1, args.prompt + args.new_tokens + 8)
+        with torch.device("cuda"):  # gpt-fast makes its caches and causal mask on the default device
+            model.setup_caches(1, args.prompt + args.new_tokens + 8)
         if level > 0:
             make_sparse(model, prompt_inputs(model, prompt), level, ops)
         ms, _ = ms_per_token(decoder(model, prompt, args.new_tokens, compile=True), args.new_tokens, args.repeats)
