@@ -6,9 +6,11 @@ installed (`pip install -e .`). Each script's `--smoke` runs it on SMOKE_LLAMA o
 
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
+import types
 
 import torch
 
@@ -144,6 +146,26 @@ def save_json(path, results: dict) -> None:
     if path:
         with open(path, "w") as handle:
             json.dump(results, handle, indent=1)
+
+
+PEERS_TEAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".peers", "teal")
+
+
+def load_teal_kernels():
+    """TEAL's public kernel module (.peers/teal/sparse_gemv.py, fetched at benchmark time, never committed), or
+    None. Its torch.compile wrapper classes import TEAL's compile_wrapper (and msgspec); the benchmarks call its
+    functions only, so where that module is absent an empty stand-in lets the file import."""
+    if not os.path.exists(os.path.join(PEERS_TEAL, "sparse_gemv.py")):
+        return None
+    if PEERS_TEAL not in sys.path:
+        sys.path.insert(0, PEERS_TEAL)
+    try:
+        import compile_wrapper  # noqa: F401, PLC0415
+    except ImportError:
+        sys.modules["compile_wrapper"] = types.SimpleNamespace(BaseKernel=object)
+    import sparse_gemv  # noqa: PLC0415
+
+    return sparse_gemv
 
 
 def synchronize() -> None:

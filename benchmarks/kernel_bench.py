@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from common import capture_graph, graph_time
+from common import capture_graph, graph_time, load_teal_kernels
 from winaconv_runtime import kernels as K
 
 SHAPES = {  # name: (in, segment_ends)
@@ -114,13 +114,7 @@ SELECTED = set(ALL_CANDS)  # --candidates narrows the sweep and the quick check
 # per sparsity bin, fp16 atomics into a zeroed output (the memset is part of each call, as in TEAL).
 # ---------------------------------------------------------------------------------------------
 def load_teal():
-    peers = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".peers", "teal")
-    if not os.path.exists(os.path.join(peers, "sparse_gemv.py")):
-        return None
-    sys.path.insert(0, peers)
-    import sparse_gemv  # noqa: PLC0415
-
-    return sparse_gemv
+    return load_teal_kernels()
 
 
 def teal_public(mod, x16, wt16, ends, q, sparsity_bin):

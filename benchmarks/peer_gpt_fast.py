@@ -27,19 +27,17 @@ import types
 
 import torch
 
-from common import copy_bandwidth, ms_per_token, save_json, versions
-
-PEERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".peers", "teal")
+from common import PEERS_TEAL, copy_bandwidth, load_teal_kernels, ms_per_token, save_json, versions
 
 
 def load_peers():
     """(TEAL's gpt-fast model module, TEAL's kernel module) from .peers/teal, or a one-line error."""
-    kernel_file = os.path.join(PEERS, "sparse_gemv.py")
-    model_file = os.path.join(PEERS, "gpt-fast", "model.py")
+    kernel_file = os.path.join(PEERS_TEAL, "sparse_gemv.py")
+    model_file = os.path.join(PEERS_TEAL, "gpt-fast", "model.py")
     missing = [p for p in (kernel_file, model_file) if not os.path.exists(p)]
     if missing:
         raise SystemExit(f"peer files missing: {', '.join(missing)} (see this script's docstring)")
-    kernels = _module("teal_sparse_gemv", kernel_file)
+    kernels = load_teal_kernels()
     kernels.SparseGEMV = kernels.SparseQKVGEMV = None  # the names model.py imports; the ops below replace them
     package = types.ModuleType("kernels")
     package.__path__ = []

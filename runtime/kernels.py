@@ -75,21 +75,24 @@ def _interpreting() -> bool:
 
 
 _PDL_CAPABLE = {}
+_PDL_MODES = {"0": 0, "early": 1, "wait": 2}  # WINACONV_PDL; the default is the first
 
 
 def dependent_launch(device) -> dict:
-    """Launch options of every runtime kernel on `device`: {"PDL": True, "launch_pdl": True} where kernels launch
-    as programmatic dependents (CUDA, compute capability 9 or later, WINACONV_PDL not "0"), else {"PDL": False}.
-    A dependent kernel's programs are scheduled while the kernel before it on the stream finishes its last
-    programs, which hides part of the gap between the many small kernels of a decode step; each program waits
-    (after_previous_kernel) before it touches memory, so the order of reads and writes is the stream's."""
+    """Launch options of every runtime kernel on `device`: {"PDL": mode, "launch_pdl": True} where kernels launch
+    as programmatic dependents (CUDA, compute capability 9 or later, WINACONV_PDL "early" or "wait"), else
+    {"PDL": 0}. A dependent kernel's programs may be scheduled before the kernel ahead of it on the stream has
+    finished; each waits (after_previous_kernel) before it touches memory, so reads and writes keep the stream's
+    order. "early": every program also lets the next kernel launch as soon as it starts; "wait": the next kernel
+    launches when this one ends."""
     device = torch.device(device)
-    if device.type != "cuda" or not HAS_GDC or _interpreting() or os.environ.get("WINACONV_PDL", "1") == "0":
-        return {"PDL": False}
+    mode = _PDL_MODES.get(os.environ.get("WINACONV_PDL", "0"), 0)
+    if device.type != "cuda" or not HAS_GDC or _interpreting() or not mode:
+        return {"PDL": 0}
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _PDL_CAPABLE:
         _PDL_CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return {"PDL": True, "launch_pdl": True} if _PDL_CAPABLE[index] else {"PDL": False}
+    return {"PDL": mode, "launch_pdl": True} if _PDL_CAPABLE[index] else {"PDL": 0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,11 +141,12 @@ if HAS_TRITON:
 
     @triton.jit
     def after_previous_kernel(PDL: tl.constexpr):
-        """First statement of every runtime kernel. Under programmatic dependent launch: wait until the previous
-        kernel on the stream has finished and its writes are visible, then let the next kernel's programs be
-        scheduled (they wait here in turn). Without it: nothing."""
-        if PDL:
+        """First statement of every runtime kernel. Under programmatic dependent launch (PDL > 0): wait until the
+        previous kernel on the stream has finished and its writes are visible; with PDL == 1, then let the next
+        kernel's programs be scheduled (they wait here in turn). PDL == 0: nothing."""
+        if PDL > 0:
             gdc_wait()
+        if PDL == 1:
             gdc_launch_dependents()
 
     @triton.jit
