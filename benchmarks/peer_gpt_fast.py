@@ -50,6 +50,7 @@ def load_peers():
 def _module(name, path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # torch.compile imports the module of every global it traces
     spec.loader.exec_module(module)
     return module
 
