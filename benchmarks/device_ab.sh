@@ -26,9 +26,6 @@ for what in "$@"; do
     gen)  # Llama-3-8B config, generate() at batch 1 (a profile at 50%)
       step gen_new 240 new python3 e2e_decode.py generate --batches 1 --levels 0,0.5,0.65 --new-tokens 128 \
         --no-baselines --profile-levels 0.5 --out "$OUT/gen_new.json" ;;
-    gen_pdl)  # the graph decoder with and without programmatic dependent launch (runtime/kernels.py)
-      step gen_pdl 240 new python3 e2e_decode.py generate --batches 1 --levels 0,0.5,0.65 --new-tokens 128 \
-        --no-baselines --profile-levels "" --pdl-modes early,wait --out "$OUT/gen_pdl.json" ;;
     gen_old)  # the same with the older runtime
       step gen_old 130 old python3 e2e_decode.py generate --batches 1 --levels 0,0.5 --new-tokens 128 \
         --no-baselines --profile-levels "" --out "$OUT/gen_old.json" ;;
@@ -47,9 +44,6 @@ for what in "$@"; do
     teal_kernels)  # kernel table at batch 1 beside TEAL's public kernel (.peers/teal)
       step kernel_teal 200 new python3 kernel_bench.py --quick-check --skip-check --candidates t64x512w4,L128r32g4s3f \
         --batches 1 --out "$OUT/kernel_teal.txt" ;;
-    teal_kernels_pdl)  # the same, every runtime kernel launched as a programmatic dependent ("wait")
-      step kernel_teal_pdl 200 new env WINACONV_PDL=wait python3 kernel_bench.py --skip-check --batches 1 \
-        --out "$OUT/kernel_teal_pdl.txt" ;;
     batch_kernels)  # batch 2-8: the few-token kind against the tensor-core tile and cuBLAS (quick GPU check first)
       step kernel_batch 240 new python3 kernel_bench.py --quick-check --skip-check --sweep --batches 2,4,8 \
         --candidates d128x128w4,f64x32i4w4e,f64x16i8w4e,f128x16i4w8e,f32x32i8w4ef --out "$OUT/kernel_batch.txt" ;;

@@ -16,7 +16,6 @@ GPU time profile of one compiled step.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -194,12 +193,10 @@ def decode(work: Path, out: Path, new_tokens: int, checkpoints: list[str], synth
 
 
 def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baselines: bool = True,
-                    profile_levels=(0.5,), sdpa_beside: bool = False, pdl_modes=()) -> None:
+                    profile_levels=(0.5,), sdpa_beside: bool = False) -> None:
     """model.generate() greedy and sampling (temperature 0.7, top-p 0.9) at each level and batch size, next to
     the GreedyDecoder front of the same engine and transformers' static cache + compile on the base model;
-    sdpa_beside: the GreedyDecoder also with transformers' sdpa in place of the decode-attention kernel;
-    pdl_modes: the GreedyDecoder also with the runtime's kernels launched in each of these programmatic dependent
-    launch modes (WINACONV_PDL while its graph is captured), and whether its tokens equal the default's."""
+    sdpa_beside: the GreedyDecoder also with transformers' sdpa in place of the decode-attention kernel."""
     import transformers
     from transformers import GenerationMixin
 
@@ -243,18 +240,11 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
         length = cache_bucket(128 + new_tokens + 1, model.config.max_position_embeddings)
         decoder = GreedyDecoder(model, length, batch_size=b)
         sdpa_decoder = GreedyDecoder(model, length, batch_size=b, decode_attention=False) if sdpa_beside else None
-        pdl_decoders = {mode: GreedyDecoder(model, length, batch_size=b) for mode in pdl_modes}
         for level in levels:
             model.set_sparsity(level)
             key = f"b{b}_{level:g}"
-            timed = {}
-            results[f"graph_decoder_ms_{key}"] = stage(f"{key} graph decoder", lambda: _keep(
-                timed, "default", _time_graph_decoder(decoder, prompts[b], new_tokens)))
-            for mode, pdl_decoder in pdl_decoders.items():
-                with _environment(WINACONV_PDL=mode):
-                    results[f"graph_decoder_pdl_{mode}_ms_{key}"] = stage(f"{key} graph decoder, PDL {mode}", lambda: _keep(
-                        timed, mode, _time_graph_decoder(pdl_decoder, prompts[b], new_tokens)))
-                results[f"pdl_{mode}_tokens_equal_{key}"] = bool(torch.equal(timed["default"], timed[mode]))
+            results[f"graph_decoder_ms_{key}"] = stage(
+                f"{key} graph decoder", lambda: _time_graph_decoder(decoder, prompts[b], new_tokens)[0])
             results[f"attention_{key}"] = model.config._attn_implementation
             if sdpa_beside and model.config._attn_implementation != "sdpa":  # the same engine on plain sdpa
                 chosen = model.config._attn_implementation
@@ -281,29 +271,9 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
                 results[f"generate_first_tokens_equal_to_transformers_{key}"] = f"{same} of 32"
             print(key, {k: round(v, 3) for k, v in results.items() if k.endswith(key) and isinstance(v, float)}, flush=True)
             save()
-        del decoder, sdpa_decoder, pdl_decoders
+        del decoder, sdpa_decoder
         _empty_cache()
     print(json.dumps(results, indent=1))
-
-
-def _keep(store: dict, name: str, timing: tuple[float, torch.Tensor]) -> float:
-    """The ms of a (ms, tokens) timing; its tokens kept under `name`."""
-    store[name] = timing[1]
-    return timing[0]
-
-
-@contextlib.contextmanager
-def _environment(**values):
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _device_name() -> str:
@@ -337,8 +307,6 @@ def main():
     parser.add_argument("--profile-levels", default="0,0.5", help="levels whose decode step is profiled")
     parser.add_argument("--sdpa-beside", action="store_true",
                         help="generate: also time the decoder with transformers' sdpa instead of the decode-attention kernel")
-    parser.add_argument("--pdl-modes", default="",
-                        help="generate: also time the decoder with the kernels in these WINACONV_PDL modes (e.g. early,wait)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "e2e.json")
     parser.add_argument("--smoke", action="store_true",
                         help="SMOKE_LLAMA in float32 on the CPU, 4 new tokens: checks the stage runs (tests/test_benchmarks.py)")
@@ -354,8 +322,7 @@ def main():
     elif args.stage == "generate":
         generate_speeds(args.out, args.new_tokens, [float(x) for x in args.levels.split(",")],
                         tuple(int(b) for b in args.batches.split(",")), not args.no_baselines,
-                        [float(x) for x in args.profile_levels.split(",") if x], args.sdpa_beside,
-                        [mode for mode in args.pdl_modes.split(",") if mode])
+                        [float(x) for x in args.profile_levels.split(",") if x], args.sdpa_beside)
     else:
         names = lambda text: [t for t in text.split(",") if t]  # noqa: E731
         levels = [float(x) for x in args.levels.split(",")]

@@ -24,13 +24,11 @@ from typing import Optional
 
 import torch
 
-from .kernels import HAS_TRITON, _interpreting, dependent_launch, opaque_op
+from .kernels import HAS_TRITON, _interpreting, opaque_op
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    from .kernels import after_previous_kernel
 
 IMPLEMENTATION = "winaconv_sdpa"
 _OP_VERSION = 1
@@ -60,9 +58,8 @@ if HAS_TRITON:
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
         stride_mb, stride_ml, stride_ob, stride_oh, stride_os, stride_mlb, stride_mlh, stride_mls,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-        MASK_KIND: tl.constexpr, IEEE: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr,
+        MASK_KIND: tl.constexpr, IEEE: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
-        after_previous_kernel(PDL)
         pid_bg = tl.program_id(0)
         split = tl.program_id(1)
         b = pid_bg // KV_HEADS
@@ -117,9 +114,8 @@ if HAS_TRITON:
     def _decode_attention_combine_kernel(
         o_ptr, ml_ptr, out_ptr, n_split, HEADS,
         stride_ob, stride_oh, stride_os, stride_mlb, stride_mlh, stride_mls, stride_outb, stride_outh,
-        D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr,
+        D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
     ):
-        after_previous_kernel(PDL)
         pid = tl.program_id(0)
         b = pid // HEADS
         h = pid % HEADS
@@ -167,7 +163,6 @@ def _decode_attention_call(query: torch.Tensor, key: torch.Tensor, value: torch.
         stride_mb = mask_arg.stride(0) if mask_arg.shape[0] > 1 else 0
         stride_ml = mask_arg.stride(1)
     ieee = query.dtype in (torch.float32, torch.float64) or _interpreting()
-    pdl = dependent_launch(query.device)
     _decode_attention_partial_kernel[(batch * kv_heads, n_split)](
         query, key, value, mask_arg, partial, max_sum,
         length, per_split, scale * _LOG2E,
@@ -175,11 +170,11 @@ def _decode_attention_call(query: torch.Tensor, key: torch.Tensor, value: torch.
         value.stride(0), value.stride(1), value.stride(2), stride_mb, stride_ml,
         partial.stride(0), partial.stride(1), partial.stride(2), max_sum.stride(0), max_sum.stride(1), max_sum.stride(2),
         KV_HEADS=kv_heads, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=dim, D_PAD=d_pad,
-        MASK_KIND=kind, IEEE=ieee, BLOCK_L=block_l, num_warps=4, **pdl)
+        MASK_KIND=kind, IEEE=ieee, BLOCK_L=block_l, num_warps=4)
     _decode_attention_combine_kernel[(batch * heads,)](
         partial, max_sum, out, n_split, heads,
         partial.stride(0), partial.stride(1), partial.stride(2), max_sum.stride(0), max_sum.stride(1), max_sum.stride(2),
-        out.stride(0), out.stride(2), D=dim, D_PAD=d_pad, S_PAD=triton.next_power_of_2(n_split), num_warps=4, **pdl)
+        out.stride(0), out.stride(2), D=dim, D_PAD=d_pad, S_PAD=triton.next_power_of_2(n_split), num_warps=4)
     return out
 
 

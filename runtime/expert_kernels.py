@@ -22,13 +22,13 @@ from typing import NamedTuple
 
 import torch
 
-from .kernels import HAS_TRITON, dependent_launch, opaque_op, reduction_tickets
+from .kernels import HAS_TRITON, opaque_op, reduction_tickets
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .kernels import after_previous_kernel, take_ticket
+    from .kernels import take_ticket
 
 _OP_VERSION = 3
 MAX_PAIRS = 64  # above this many (token, expert) pairs the masked grouped product is used instead
@@ -64,10 +64,9 @@ if HAS_TRITON:
     def _gate_up_kernel(x_ptr, experts_ptr, w_ptr, tau_ptr, ws_ptr, tickets_ptr, h_ptr,
                         in_features, width, top_k,
                         stride_x, stride_we, stride_wk, stride_te, stride_ts, stride_wsc, stride_wsp, stride_h,
-                        ITERS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                        ITERS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (pair, n, chunk): gate and up columns n*BLOCK_N.. over input chunk `chunk`; the block's last
         program stores h = silu(gate) * up."""
-        after_previous_kernel(PDL)
         pair, block, chunk, expert, cols, col_ok = _program(experts_ptr, width, BLOCK_N)
         tau = tau_ptr + expert * stride_te
         rows = w_ptr + expert * stride_we
@@ -103,10 +102,9 @@ if HAS_TRITON:
     def _down_kernel(h_ptr, experts_ptr, routing_ptr, w_ptr, tau_ptr, ws_ptr, tickets_ptr, y_ptr,
                      in_features, out_features, top_k,
                      stride_h, stride_we, stride_wk, stride_te, stride_wsc, stride_wsp, stride_y,
-                     ITERS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                     ITERS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (pair, n, chunk): the pair's down partial for columns n*BLOCK_N.. over chunk `chunk`; the
         last program of the token's block (top_k pairs x chunks) stores y = sum_k weight_k * down_k."""
-        after_previous_kernel(PDL)
         pair, block, chunk, expert, cols, col_ok = _program(experts_ptr, out_features, BLOCK_N)
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         for it in tl.static_range(ITERS):
@@ -152,8 +150,7 @@ def launch_gate_up(x: torch.Tensor, experts: torch.Tensor, gate_up_t: torch.Tens
         x, experts, gate_up_t, tau, partials, tickets, hidden, in_features, width, top_k,
         x.stride(0), gate_up_t.stride(0), gate_up_t.stride(1), tau.stride(0), tau.stride(1), partials.stride(0),
         partials.stride(1), hidden.stride(0),
-        ITERS=tiles.iters, BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
-        **dependent_launch(x.device))
+        ITERS=tiles.iters, BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps)
     return hidden
 
 
@@ -175,8 +172,7 @@ def launch_down(hidden: torch.Tensor, experts: torch.Tensor, routing_weights: to
         hidden, experts, routing_weights, down_t, tau, partials, tickets, y, in_features, out_features, top_k,
         hidden.stride(0), down_t.stride(0), down_t.stride(1), tau.stride(0), partials.stride(0), partials.stride(1),
         y.stride(0),
-        ITERS=tiles.iters, BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
-        **dependent_launch(hidden.device))
+        ITERS=tiles.iters, BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps)
     return y
 
 

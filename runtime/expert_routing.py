@@ -19,13 +19,11 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .kernels import HAS_TRITON, _interpreting, dependent_launch, opaque_op
+from .kernels import HAS_TRITON, _interpreting, opaque_op
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    from .kernels import after_previous_kernel
 
 _OP_VERSION = 1
 
@@ -53,9 +51,8 @@ if HAS_TRITON:
     @triton.jit
     def _route_kernel(
         logits_ptr, scores_ptr, index_ptr, n_experts, stride_l, stride_s, stride_i,
-        TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NORMALIZE: tl.constexpr, PDL: tl.constexpr,
+        TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NORMALIZE: tl.constexpr,
     ):
-        after_previous_kernel(PDL)
         row = tl.program_id(0)
         experts = tl.arange(0, E_PAD)
         valid = experts < n_experts
@@ -88,7 +85,7 @@ def _route_call(logits: torch.Tensor, top_k: int, normalize: bool,
         _route_kernel[(rows,)](
             logits, scores, indices, n_experts, logits.stride(0), scores.stride(0), indices.stride(0),
             TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=triton.next_power_of_2(n_experts),
-            NORMALIZE=normalize, num_warps=1 if n_experts <= 256 else 4, **dependent_launch(logits.device),
+            NORMALIZE=normalize, num_warps=1 if n_experts <= 256 else 4,
         )
     return scores, indices
 

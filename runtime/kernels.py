@@ -44,14 +44,6 @@ except Exception:  # pragma: no cover - depends on the environment
     tl = None
     HAS_TRITON = False
 
-try:  # grid dependency control (programmatic dependent launch): triton >= 3.4 on CUDA
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-    HAS_GDC = True
-except Exception:  # pragma: no cover - depends on the environment
-    gdc_launch_dependents = gdc_wait = None
-    HAS_GDC = False
-
 __all__ = [
     "HAS_TRITON",
     "KernelConfig",
@@ -72,27 +64,6 @@ _REDUCE_BLOCK_N = 128
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
-
-
-_PDL_CAPABLE = {}
-_PDL_MODES = {"0": 0, "early": 1, "wait": 2}  # WINACONV_PDL; the default is the first
-
-
-def dependent_launch(device) -> dict:
-    """Launch options of every runtime kernel on `device`: {"PDL": mode, "launch_pdl": True} where kernels launch
-    as programmatic dependents (CUDA, compute capability 9 or later, WINACONV_PDL "early" or "wait"), else
-    {"PDL": 0}. A dependent kernel's programs may be scheduled before the kernel ahead of it on the stream has
-    finished; each waits (after_previous_kernel) before it touches memory, so reads and writes keep the stream's
-    order. "early": every program also lets the next kernel launch as soon as it starts; "wait": the next kernel
-    launches when this one ends."""
-    device = torch.device(device)
-    mode = _PDL_MODES.get(os.environ.get("WINACONV_PDL", "0"), 0)
-    if device.type != "cuda" or not HAS_GDC or _interpreting() or not mode:
-        return {"PDL": 0}
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _PDL_CAPABLE:
-        _PDL_CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return {"PDL": mode, "launch_pdl": True} if _PDL_CAPABLE[index] else {"PDL": 0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,16 +109,6 @@ def sparse_linear_reference(x, weight_t, tau, segment_ends, bias=None, accumulat
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
-
-    @triton.jit
-    def after_previous_kernel(PDL: tl.constexpr):
-        """First statement of every runtime kernel. Under programmatic dependent launch (PDL > 0): wait until the
-        previous kernel on the stream has finished and its writes are visible; with PDL == 1, then let the next
-        kernel's programs be scheduled (they wait here in turn). PDL == 0: nothing."""
-        if PDL > 0:
-            gdc_wait()
-        if PDL == 1:
-            gdc_launch_dependents()
 
     @triton.jit
     def _segment_of(pid, ends, first_programs, N_SEG: tl.constexpr):
@@ -235,11 +196,10 @@ if HAS_TRITON:
         SPLIT: tl.constexpr,        # False: one K split, store y directly; True: fp32 partials for the reduce
         FUSED_REDUCE: tl.constexpr,  # with SPLIT: the column block's last program reduces (else a reduce launch)
         EVICT_FIRST: tl.constexpr, FMA_TOKENS: tl.constexpr,
-        ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+        ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Split-K: program (n, k) multiplies the [ITERS*BLOCK_K, BLOCK_N] tile (n, k); every load of
         the program is issued up front (no loop-carried dependency), occupancy hides the latency."""
-        after_previous_kernel(PDL)
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         seg, cols, cmask = _column_block(pid, ends, first_programs, N_SEG, BLOCK_N)
@@ -281,7 +241,7 @@ if HAS_TRITON:
         ends, first_programs,
         N_SEG: tl.constexpr, EVICT_FIRST: tl.constexpr, NUM_STAGES: tl.constexpr,
         FUSED_REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """One token. Program (n, g): column block n, input channels [g*KC, (g+1)*KC).
         1. compaction: the group's kept channels (|x| > tau of the block's segment) and their x values are
@@ -292,7 +252,6 @@ if HAS_TRITON:
         3. the fp32 partial of the group goes to ws[g]; the groups' partials are summed in group order either by
            the reduce launch or (FUSED_REDUCE) by the last program of the column block to finish, which it
            learns from a per-column-block ticket that it resets for the next call."""
-        after_previous_kernel(PDL)
         pid = tl.program_id(0)
         g = tl.program_id(1)
         seg, cols, cmask = _column_block(pid, ends, first_programs, N_SEG, BLOCK_N)
@@ -329,10 +288,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _split_reduce_kernel(ws_ptr, b_ptr, y_ptr, N, n_split, stride_split, stride_ws, stride_y,
-                             HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                             HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
         """y[t, cols] = sum over the K splits of the fp32 partials (+ bias), in a fixed order: program
         (n, t) walks the splits BLOCK_S at a time, so many splits (short K tiles) still reduce in few steps."""
-        after_previous_kernel(PDL)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         t = tl.program_id(1)
         cmask = cols < N
@@ -457,7 +415,6 @@ def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = N
     fused = split and cfg.fused_reduce
     launches = _launch_groups(ends, cfg.block_n)
     tickets = reduction_tickets(x.device, max(group.n_programs for group in launches)) if fused else ws
-    pdl = dependent_launch(x.device)
     for group in launches:
         g, col0 = group.first_segment, group.first_column
         w_g = weight_t if col0 == 0 else weight_t[:, col0:]
@@ -473,12 +430,11 @@ def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = N
             EVICT_FIRST=cfg.evict_first, FMA_TOKENS=fma_tokens,
             ITERS=cfg.iters,
             BLOCK_T=block_t, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **pdl)
+            num_stages=cfg.num_stages)
     if split and not fused:
         _split_reduce_kernel[(triton.cdiv(N, _REDUCE_BLOCK_N), T)](
             ws, bias if has_bias else unused, y, N, nsplit, ws.stride(0), ws.stride(1), y.stride(0),
-            HAS_BIAS=has_bias, BLOCK_S=min(32, triton.next_power_of_2(nsplit)), BLOCK_N=_REDUCE_BLOCK_N, num_warps=4,
-            **pdl)
+            HAS_BIAS=has_bias, BLOCK_S=min(32, triton.next_power_of_2(nsplit)), BLOCK_N=_REDUCE_BLOCK_N, num_warps=4)
     return y
 
 
@@ -512,7 +468,6 @@ def _launch_list(x, weight_t, tau, ends, bias, cfg: KernelConfig):
     has_bias = bias is not None
     launches = _launch_groups(ends, cfg.block_n)
     tickets = reduction_tickets(x.device, max(group.n_programs for group in launches)) if cfg.fused_reduce else idx
-    pdl = dependent_launch(x.device)
     for group in launches:
         g, col0 = group.first_segment, group.first_column
         w_g = weight_t if col0 == 0 else weight_t[:, col0:]
@@ -523,14 +478,13 @@ def _launch_list(x, weight_t, tau, ends, bias, cfg: KernelConfig):
             x, w_g, tau_g, ws_g, idx[g:], xs[g:], tickets, b_g, y[:, col0:], K, kc, w_g.stride(0), tau_g.stride(0),
             ws.stride(0), idx.stride(0), idx.stride(1), group.ends, group.first_programs,
             N_SEG=group.n_seg, EVICT_FIRST=cfg.evict_first, NUM_STAGES=cfg.num_stages, FUSED_REDUCE=cfg.fused_reduce,
-            HAS_BIAS=has_bias, BLOCK_C=block_c, BLOCK_R=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            **pdl)
+            HAS_BIAS=has_bias, BLOCK_C=block_c, BLOCK_R=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
     if cfg.fused_reduce:
         return y
     _split_reduce_kernel[(triton.cdiv(N, _REDUCE_BLOCK_N), 1)](
         ws, bias if bias is not None else x, y, N, groups, ws.stride(0), ws.stride(1), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_S=min(32, triton.next_power_of_2(groups)), BLOCK_N=_REDUCE_BLOCK_N,
-        num_warps=4, **pdl)
+        num_warps=4)
     return y
 
 
