@@ -149,7 +149,8 @@ def decoder(model, prompt, new_tokens: int, compile: bool):
         token = model(prompt, torch.arange(length, device=prompt.device))[:, -1].argmax(-1, keepdim=True)
         tokens = [token]
         for i in range(n - 1):
-            token = step(token.clone(), torch.tensor([length + i], device=prompt.device))
+            # a clone: the compiled step's output lives in its CUDA graph's memory, overwritten by the next replay
+            token = step(token, torch.tensor([length + i], device=prompt.device)).clone()
             tokens.append(token)
         return torch.cat(tokens, dim=1)
 
