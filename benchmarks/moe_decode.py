@@ -208,7 +208,11 @@ def kernels(args) -> dict:
     bandwidth = copy_bandwidth()
     candidates = {"default": TILES, "n64k32i4": ExpertTiles(64, 32, 4, 4), "n128k64i2": ExpertTiles(128, 64, 2, 4),
                   "n128k32i8": ExpertTiles(128, 32, 8, 4), "n256k32i4w8": ExpertTiles(256, 32, 4, 8),
-                  "n128k16i8": ExpertTiles(128, 16, 8, 4), "n64k64i4": ExpertTiles(64, 64, 4, 4)}
+                  "n128k16i8": ExpertTiles(128, 16, 8, 4), "n64k64i4": ExpertTiles(64, 64, 4, 4),
+                  # the dense linears' tile geometry (one wide masked load of many rows per program)
+                  "n64k512i1": ExpertTiles(64, 512, 1, 4), "n64k256i1": ExpertTiles(64, 256, 1, 4),
+                  "n128k256i1": ExpertTiles(128, 256, 1, 4), "n32k512i1": ExpertTiles(32, 512, 1, 4),
+                  "n64k128i2": ExpertTiles(64, 128, 2, 4)}
 
     def dense(index):
         h = torch.bmm(gate_up[index[0]], x[0, :, None].expand(top_k, hidden, 1)).squeeze(-1)
