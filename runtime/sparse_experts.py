@@ -11,7 +11,9 @@ with tau = threshold / ||W[:, i]|| (WINA) or the threshold itself (TEAL), as spa
 Paths: no thresholds (level 0): the implementation the model was built with (transformers' own), but decode-sized
 batches on the GPU take the grouped kernel keeping every channel. Decode-sized batches: the grouped Triton kernel
 (GPU) or a row gather of the kept rows of W^T per routed expert (CPU).
-Otherwise (prefill, large batches): transformers' per-expert loop with the masks applied.
+Otherwise (prefill, large batches): the masked inputs of every (token, routed expert) pair through one grouped
+product per projection (torch's grouped_mm, where it takes the dtype), else a loop over the experts with the masks
+applied (masked_experts, also the reference the tests hold the other paths to).
 """
 
 import torch
@@ -132,6 +134,8 @@ def sparse_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
         return dense_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     if not hidden_states.is_cuda and gather_pays(self, hidden_states, top_k_index):
         return gathered_experts(self, hidden_states, top_k_index, top_k_weights)
+    if grouped_products_supported(self, hidden_states):
+        return grouped_masked_experts(self, hidden_states, top_k_index, top_k_weights)
     return masked_experts(self, hidden_states, top_k_index, top_k_weights)
 
 
@@ -179,6 +183,52 @@ def masked_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
         # (a token meets an expert once; index_add_ took 0.1 s per call on the 2-core CI host, index_put_ microseconds)
         out.index_put_((token,), (y * top_k_weights[token, slot, None]).to(out.dtype), accumulate=True)
     return out
+
+
+GROUPED_CHUNK_PAIRS = 4096  # pairs per grouped call: bounds the gathered thresholds ([pairs, 2, H] float32)
+
+
+def grouped_products_supported(experts, hidden_states: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm takes these products: CPU float32/bfloat16/float16; CUDA bfloat16 on compute
+    capability 8 or later; rows aligned to 16 bytes."""
+    if not hasattr(F, "grouped_mm") or experts.gate_up_proj.dtype != hidden_states.dtype:
+        return False
+    dtype, hidden, width = hidden_states.dtype, hidden_states.shape[-1], experts.down_proj.shape[-1]
+    if (hidden * hidden_states.element_size()) % 16 or (width * hidden_states.element_size()) % 16:
+        return False
+    if hidden_states.is_cuda:
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(hidden_states.device)[0] >= 8
+    return hidden_states.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_masked_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Prefill and large batches: the (token, routed expert) pairs sorted by expert, each pair's masked input
+    made at once, and one grouped product per projection (gate, up, down) over all experts: no loop over experts
+    and no host sync, where masked_experts pays both once per routed expert. Long inputs go GROUPED_CHUNK_PAIRS
+    pairs at a time."""
+    tokens, top_k = top_k_index.shape
+    per_chunk = max(1, GROUPED_CHUNK_PAIRS // top_k)
+    if tokens > per_chunk:
+        return torch.cat([grouped_masked_experts(self, hidden_states[start:start + per_chunk],
+                                                 top_k_index[start:start + per_chunk],
+                                                 top_k_weights[start:start + per_chunk])
+                          for start in range(0, tokens, per_chunk)])
+    experts = top_k_index.reshape(-1)
+    order = torch.argsort(experts, stable=True)
+    by_expert = experts[order]
+    group_ends = torch.bincount(by_expert, minlength=self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
+    x = hidden_states[order // top_k]
+    keep = x.abs().unsqueeze(1) > self.winaconv_tau_gate_up[by_expert]  # [pairs, 2, H]
+    gate_up_t, down_t = self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)  # [E, H, 2I], [E, I, H]
+    width = down_t.shape[1]
+    gate = F.grouped_mm(x * keep[:, 0], gate_up_t[:, :, :width], offs=group_ends)
+    up = F.grouped_mm(x * keep[:, 1], gate_up_t[:, :, width:], offs=group_ends)
+    h = self.act_fn(gate) * up
+    y = F.grouped_mm(h * (h.abs() > self.winaconv_tau_down[by_expert]), down_t, offs=group_ends)
+    weighted = torch.empty_like(y, dtype=torch.float32)
+    weighted[order] = y.float() * top_k_weights.reshape(-1)[order, None].float()  # back to (token, slot) order
+    return weighted.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
 def gathered_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

@@ -18,7 +18,7 @@ from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
 from winaconv.errors import WinaconvError
 from winaconv_runtime.architectures import PROJECTIONS, UnsupportedArchitecture, family_for_model_type, parameter_shares
 from winaconv_runtime.checkpoint_format import CheckpointFormatError, section_problems
-from winaconv_runtime.sparse_experts import gathered_experts, masked_experts
+from winaconv_runtime.sparse_experts import gathered_experts, grouped_masked_experts, masked_experts
 
 from models import MOE_FAMILIES, moe_folder, random_moe
 from support import reference_experts
@@ -65,11 +65,34 @@ def test_sparse_experts_equal_the_float64_reference_on_every_path(family):
         weights, index = scores.topk(2, dim=-1)
         reference = reference_experts(x, index, weights, experts.gate_up_proj.detach(), experts.down_proj.detach(),
                                       experts.winaconv_tau_gate_up, experts.winaconv_tau_down, experts.act_fn)
-        for path in (gathered_experts, masked_experts, type(experts).forward):  # row gather, masked loop, dispatch
+        for path in (gathered_experts, masked_experts, grouped_masked_experts, type(experts).forward):
             out = path(experts, x, index, weights)
             assert (out.double() - reference).abs().max() < 1e-5 * reference.abs().max(), (path, tokens)
     # some channels are really dropped, and in every expert
     assert (experts.winaconv_tau_gate_up.isfinite() & (experts.winaconv_tau_gate_up > 0)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_prefill_in_chunks_equals_the_reference(monkeypatch, dtype):
+    """The grouped masked path cut into chunks of 6 pairs (some experts get no pair in a chunk) against the float64
+    reference, and the dispatch takes it for a prefill-sized batch."""
+    from winaconv_runtime import sparse_experts
+
+    _, model = sparse_model("qwen3_moe", dtype=dtype)
+    experts = model.model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(23, model.config.hidden_size, generator=g).to(dtype)
+    weights, index = torch.rand(23, experts.num_experts, generator=g).topk(2, dim=-1)
+    reference = reference_experts(x, index, weights, experts.gate_up_proj.detach(), experts.down_proj.detach(),
+                                  experts.winaconv_tau_gate_up, experts.winaconv_tau_down, experts.act_fn)
+    monkeypatch.setattr(sparse_experts, "GROUPED_CHUNK_PAIRS", 6)
+    assert sparse_experts.grouped_products_supported(experts, x)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    chunked = grouped_masked_experts(experts, x, index, weights)
+    assert (chunked.double() - reference).abs().max() < tolerance * reference.abs().max()
+    calls = []
+    monkeypatch.setattr(sparse_experts, "masked_experts", lambda *args: calls.append(args))
+    assert torch.equal(type(experts).forward(experts, x, index, weights), chunked) and not calls
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
