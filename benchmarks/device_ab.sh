@@ -48,9 +48,9 @@ for what in "$@"; do
     teal_kernels)  # kernel table at batch 1 beside TEAL's public kernel (.peers/teal)
       step kernel_teal 200 new python3 kernel_bench.py --quick-check --skip-check --candidates t64x512w4,L128r32g4s3f \
         --batches 1 --out "$OUT/kernel_teal.txt" ;;
-    batch_kernels)  # batch 2-8: the few-token kind against the tensor-core tile and cuBLAS (quick GPU check first)
+    batch_kernels)  # batch 2-8: the tensor-core tile candidates against cuBLAS (quick GPU check first)
       step kernel_batch 240 new python3 kernel_bench.py --quick-check --skip-check --sweep --batches 2,4,8 \
-        --candidates d128x128w4,f64x32i4w4e,f64x16i8w4e,f128x16i4w8e,f32x32i8w4ef --out "$OUT/kernel_batch.txt" ;;
+        --out "$OUT/kernel_batch.txt" ;;
     peers)  # TEAL's gpt-fast, dense and with TEAL's kernels at 50% (.peers/teal)
       step peers 240 new python3 peer_gpt_fast.py --levels 0,0.5 --new-tokens 128 --json "$OUT/peers.json" ;;
     *) echo "unknown step $what" ;;

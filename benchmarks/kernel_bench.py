@@ -98,11 +98,6 @@ CANDS_TB = {  # batch 2-8: tensor-core tile, each kept row read once for all tok
     "d128x64w4e": KC(block_n=128, block_k=64, evict_first=True),
     "d256x64w8e": KC(block_n=256, block_k=64, num_warps=8, evict_first=True),
     "d256x32w4e": KC(block_n=256, block_k=32, evict_first=True),
-    # the few-token kind: CUDA-core products for every token of the batch, no padding to tl.dot's 16 rows
-    "f64x32i4w4e": KC(kind="fma", block_n=64, block_k=32, iters=4, evict_first=True),
-    "f64x16i8w4e": KC(kind="fma", block_n=64, block_k=16, iters=8, evict_first=True),
-    "f128x16i4w8e": KC(kind="fma", block_n=128, block_k=16, iters=4, num_warps=8, evict_first=True),
-    "f32x32i8w4ef": KC(kind="fma", block_n=32, block_k=32, iters=8, evict_first=True, fused_reduce=True),
 }
 ALL_CANDS = {**CANDS_T1, **CANDS_TB}
 SELECTED = set(ALL_CANDS)  # --candidates narrows the sweep and the quick check

@@ -151,10 +151,8 @@ if HAS_TRITON:
         return xm, row
 
     @triton.jit
-    def _accumulate(acc, xm, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr, FMA_TOKENS: tl.constexpr = False):
-        if FMA_TOKENS:  # a few tokens without tensor cores: [BLOCK_T, BK, 1] * [1, BK, BN], summed over BK
-            acc += tl.sum(xm.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-        elif USE_DOT:
+    def _accumulate(acc, xm, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+        if USE_DOT:
             if IEEE:  # fp32 inputs, or the CPU interpreter (its bf16 dot is broken in triton 3.9)
                 acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
@@ -195,7 +193,7 @@ if HAS_TRITON:
         N_SEG: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
         SPLIT: tl.constexpr,        # False: one K split, store y directly; True: fp32 partials for the reduce
         FUSED_REDUCE: tl.constexpr,  # with SPLIT: the column block's last program reduces (else a reduce launch)
-        EVICT_FIRST: tl.constexpr, FMA_TOKENS: tl.constexpr,
+        EVICT_FIRST: tl.constexpr,
         ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Split-K: program (n, k) multiplies the [ITERS*BLOCK_K, BLOCK_N] tile (n, k); every load of
@@ -218,7 +216,7 @@ if HAS_TRITON:
                 w = tl.load(w_ptrs, mask=row[:, None] & cmask[None, :], other=0.0, eviction_policy="evict_first")
             else:
                 w = tl.load(w_ptrs, mask=row[:, None] & cmask[None, :], other=0.0)
-            acc = _accumulate(acc, xm, w, USE_DOT, IEEE, FMA_TOKENS)
+            acc = _accumulate(acc, xm, w, USE_DOT, IEEE)
         if USE_DOT:
             out = acc
         else:
@@ -316,9 +314,6 @@ class KernelConfig:
     kind "tile": program = block_n output columns x (iters x block_k) input rows, weight rows loaded where kept;
     kind "list" (one token): program = block_n columns x one of `groups` channel groups, looping over the
     group's kept rows block_k at a time with num_stages loads in flight.
-    kind "fma" (a few tokens): the tile, each weight row loaded once where any token keeps it, multiplied on the
-    CUDA cores for every token (no padding of the batch to tl.dot's 16 rows); a candidate for batch 2-8 that
-    kernel_bench sweeps (CANDS_TB) -- the runtime runs dense there until it measures faster.
     fused_reduce: the partials of a column block are summed by its last program (tickets) instead of a second
     launch."""
 
@@ -403,8 +398,7 @@ def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = N
     use_dot = T > 1 or x.dtype == torch.float64
     if cfg.kind == "list" and not use_dot:
         return _launch_list(x, weight_t, tau, ends, bias, cfg)
-    fma_tokens = use_dot and cfg.kind == "fma"
-    block_t = (triton.next_power_of_2(T) if fma_tokens else 16) if use_dot else 1  # tl.dot needs 16 rows
+    block_t = 16 if use_dot else 1  # tl.dot needs 16 rows
     ieee = x.dtype == torch.float32 or _interpreting()
     y = torch.empty((T, N), device=x.device, dtype=x.dtype)
     has_bias = bias is not None
@@ -427,7 +421,7 @@ def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = N
             x.stride(0), w_g.stride(0), tau_g.stride(0), y.stride(0), ws.stride(0), ws.stride(1) if split else 0,
             group.ends, group.first_programs,
             N_SEG=group.n_seg, HAS_BIAS=has_bias, USE_DOT=use_dot, IEEE=ieee, SPLIT=split, FUSED_REDUCE=fused,
-            EVICT_FIRST=cfg.evict_first, FMA_TOKENS=fma_tokens,
+            EVICT_FIRST=cfg.evict_first,
             ITERS=cfg.iters,
             BLOCK_T=block_t, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)

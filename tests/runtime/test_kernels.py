@@ -197,9 +197,6 @@ CONFIGS = [
     # kept-list kind (one token; more tokens take the tile): reduce launch, and the last program's ticket reduce
     K.KernelConfig(kind="list", block_n=64, block_k=16, groups=3, num_stages=2),
     K.KernelConfig(kind="list", block_n=128, block_k=32, groups=5, num_stages=3, fused_reduce=True, evict_first=True),
-    # few-token kind (batch candidates, CUDA cores, no padding to 16 rows): reduce launch, and ticket reduce
-    K.KernelConfig(kind="fma", block_n=64, block_k=32, iters=2),
-    K.KernelConfig(kind="fma", block_n=32, block_k=16, iters=4, fused_reduce=True, evict_first=True),
 ] if K.HAS_TRITON else []
 
 
