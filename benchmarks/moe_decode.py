@@ -25,7 +25,7 @@ import time
 import torch
 
 from common import (copy_bandwidth, decode_step_ms, default_dtype, graph_time, hf_generate, ms_per_token, profile_step,
-                    save_json, versions)
+                    save_json, synchronize, versions)
 
 CPU_MOE = dict(hidden_size=1024, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=1024,
                intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
@@ -276,7 +276,52 @@ def _gpu_checks(x, routings, weights, gate_up, down, gate_up_t, down_t, silu) ->
         differing[f"normalize={normalize}"] = {
             "rows_with_other_experts": int((indices != want_indices).any(1).sum()),
             "max_score_error": float((scores.double() - want_scores).abs().max())}
-    return {"grouped_relative_error_keep_all": max(errors), "routing": differing}
+    return {"grouped_relative_error_keep_all": max(errors), "routing": differing,
+            "prefill_grouped_against_loop": _reported(lambda: _prefill_check(x, gate_up_t, down_t, silu))}
+
+
+def _reported(check):
+    """A check's result, or its failure as a line (a diagnostic must not cost the timings after it)."""
+    try:
+        return check()
+    except Exception as error:  # noqa: BLE001
+        return f"failed: {error!r}"
+
+
+def _prefill_check(x, gate_up_t, down_t, silu) -> dict | str:
+    """The grouped masked prefill (torch's grouped_mm on the runtime's W^T layout) against the per-expert masked
+    loop: a 128-token prompt, top-8, thresholds dropping about half of every expert's inputs."""
+    import types
+
+    from winaconv_runtime import sparse_experts
+
+    experts, hidden, width = gate_up_t.shape[0], gate_up_t.shape[1], down_t.shape[1]
+    g = torch.Generator(x.device).manual_seed(2)
+    tokens = torch.randn(128, hidden, device=x.device, generator=g, dtype=x.dtype)
+    weights, index = torch.rand(128, experts, device=x.device, generator=g).softmax(-1).topk(8, dim=-1)
+    layer = types.SimpleNamespace(gate_up_proj=gate_up_t.transpose(1, 2), down_proj=down_t.transpose(1, 2), act_fn=silu,
+                                  winaconv_tau_gate_up=torch.full((experts, 2, hidden), 0.67, device=x.device),
+                                  winaconv_tau_down=torch.full((experts, width), 1e-3, device=x.device))
+    if not hasattr(sparse_experts, "grouped_products_supported"):
+        return "not in this runtime"
+    if not sparse_experts.grouped_products_supported(layer, tokens):
+        return "grouped_mm not supported here"
+    want = sparse_experts.masked_experts(layer, tokens, index, weights).float()
+    got = sparse_experts.grouped_masked_experts(layer, tokens, index, weights).float()
+    synchronize()
+    loop_s = _seconds(lambda: sparse_experts.masked_experts(layer, tokens, index, weights))
+    grouped_s = _seconds(lambda: sparse_experts.grouped_masked_experts(layer, tokens, index, weights))
+    return {"relative_error": float((got - want).abs().max() / want.abs().max()),
+            "loop_ms": loop_s * 1e3, "grouped_ms": grouped_s * 1e3}
+
+
+def _seconds(fn) -> float:
+    fn()
+    synchronize()
+    start = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - start
 
 
 RULES_MOE = dict(SMOKE_MOE, hidden_size=128, num_experts=16, moe_intermediate_size=96, num_hidden_layers=3,
