@@ -63,11 +63,14 @@ def random_llama(shape: dict = LLAMA3_8B, device: str = "cuda", norms: tuple[flo
 
 
 def median_ms(fn, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` calls, in ms (CPU; GPU scripts time with events or graphs)."""
+    """Median wall time of fn() over `repeats` calls, in ms, the device synchronized around each call (kernels
+    alone: GPU scripts time them with events or graphs)."""
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 

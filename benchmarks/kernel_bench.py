@@ -108,10 +108,6 @@ SELECTED = set(ALL_CANDS)  # --candidates narrows the sweep and the quick check
 # never shipped): fp16 only, batch 1, one scalar threshold per matrix (three for its fused qkv), autotuned
 # per sparsity bin, fp16 atomics into a zeroed output (the memset is part of each call, as in TEAL).
 # ---------------------------------------------------------------------------------------------
-def load_teal():
-    return load_teal_kernels()
-
-
 def teal_public(mod, x16, wt16, ends, q, sparsity_bin):
     """One TEAL launch on W^T [in, out] (TEAL wants the [out, in] view of it, 'column major')."""
     w = wt16.t()
@@ -525,7 +521,7 @@ def main():
     open(_LOG_PATH, "w").close()
     t0 = time.time()
     bw_copy, _ = env_and_bandwidth() if DEVICE == "cuda" else (1.0, 1.0)
-    teal = load_teal() if DEVICE == "cuda" else None
+    teal = load_teal_kernels() if DEVICE == "cuda" else None
     log("TEAL's public kernel: " + ("loaded from .peers/teal" if teal is not None else "not found (.peers/teal)"))
     if args.quick_check:
         quick_check()

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 import kernel_bench as KB
+from common import load_teal_kernels
 from winaconv_runtime import kernels as K
 
 
@@ -183,7 +184,7 @@ def main():
     t0 = time.time()
     bw_copy, bw_read = KB.env_and_bandwidth()
     lines.extend(KB.LINES)
-    teal = KB.load_teal()
+    teal = load_teal_kernels()
     log("TEAL's public kernel: " + ("loaded from .peers/teal" if teal is not None else "not found (.peers/teal)"))
     check("cuda", [(200, (128, 256)), (4096, (4096, 5120, 6144)), (14336, (4096,))], log)
     rows = []

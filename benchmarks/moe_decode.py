@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from common import (copy_bandwidth, decode_step_ms, default_dtype, graph_time, hf_generate, ms_per_token, profile_step,
-                    save_json, synchronize, versions)
+from common import (copy_bandwidth, decode_step_ms, default_dtype, graph_time, hf_generate, median_ms, ms_per_token,
+                    profile_step, save_json, versions)
 
 CPU_MOE = dict(hidden_size=1024, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=1024,
                intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
@@ -159,11 +159,9 @@ def _step_ms(model, prompt, new_tokens: int) -> float:
 def _profile(model, prompt, new_tokens: int) -> dict | str:
     """Device time of one decode step by kind of kernel (common.profile_step), on an engine of the cache length
     generate() used; a diagnostic, so its failure is reported, not raised."""
-    try:
-        decoder = _decoder(model, prompt, new_tokens)
-        found = profile_step(decoder, prompt)
-    except Exception as error:  # noqa: BLE001
-        return f"failed: {error!r}"
+    found = _reported(lambda: profile_step(_decoder(model, prompt, new_tokens), prompt))
+    if isinstance(found, str):
+        return found
     print("profile ms/step:", json.dumps({k: round(v, 3) for k, v in found["ms_per_step"].items()}),
           "kernels/step:", json.dumps(found["kernels_per_step"]), flush=True)
     for name, (ms, count) in list(found["top_kernels_ms_count"].items())[:12]:
@@ -306,22 +304,11 @@ def _prefill_check(x, gate_up_t, down_t, silu) -> dict | str:
         return "not in this runtime"
     if not sparse_experts.grouped_products_supported(layer, tokens):
         return "grouped_mm not supported here"
-    want = sparse_experts.masked_experts(layer, tokens, index, weights).float()
+    want = sparse_experts.masked_experts(layer, tokens, index, weights).float()  # (also the warm-up calls)
     got = sparse_experts.grouped_masked_experts(layer, tokens, index, weights).float()
-    synchronize()
-    loop_s = _seconds(lambda: sparse_experts.masked_experts(layer, tokens, index, weights))
-    grouped_s = _seconds(lambda: sparse_experts.grouped_masked_experts(layer, tokens, index, weights))
     return {"relative_error": float((got - want).abs().max() / want.abs().max()),
-            "loop_ms": loop_s * 1e3, "grouped_ms": grouped_s * 1e3}
-
-
-def _seconds(fn) -> float:
-    fn()
-    synchronize()
-    start = time.perf_counter()
-    fn()
-    synchronize()
-    return time.perf_counter() - start
+            "loop_ms": median_ms(lambda: sparse_experts.masked_experts(layer, tokens, index, weights), 3),
+            "grouped_ms": median_ms(lambda: sparse_experts.grouped_masked_experts(layer, tokens, index, weights), 3)}
 
 
 RULES_MOE = dict(SMOKE_MOE, hidden_size=128, num_experts=16, moe_intermediate_size=96, num_hidden_layers=3,

@@ -569,8 +569,8 @@ def sparse_linear_triton(x, weight_t, tau, segment_ends, bias=None, kept_percent
     if tau.dtype != torch.float32 or tau.stride(1) != 1:
         tau = tau.float().contiguous()
     ends = [int(e) for e in segment_ends]
-    splits = partial_splits(x.shape[0], x.shape[1], weight_t.shape[1], kept_percent, x.dtype)
-    if splits and torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and partial_splits(x.shape[0], x.shape[1], weight_t.shape[1], kept_percent,
+                                                        x.dtype):
         y = _partials_op(x, weight_t, tau, ends, int(kept_percent)).sum(0)  # inductor fuses it into y's reader
         return (y if bias is None else y + bias.float()).to(x.dtype)
     return _op(x, weight_t, tau, ends, bias, int(kept_percent))
