@@ -163,10 +163,10 @@ def load_teal_kernels():
     if PEERS_TEAL not in sys.path:
         sys.path.insert(0, PEERS_TEAL)
     try:
-        import compile_wrapper  # noqa: F401, PLC0415
+        import compile_wrapper  # noqa: F401
     except ImportError:
         sys.modules["compile_wrapper"] = types.SimpleNamespace(BaseKernel=object)
-    import sparse_gemv  # noqa: PLC0415
+    import sparse_gemv
 
     return sparse_gemv
 
