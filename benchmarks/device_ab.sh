@@ -32,7 +32,7 @@ for what in "$@"; do
       step gen_old 130 old python3 e2e_decode.py generate --batches 1 --levels 0,0.5 --new-tokens 128 \
         --no-baselines --profile-levels "" --out "$OUT/gen_old.json" ;;
     moe_kernels)  # the grouped expert launches, top-8 of 128 (2048 -> 2x768, 768 -> 2048)
-      step moe_kernels_new 130 new python3 moe_decode.py kernels --json "$OUT/moe_kernels_new.json" ;;
+      step moe_kernels_new 200 new python3 moe_decode.py kernels --json "$OUT/moe_kernels_new.json" ;;
     moe_kernels_old)
       step moe_kernels_old 150 old python3 moe_decode.py kernels --json "$OUT/moe_kernels_old.json" ;;
     moe_half)  # Qwen3-30B-A3B config, 50% alone with its profile and dynamo's recompile log

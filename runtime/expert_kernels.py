@@ -30,17 +30,19 @@ if HAS_TRITON:
 
     from .kernels import take_ticket
 
-_OP_VERSION = 3
+_OP_VERSION = 4  # v4: ExpertTiles.apart
 MAX_PAIRS = 64  # above this many (token, expert) pairs the masked grouped product is used instead
 
 
 class ExpertTiles(NamedTuple):
-    """One program's share: BLOCK_N output columns (of gate and of up, in the gate/up launch) x ITERS*BLOCK_K
-    input rows of one pair."""
+    """One program's share: BLOCK_N output columns x ITERS*BLOCK_K input rows of one pair. In the gate/up launch
+    a program reads those columns of gate and of up, or (apart=1) of one of them, half the registers per
+    program and twice the programs (the dense linears' kernel treats its segments so)."""
     block_n: int = 128
     block_k: int = 32
     iters: int = 8
     num_warps: int = 4
+    apart: int = 0
 
     def splits(self, in_features: int) -> int:
         return -(-in_features // (self.block_k * self.iters))
@@ -64,10 +66,18 @@ if HAS_TRITON:
     def _gate_up_kernel(x_ptr, experts_ptr, w_ptr, tau_ptr, ws_ptr, tickets_ptr, h_ptr,
                         in_features, width, top_k,
                         stride_x, stride_we, stride_wk, stride_te, stride_ts, stride_wsc, stride_wsp, stride_h,
-                        ITERS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Program (pair, n, chunk): gate and up columns n*BLOCK_N.. over input chunk `chunk`; the block's last
-        program stores h = silu(gate) * up."""
-        pair, block, chunk, expert, cols, col_ok = _program(experts_ptr, width, BLOCK_N)
+                        ITERS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, APART: tl.constexpr):
+        """Program (pair, n, chunk): gate and up columns n*BLOCK_N.. over input chunk `chunk` (APART: n counts
+        the gate blocks, then the up blocks, and a program reads one of them); the block's last program stores
+        h = silu(gate) * up."""
+        pair = tl.program_id(0)
+        chunk = tl.program_id(2)
+        blocks = tl.cdiv(width, BLOCK_N)
+        block = tl.program_id(1) % blocks
+        segment = tl.program_id(1) // blocks  # 0 unless APART
+        expert = tl.load(experts_ptr + pair).to(tl.int64)
+        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < width
         tau = tau_ptr + expert * stride_te
         rows = w_ptr + expert * stride_we
         acc_gate = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
@@ -77,18 +87,28 @@ if HAS_TRITON:
             k_ok = ks < in_features
             x = tl.load(x_ptr + (pair // top_k) * stride_x + ks, mask=k_ok, other=0.0).to(tl.float32)
             magnitude = tl.abs(x)
-            keep_gate = magnitude > tl.load(tau + ks, mask=k_ok, other=float("inf"))
-            keep_up = magnitude > tl.load(tau + stride_ts + ks, mask=k_ok, other=float("inf"))
-            w = rows + ks[:, None] * stride_wk + cols[None, :]
-            gate = tl.load(w, mask=keep_gate[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
-            up = tl.load(w + width, mask=keep_up[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
-            acc_gate += gate.to(tl.float32) * x[:, None]
-            acc_up += up.to(tl.float32) * x[:, None]
+            if APART:  # acc_gate holds this program's segment
+                keep = magnitude > tl.load(tau + segment * stride_ts + ks, mask=k_ok, other=float("inf"))
+                w = rows + ks[:, None] * stride_wk + segment * width + cols[None, :]
+                part = tl.load(w, mask=keep[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+                acc_gate += part.to(tl.float32) * x[:, None]
+            else:
+                keep_gate = magnitude > tl.load(tau + ks, mask=k_ok, other=float("inf"))
+                keep_up = magnitude > tl.load(tau + stride_ts + ks, mask=k_ok, other=float("inf"))
+                w = rows + ks[:, None] * stride_wk + cols[None, :]
+                gate = tl.load(w, mask=keep_gate[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+                up = tl.load(w + width, mask=keep_up[:, None] & col_ok[None, :], other=0.0,
+                             eviction_policy="evict_first")
+                acc_gate += gate.to(tl.float32) * x[:, None]
+                acc_up += up.to(tl.float32) * x[:, None]
         partial = ws_ptr + pair * stride_wsp + cols
-        tl.store(partial + chunk * stride_wsc, tl.sum(acc_gate, axis=0), mask=col_ok)
-        tl.store(partial + chunk * stride_wsc + width, tl.sum(acc_up, axis=0), mask=col_ok)
-        ticket = pair * tl.num_programs(1) + block
-        if take_ticket(tickets_ptr, ticket, tl.num_programs(2)):
+        if APART:
+            tl.store(partial + chunk * stride_wsc + segment * width, tl.sum(acc_gate, axis=0), mask=col_ok)
+        else:
+            tl.store(partial + chunk * stride_wsc, tl.sum(acc_gate, axis=0), mask=col_ok)
+            tl.store(partial + chunk * stride_wsc + width, tl.sum(acc_up, axis=0), mask=col_ok)
+        ticket = pair * blocks + block
+        if take_ticket(tickets_ptr, ticket, tl.num_programs(2) * (2 if APART else 1)):
             gate_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
             up_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
             for c in range(0, tl.num_programs(2)):  # chunk order: deterministic
@@ -146,11 +166,12 @@ def launch_gate_up(x: torch.Tensor, experts: torch.Tensor, gate_up_t: torch.Tens
     blocks = triton.cdiv(width, tiles.block_n)
     tickets = reduction_tickets(x.device, pairs * blocks)
     partials = torch.empty((chunks, pairs, 2 * width), dtype=torch.float32, device=x.device)
-    _gate_up_kernel[(pairs, blocks, chunks)](
+    _gate_up_kernel[(pairs, blocks * (2 if tiles.apart else 1), chunks)](
         x, experts, gate_up_t, tau, partials, tickets, hidden, in_features, width, top_k,
         x.stride(0), gate_up_t.stride(0), gate_up_t.stride(1), tau.stride(0), tau.stride(1), partials.stride(0),
         partials.stride(1), hidden.stride(0),
-        ITERS=tiles.iters, BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps)
+        ITERS=tiles.iters, BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, APART=bool(tiles.apart),
+        num_warps=tiles.num_warps)
     return hidden
 
 
@@ -177,22 +198,22 @@ def launch_down(hidden: torch.Tensor, experts: torch.Tensor, routing_weights: to
 
 
 def _gate_up_call(x: torch.Tensor, experts: torch.Tensor, gate_up_t: torch.Tensor, tau: torch.Tensor, top_k: int,
-                  block_n: int, block_k: int, iters: int, num_warps: int) -> torch.Tensor:
-    return launch_gate_up(x, experts, gate_up_t, tau, top_k, ExpertTiles(block_n, block_k, iters, num_warps))
+                  block_n: int, block_k: int, iters: int, num_warps: int, apart: int) -> torch.Tensor:
+    return launch_gate_up(x, experts, gate_up_t, tau, top_k, ExpertTiles(block_n, block_k, iters, num_warps, apart))
 
 
-def _gate_up_fake(x, experts, gate_up_t, tau, top_k, block_n, block_k, iters, num_warps):
+def _gate_up_fake(x, experts, gate_up_t, tau, top_k, block_n, block_k, iters, num_warps, apart):
     return x.new_empty((experts.numel(), gate_up_t.shape[2] // 2))
 
 
 def _down_call(hidden: torch.Tensor, experts: torch.Tensor, routing_weights: torch.Tensor, down_t: torch.Tensor,
                tau: torch.Tensor, top_k: int, block_n: int, block_k: int, iters: int,
-               num_warps: int) -> torch.Tensor:
+               num_warps: int, apart: int) -> torch.Tensor:
     return launch_down(hidden, experts, routing_weights, down_t, tau, top_k,
-                       ExpertTiles(block_n, block_k, iters, num_warps))
+                       ExpertTiles(block_n, block_k, iters, num_warps, apart))
 
 
-def _down_fake(hidden, experts, routing_weights, down_t, tau, top_k, block_n, block_k, iters, num_warps):
+def _down_fake(hidden, experts, routing_weights, down_t, tau, top_k, block_n, block_k, iters, num_warps, apart):
     return hidden.new_empty((experts.numel() // top_k, down_t.shape[2]))
 
 

@@ -43,14 +43,16 @@ def _case(experts, hidden, width, top_k, tokens, sparsity, seed):
     return x, index, weights, gate_up, down, tau_gate_up, tau_down
 
 
-# the default tiles (one input chunk at these widths), and small ones: several chunks, the last one ragged
-TILES = [EK.TILES, EK.ExpertTiles(block_n=32, block_k=16, iters=2, num_warps=4)]
+# the default tiles (one input chunk at these widths), and small ones: several chunks, the last one ragged, with
+# gate and up in one program or apart
+TILES = [EK.TILES, EK.ExpertTiles(block_n=32, block_k=16, iters=2, num_warps=4),
+         EK.ExpertTiles(block_n=32, block_k=16, iters=2, num_warps=4, apart=1)]
 
 
 @needs_interp
 @pytest.mark.parametrize("experts,hidden,width,top_k,tokens", CASES)
 @pytest.mark.parametrize("sparsity", [0.0, 0.6])
-@pytest.mark.parametrize("tiles", TILES, ids=["default-tiles", "small-tiles"])
+@pytest.mark.parametrize("tiles", TILES, ids=["default-tiles", "small-tiles", "small-tiles-apart"])
 def test_grouped_kernel_equals_the_float64_reference(experts, hidden, width, top_k, tokens, sparsity, tiles):
     x, index, weights, gate_up, down, tau_gate_up, tau_down = _case(experts, hidden, width, top_k, tokens, sparsity,
                                                                     seed=experts * 10 + top_k)
