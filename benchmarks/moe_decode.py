@@ -212,7 +212,8 @@ def kernels(args) -> dict:
                   "n64k128i2": ExpertTiles(64, 128, 2, 4),
                   # gate and up read by different programs ("a": apart)
                   "n128k32i8a": ExpertTiles(128, 32, 8, 4, 1), "n64k256i1a": ExpertTiles(64, 256, 1, 4, 1),
-                  "n128k128i2a": ExpertTiles(128, 128, 2, 4, 1), "n64k512i1a": ExpertTiles(64, 512, 1, 4, 1)}
+                  "n128k128i2a": ExpertTiles(128, 128, 2, 4, 1), "n64k512i1a": ExpertTiles(64, 512, 1, 4, 1),
+                  "n256k32i4w8a": ExpertTiles(256, 32, 4, 8, 1)}
 
     def dense(index):
         h = torch.bmm(gate_up[index[0]], x[0, :, None].expand(top_k, hidden, 1)).squeeze(-1)
