@@ -2,6 +2,7 @@
 
   python3 benchmarks/moe_decode.py cpu            # 16 experts, top-2, hidden 1024: level 0 and 50%, ms/token
   python3 benchmarks/moe_decode.py cpu --smoke    # a tiny MoE, seconds (tests/test_benchmarks.py)
+  python3 benchmarks/moe_decode.py cpu --breakdown  # also the step's time in attention, experts and lm_head
   python3 benchmarks/moe_decode.py gpu            # Qwen3-30B-A3B's config, random bf16 weights, 0/25/40/50/65%,
                                                   # transformers' static cache + compile, the weight-read floor
   python3 benchmarks/moe_decode.py kernels        # top-8 of 128 experts, 2048 -> 2x768 and 768 -> 2048, against
@@ -106,7 +107,44 @@ def cpu(args) -> dict:
     for level in timings:
         print(f"| {level:g} | {results[f'ms_per_token_{level:g}']:.2f} |")
     print(f"50% over level 0: {results['speedup_0.5']:.2f}x")
+    if args.breakdown:
+        results["step_breakdown_ms"] = _cpu_breakdown(model, prompt, timings, new_tokens, repeats)
     return results
+
+
+def _cpu_breakdown(model, prompt, levels, steps: int, repeats: int) -> dict:
+    """Wall ms per decode step inside each kind of module (forward hooks around every layer's attention and
+    routed experts, and the lm_head), levels interleaved, medians over repeats: where the sparse level's time goes."""
+    decoder = _decoder(model, prompt, steps)
+    modules = {"attention": [layer.self_attn for layer in model.model.layers],
+               "routed experts": [layer.mlp.experts for layer in model.model.layers], "lm_head": [model.lm_head]}
+    spent, started = {}, {}
+    for kind, found in modules.items():
+        for module in found:
+            module.register_forward_pre_hook(lambda m, a: started.__setitem__(m, time.perf_counter()))
+            module.register_forward_hook(lambda m, a, o, kind=kind: spent.__setitem__(
+                kind, spent.get(kind, 0.0) + time.perf_counter() - started[m]))
+    figures = {level: {kind: [] for kind in (*modules, "step")} for level in levels}
+    for level in levels:
+        model.set_sparsity(level)
+        decoder.generate(prompt, 4)  # warm this level
+    for _ in range(repeats):
+        for level in levels:
+            model.set_sparsity(level)
+            decoder.generate(prompt, 1)  # prefill; the timed steps continue it
+            spent.clear()
+            start = time.perf_counter()
+            for _ in range(steps):
+                decoder.engine.step()
+            figures[level]["step"].append((time.perf_counter() - start) / steps * 1e3)
+            for kind in modules:
+                figures[level][kind].append(spent.get(kind, 0.0) / steps * 1e3)
+    table = {f"{level:g}": {kind: statistics.median(v) for kind, v in found.items()} for level, found in figures.items()}
+    print("| level | " + " | ".join(f"{kind} ms" for kind in (*modules, "step")) + " |")
+    print("|---|" + "---|" * (len(modules) + 1))
+    for level, row in table.items():
+        print(f"| {level} | " + " | ".join(f"{v:.2f}" for v in row.values()) + " |")
+    return table
 
 
 def gpu(args) -> dict:
@@ -391,6 +429,7 @@ def main() -> int:
     parser.add_argument("--levels", help="gpu: comma-separated levels (default: 0,0.25,0.4,0.5,0.65)")
     parser.add_argument("--profile-levels", default="", help="gpu: levels whose decode step is profiled by kernel")
     parser.add_argument("--no-baselines", action="store_true", help="gpu: skip transformers' static cache + compile")
+    parser.add_argument("--breakdown", action="store_true", help="cpu: the step's time by kind of module")
     args = parser.parse_args()
     if args.mode in ("gpu", "kernels") and not torch.cuda.is_available():
         print(f"{args.mode} needs a GPU", file=sys.stderr)

@@ -145,8 +145,10 @@ def test_cross_text_smoke(tmp_path):
 def test_moe_decode_smoke(tmp_path):
     """moe_decode.py: a tiny random MoE through generate() at level 0 and 50%, and the expert-rule table."""
     out = tmp_path / "moe.json"
-    output = run_script("moe_decode.py", "cpu", "--smoke", "--json", out)
+    output = run_script("moe_decode.py", "cpu", "--smoke", "--breakdown", "--json", out)
     results = json.loads(out.read_text())
     assert math.isfinite(results["ms_per_token_0"]) and math.isfinite(results["ms_per_token_0.5"])
     assert "50% over level 0:" in output
+    for row in results["step_breakdown_ms"].values():  # the modules' time is part of the step's
+        assert 0 < row["routed experts"] and row["attention"] + row["routed experts"] + row["lm_head"] < row["step"]
     assert "| 32 | shrink |" in run_script("moe_decode.py", "rules", "--smoke")
