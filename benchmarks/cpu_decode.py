@@ -1,6 +1,7 @@
 """CPU decode speed of the row-gather path (runtime/cpu_kernels.py), in two parts.
 
   python3 benchmarks/cpu_decode.py ops      # one linear: dense F.linear vs the row gather, per shape/dtype/sparsity
+  python3 benchmarks/cpu_decode.py ops --shapes 1024x2048 --dtypes float32 --threads 1   # chosen shapes
   python3 benchmarks/cpu_decode.py decode   # ms/token, batch 1: plain transformers vs winaconv levels
   python3 benchmarks/cpu_decode.py all --quick
   python3 benchmarks/cpu_decode.py all --smoke  # one small shape and SMOKE_LLAMA, seconds (tests/test_benchmarks.py)
@@ -39,15 +40,18 @@ SMOKE = False  # --smoke: one small shape, SMOKE_LLAMA only, one repeat
 COLD_BYTES = 128 << 20  # weights cycled per timing, well over the L3 cache: decode streams from DRAM
 
 
-def op_rows(quick):
-    shapes = [(576, 1536), (1536, 576), (576, 576), (2048, 8192), (8192, 2048)]
+SHAPES = ((576, 1536), (1536, 576), (576, 576), (2048, 8192), (8192, 2048))  # (in, out)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def op_rows(quick, shapes=SHAPES, dtypes=DTYPES):
     sparsities = (0.0, 0.25, 0.5, 0.65, 0.9)
     rounds = 3 if quick else 7
     if SMOKE:
         shapes, sparsities, rounds = [(64, 96)], (0.0, 0.5), 1
     always = cpu_kernels.GatherPlan(math.inf, torch.get_num_threads())  # the gather whatever it reads, a bag per thread
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         for in_f, out_f in shapes:
             copies = 2 if SMOKE else max(2, COLD_BYTES // (in_f * out_f * dtype.itemsize))
             g = torch.Generator().manual_seed(0)
@@ -80,8 +84,8 @@ def op_rows(quick):
     return rows, sparsities
 
 
-def ops_table(quick):
-    rows, sparsities = op_rows(quick)
+def ops_table(quick, shapes=SHAPES, dtypes=DTYPES):
+    rows, sparsities = op_rows(quick, shapes, dtypes)
     head = "| dtype | in x out | tokens | dense ms | " + " | ".join(f"gather {s:g}" for s in sparsities) + " |"
     lines = [head, "|" + "---|" * (4 + len(sparsities))]
     for dtype, shape, tokens, dense, speedups in rows:
@@ -156,13 +160,21 @@ def main():
     parser.add_argument("part", choices=("ops", "decode", "all"))
     parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
     parser.add_argument("--smoke", action="store_true", help="one small shape and SMOKE_LLAMA: checks the script runs")
+    parser.add_argument("--shapes", help="ops: comma-separated INxOUT shapes (default: SmolLM2's and the 1B's)")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="ops: comma-separated dtypes")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = (tuple(tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(","))
+              if args.shapes else SHAPES)
+    dtypes = tuple(getattr(torch, name) for name in args.dtypes.split(","))
     global SMOKE
     SMOKE = args.smoke
     print(", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
     if args.part in ("ops", "all"):
         print("\n## One linear, ms and speed-up of the row gather over dense F.linear\n")
-        print(ops_table(args.quick), flush=True)
+        print(ops_table(args.quick, shapes, dtypes), flush=True)
     if args.part in ("decode", "all"):
         print("\n## Decode, ms per token (batch 1, GreedyDecoder, eager, static cache)\n")
         print(decode_table(args.quick), flush=True)
