@@ -242,16 +242,15 @@ def kernels(args) -> dict:
     weights = torch.rand(1, top_k, device="cuda", generator=g)
     silu = torch.nn.functional.silu
     bandwidth = copy_bandwidth()
-    candidates = {"default": TILES, "n128k32i8": ExpertTiles(128, 32, 8, 4), "n64k64i4": ExpertTiles(64, 64, 4, 4),
-                  "n128k16i8": ExpertTiles(128, 16, 8, 4),
-                  # the dense linears' tile geometry (one wide masked load of many rows per program)
-                  "n64k512i1": ExpertTiles(64, 512, 1, 4), "n64k256i1": ExpertTiles(64, 256, 1, 4),
-                  "n128k256i1": ExpertTiles(128, 256, 1, 4), "n32k512i1": ExpertTiles(32, 512, 1, 4),
-                  "n64k128i2": ExpertTiles(64, 128, 2, 4),
-                  # gate and up read by different programs ("a": apart)
-                  "n128k32i8a": ExpertTiles(128, 32, 8, 4, 1), "n64k256i1a": ExpertTiles(64, 256, 1, 4, 1),
-                  "n128k128i2a": ExpertTiles(128, 128, 2, 4, 1), "n64k512i1a": ExpertTiles(64, 512, 1, 4, 1),
-                  "n256k32i4w8a": ExpertTiles(256, 32, 4, 8, 1)}
+    shapes = {"n128k32i8": (128, 32, 8, 4), "n64k64i4": (64, 64, 4, 4), "n128k16i8": (128, 16, 8, 4),
+              # the dense linears' tile geometry (one wide masked load of many rows per program)
+              "n64k512i1": (64, 512, 1, 4), "n64k256i1": (64, 256, 1, 4), "n128k256i1": (128, 256, 1, 4),
+              "n32k512i1": (32, 512, 1, 4), "n64k128i2": (64, 128, 2, 4),
+              # gate and up read by different programs ("a": apart)
+              "n128k32i8a": (128, 32, 8, 4, 1), "n64k256i1a": (64, 256, 1, 4, 1), "n128k128i2a": (128, 128, 2, 4, 1),
+              "n64k512i1a": (64, 512, 1, 4, 1), "n256k32i4w8a": (256, 32, 4, 8, 1)}
+    candidates = {"default": TILES, **{name: ExpertTiles(*fields) for name, fields in shapes.items()
+                                       if len(fields) <= len(ExpertTiles._fields)}}  # (an older runtime: fewer)
 
     def dense(index):
         h = torch.bmm(gate_up[index[0]], x[0, :, None].expand(top_k, hidden, 1)).squeeze(-1)
