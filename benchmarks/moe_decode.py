@@ -39,6 +39,15 @@ QWEN3_30B_A3B = dict(hidden_size=2048, num_experts=128, num_experts_per_tok=8, m
                      head_dim=128, vocab_size=151936, max_position_embeddings=40960, norm_topk_prob=True,
                      rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)
 GPU_LEVELS = (0.0, 0.25, 0.4, 0.5, 0.65)
+# ExpertTiles fields (block_n, block_k, iters, num_warps[, apart]) the kernels table times beside the default
+EXPERT_CANDIDATES = {
+    "n64k64i4": (64, 64, 4, 4), "n128k16i8": (128, 16, 8, 4),
+    # the dense linears' tile geometry (one wide masked load of many rows per program)
+    "n64k512i1": (64, 512, 1, 4), "n64k256i1": (64, 256, 1, 4), "n128k256i1": (128, 256, 1, 4),
+    "n32k512i1": (32, 512, 1, 4), "n64k128i2": (64, 128, 2, 4),
+    # gate and up read by different programs ("a": apart)
+    "n128k32i8a": (128, 32, 8, 4, 1), "n64k256i1a": (64, 256, 1, 4, 1), "n128k128i2a": (128, 128, 2, 4, 1),
+    "n64k512i1a": (64, 512, 1, 4, 1), "n256k32i4w8a": (256, 32, 4, 8, 1)}
 
 
 def random_moe(shape: dict, dtype, device: str):
@@ -242,14 +251,7 @@ def kernels(args) -> dict:
     weights = torch.rand(1, top_k, device="cuda", generator=g)
     silu = torch.nn.functional.silu
     bandwidth = copy_bandwidth()
-    shapes = {"n128k32i8": (128, 32, 8, 4), "n64k64i4": (64, 64, 4, 4), "n128k16i8": (128, 16, 8, 4),
-              # the dense linears' tile geometry (one wide masked load of many rows per program)
-              "n64k512i1": (64, 512, 1, 4), "n64k256i1": (64, 256, 1, 4), "n128k256i1": (128, 256, 1, 4),
-              "n32k512i1": (32, 512, 1, 4), "n64k128i2": (64, 128, 2, 4),
-              # gate and up read by different programs ("a": apart)
-              "n128k32i8a": (128, 32, 8, 4, 1), "n64k256i1a": (64, 256, 1, 4, 1), "n128k128i2a": (128, 128, 2, 4, 1),
-              "n64k512i1a": (64, 512, 1, 4, 1), "n256k32i4w8a": (256, 32, 4, 8, 1)}
-    candidates = {"default": TILES, **{name: ExpertTiles(*fields) for name, fields in shapes.items()
+    candidates = {"default": TILES, **{name: ExpertTiles(*fields) for name, fields in EXPERT_CANDIDATES.items()
                                        if len(fields) <= len(ExpertTiles._fields)}}  # (an older runtime: fewer)
 
     def dense(index):

@@ -152,3 +152,11 @@ def test_moe_decode_smoke(tmp_path):
     for row in results["step_breakdown_ms"].values():  # the modules' time is part of the step's
         assert 0 < row["routed experts"] and row["attention"] + row["routed experts"] + row["lm_head"] < row["step"]
     assert "| 32 | shrink |" in run_script("moe_decode.py", "rules", "--smoke")
+
+
+def test_kernel_registers_compiles_for_a_gpu_that_is_not_here():
+    """kernel_registers.py: a runtime kernel compiled for sm_90 with triton's own ptxas, its registers read back."""
+    output = run_script("kernel_registers.py", "--only", "expert down default")
+    row = next(line for line in output.splitlines() if line.startswith("| expert down default |"))
+    warps, registers, spilled, resident = (int(cell) for cell in row.split("|")[2:6])
+    assert warps == 4 and 16 <= registers <= 255 and spilled >= 0 and resident >= 1
