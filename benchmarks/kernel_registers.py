@@ -40,13 +40,18 @@ TILE_POINTERS = {"x_ptr": "*bf16", "w_ptr": "*bf16", "tau_ptr": "*fp32", "b_ptr"
 def expert_configs():
     from moe_decode import EXPERT_CANDIDATES
 
+    fields_here = len(expert_kernels.ExpertTiles._fields)  # an older runtime has no `apart`
     for name, fields in {"default": tuple(expert_kernels.TILES), **EXPERT_CANDIDATES}.items():
+        if len(fields) > fields_here:
+            continue
         tiles = expert_kernels.ExpertTiles(*fields)
+        apart = getattr(tiles, "apart", 0)
         shared = {"ITERS": tiles.iters, "BLOCK_K": tiles.block_k, "BLOCK_N": tiles.block_n}
         rows = tiles.iters * tiles.block_k
         yield (f"expert gate/up {name}", expert_kernels._gate_up_kernel, EXPERT_POINTERS,
-               {**shared, "APART": bool(tiles.apart)}, tiles.num_warps, rows * tiles.block_n * (1 if tiles.apart else 2) * 2)
-        if not tiles.apart:
+               {**shared, **({"APART": bool(apart)} if fields_here > 4 else {})}, tiles.num_warps,
+               rows * tiles.block_n * (1 if apart else 2) * 2)
+        if not apart:
             yield (f"expert down {name}", expert_kernels._down_kernel, EXPERT_POINTERS, shared, tiles.num_warps,
                    rows * tiles.block_n * 2)
 
