@@ -36,6 +36,11 @@ for what in "$@"; do
         --no-baselines --profile-levels "" --out "$OUT/gen_old.json" ;;
     moe_kernels)  # the grouped expert launches, top-8 of 128 (2048 -> 2x768, 768 -> 2048)
       step moe_kernels_new 200 new python3 moe_decode.py kernels --json "$OUT/moe_kernels_new.json" ;;
+    moe_kernels_ab)  # the default tiles alone at 0 and 50%, current runtime then the older copy (a short A/B)
+      step moe_kernels_ab_new 100 new python3 moe_decode.py kernels --candidates default --levels 0,0.5 \
+        --json "$OUT/moe_kernels_ab_new.json"
+      step moe_kernels_ab_old 100 old python3 moe_decode.py kernels --candidates default --levels 0,0.5 \
+        --json "$OUT/moe_kernels_ab_old.json" ;;
     moe_kernels_old)
       step moe_kernels_old 150 old python3 moe_decode.py kernels --json "$OUT/moe_kernels_old.json" ;;
     moe_half)  # Qwen3-30B-A3B config, 50% alone with its profile and dynamo's recompile log

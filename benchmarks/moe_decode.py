@@ -253,6 +253,8 @@ def kernels(args) -> dict:
     bandwidth = copy_bandwidth()
     candidates = {"default": TILES, **{name: ExpertTiles(*fields) for name, fields in EXPERT_CANDIDATES.items()
                                        if len(fields) <= len(ExpertTiles._fields)}}  # (an older runtime: fewer)
+    if args.candidates:
+        candidates = {name: tiles for name, tiles in candidates.items() if name in args.candidates.split(",")}
 
     def dense(index):
         h = torch.bmm(gate_up[index[0]], x[0, :, None].expand(top_k, hidden, 1)).squeeze(-1)
@@ -272,7 +274,7 @@ def kernels(args) -> dict:
     print("| sparsity | floor us | " + " | ".join(f"{k} us" for k in candidates) + " | default over dense |")
     print("|---|---|" + "---|" * len(candidates) + "---|")
     h = torch.cat([_routed_hidden(gate_up[index[0]], x[0], silu) for index in routings]).abs().flatten()
-    for sparsity in (0.0, 0.25, 0.4, 0.5, 0.65, 0.8):
+    for sparsity in ([float(v) for v in args.levels.split(",")] if args.levels else (0.0, 0.25, 0.4, 0.5, 0.65, 0.8)):
         # every routed expert drops `sparsity` of its gate/up rows (x's quantile) and of its down rows (the
         # quantile of the routed experts' own activations)
         level = torch.quantile(x.float().abs().flatten(), sparsity).item() if sparsity else -1.0
@@ -427,7 +429,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--json")
-    parser.add_argument("--levels", help="gpu: comma-separated levels (default: 0,0.25,0.4,0.5,0.65)")
+    parser.add_argument("--levels", help="gpu, kernels: comma-separated levels (default: 0,0.25,0.4,0.5,0.65; "
+                        "kernels: 0,0.25,0.4,0.5,0.65,0.8)")
+    parser.add_argument("--candidates", help="kernels: only these tiles (comma-separated names, e.g. default)")
     parser.add_argument("--profile-levels", default="", help="gpu: levels whose decode step is profiled by kernel")
     parser.add_argument("--no-baselines", action="store_true", help="gpu: skip transformers' static cache + compile")
     parser.add_argument("--breakdown", action="store_true", help="cpu: the step's time by kind of module")
