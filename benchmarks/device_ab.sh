@@ -2,7 +2,7 @@
 # One device call's measurements, side by side: the current runtime against an older copy of it (an ignored
 # folder holding winaconv_runtime/, e.g. `git archive <commit> runtime`), plus the peers. Each step is cut at
 # its own time limit and writes <step>.log (and .json) under $OUT, so a call that runs out keeps what finished.
-#   OLD=.old_runtime bash benchmarks/device_ab.sh gen gen_old moe_kernels moe teal_kernels batch_kernels peers
+#   OLD=.old_runtime bash benchmarks/device_ab.sh gen_short gen_old moe_kernels_ab moe_kernels moe teal_kernels peers
 # The older copy: mkdir .old_runtime && git archive REV runtime | tar -x -C .old_runtime &&
 #   mv .old_runtime/runtime .old_runtime/winaconv_runtime (carry .old_runtime and .peers to the device).
 set -u
