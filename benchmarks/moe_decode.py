@@ -117,7 +117,7 @@ def cpu(args) -> dict:
         print(f"| {level:g} | {results[f'ms_per_token_{level:g}']:.2f} |")
     print(f"50% over level 0: {results['speedup_0.5']:.2f}x")
     if args.breakdown:
-        results["step_breakdown_ms"] = _cpu_breakdown(model, prompt, timings, new_tokens, repeats)
+        results["step_breakdown_ms"] = _cpu_breakdown(model, prompt, tuple(timings), new_tokens, repeats)
     return results
 
 
@@ -253,8 +253,9 @@ def kernels(args) -> dict:
     bandwidth = copy_bandwidth()
     candidates = {"default": TILES, **{name: ExpertTiles(*fields) for name, fields in EXPERT_CANDIDATES.items()
                                        if len(fields) <= len(ExpertTiles._fields)}}  # (an older runtime: fewer)
-    if args.candidates:
-        candidates = {name: tiles for name, tiles in candidates.items() if name in args.candidates.split(",")}
+    if args.candidates:  # the default stays: the table's last column compares it with dense
+        chosen = ("default", *args.candidates.split(","))
+        candidates = {name: tiles for name, tiles in candidates.items() if name in chosen}
 
     def dense(index):
         h = torch.bmm(gate_up[index[0]], x[0, :, None].expand(top_k, hidden, 1)).squeeze(-1)
@@ -431,7 +432,7 @@ def main() -> int:
     parser.add_argument("--json")
     parser.add_argument("--levels", help="gpu, kernels: comma-separated levels (default: 0,0.25,0.4,0.5,0.65; "
                         "kernels: 0,0.25,0.4,0.5,0.65,0.8)")
-    parser.add_argument("--candidates", help="kernels: only these tiles (comma-separated names, e.g. default)")
+    parser.add_argument("--candidates", help="kernels: only these tiles beside the default (comma-separated names)")
     parser.add_argument("--profile-levels", default="", help="gpu: levels whose decode step is profiled by kernel")
     parser.add_argument("--no-baselines", action="store_true", help="gpu: skip transformers' static cache + compile")
     parser.add_argument("--breakdown", action="store_true", help="cpu: the step's time by kind of module")

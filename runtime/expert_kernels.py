@@ -55,12 +55,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _program(experts_ptr, n_columns, BLOCK_N: tl.constexpr):
-        """Program (pair, block, chunk): its pair's expert and its output columns (with their bounds mask)."""
+        """Program (pair, segment * blocks + block, chunk): its pair's expert, its column block and segment (0
+        unless the launch gives each segment its own programs) and its output columns (with their bounds mask)."""
         pair = tl.program_id(0)
-        block = tl.program_id(1)
+        blocks = tl.cdiv(n_columns, BLOCK_N)
+        block = tl.program_id(1) % blocks
         expert = tl.load(experts_ptr + pair).to(tl.int64)
         cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        return pair, block, tl.program_id(2), expert, cols, cols < n_columns
+        return pair, block, tl.program_id(1) // blocks, tl.program_id(2), expert, cols, cols < n_columns
 
     @triton.jit
     def _gate_up_kernel(x_ptr, experts_ptr, w_ptr, tau_ptr, ws_ptr, tickets_ptr, h_ptr,
@@ -70,14 +72,7 @@ if HAS_TRITON:
         """Program (pair, n, chunk): gate and up columns n*BLOCK_N.. over input chunk `chunk` (APART: n counts
         the gate blocks, then the up blocks, and a program reads one of them); the block's last program stores
         h = silu(gate) * up."""
-        pair = tl.program_id(0)
-        chunk = tl.program_id(2)
-        blocks = tl.cdiv(width, BLOCK_N)
-        block = tl.program_id(1) % blocks
-        segment = tl.program_id(1) // blocks  # 0 unless APART
-        expert = tl.load(experts_ptr + pair).to(tl.int64)
-        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < width
+        pair, block, segment, chunk, expert, cols, col_ok = _program(experts_ptr, width, BLOCK_N)
         tau = tau_ptr + expert * stride_te
         rows = w_ptr + expert * stride_we
         acc_gate = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -107,7 +102,7 @@ if HAS_TRITON:
         else:
             tl.store(partial + chunk * stride_wsc, acc_gate, mask=col_ok)
             tl.store(partial + chunk * stride_wsc + width, acc_up, mask=col_ok)
-        ticket = pair * blocks + block
+        ticket = pair * tl.cdiv(width, BLOCK_N) + block
         if take_ticket(tickets_ptr, ticket, tl.num_programs(2) * (2 if APART else 1)):
             gate_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
             up_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -125,7 +120,7 @@ if HAS_TRITON:
                      ITERS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (pair, n, chunk): the pair's down partial for columns n*BLOCK_N.. over chunk `chunk`; the
         last program of the token's block (top_k pairs x chunks) stores y = sum_k weight_k * down_k."""
-        pair, block, chunk, expert, cols, col_ok = _program(experts_ptr, out_features, BLOCK_N)
+        pair, block, _, chunk, expert, cols, col_ok = _program(experts_ptr, out_features, BLOCK_N)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for it in tl.static_range(ITERS):
             ks = (chunk * ITERS + it) * BLOCK_K + tl.arange(0, BLOCK_K)

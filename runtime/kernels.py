@@ -391,13 +391,16 @@ def partial_splits(num_tokens: int, in_features: int, out_features: int, kept_pe
     K split, the kept-list kind, a ticket reduce, or more than 16 tokens). Inside a compiled graph the runtime takes
     those partials and sums them in torch (sparse_linear_triton), so that inductor folds the sum and the bias into
     the kernel that reads y next instead of a launch of their own."""
-    if num_tokens > 16:
-        return 0
     cfg = choose_config(num_tokens, in_features, out_features, kept_percent)
+    return _reduce_splits(num_tokens, in_features, cfg, dtype)
+
+
+def _reduce_splits(num_tokens: int, in_features: int, cfg: KernelConfig, dtype: torch.dtype) -> int:
+    """launch()'s own arithmetic: the K splits whose partials its reduce launch sums with this config (0: none)."""
     use_dot = num_tokens > 1 or dtype == torch.float64
-    if (cfg.kind == "list" and not use_dot) or cfg.fused_reduce:
+    if num_tokens > 16 or (cfg.kind == "list" and not use_dot) or cfg.fused_reduce:
         return 0
-    splits = triton.cdiv(in_features, cfg.block_k * cfg.iters)
+    splits = -(-in_features // (cfg.block_k * cfg.iters))
     return splits if splits > 1 else 0
 
 
@@ -411,9 +414,9 @@ def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = N
     ends = [int(e) for e in segment_ends]
     if cfg is None:
         cfg = choose_config(T, K, N, kept_percent)
+    if partials and not _reduce_splits(T, K, cfg, x.dtype):
+        raise ValueError("this launch leaves no partials (partial_splits)")
     if T > 16:  # decode-sized kernel: larger batches go 16 tokens per launch (callers use dense there)
-        if partials:
-            raise ValueError("partials are returned for up to 16 tokens (partial_splits)")
         return torch.cat([launch(x[i:i + 16], weight_t, tau, segment_ends, bias, cfg)
                           for i in range(0, T, 16)], dim=0)
     use_dot = T > 1 or x.dtype == torch.float64
@@ -447,8 +450,6 @@ def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = N
             BLOCK_T=block_t, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
     if partials:
-        if not split or fused:
-            raise ValueError("this launch leaves no partials (partial_splits)")
         return ws
     if split and not fused:
         _split_reduce_kernel[(triton.cdiv(N, _REDUCE_BLOCK_N), T)](
