@@ -49,6 +49,13 @@ for what in "$@"; do
     moe)  # Qwen3-30B-A3B config, generate() and the decode step alone at 0, 50 and 65%
       step moe_new 240 new python3 moe_decode.py gpu --no-baselines --levels 0,0.5,0.65 --profile-levels 0,0.5 \
         --tokens 32 --repeats 3 --json "$OUT/moe_new.json" ;;
+    moe_best)  # `moe` with the tiles that won moe_kernels at 50% (run moe_kernels first in the same call)
+      best=$(python3 -c "import json, sys; row = json.load(open(sys.argv[1]))['grouped_ms_0.5']
+print(min(row, key=row.get))" "$OUT/moe_kernels_new.json" 2>/dev/null || echo default)
+      echo "   moe_kernels' best tiles at 50%: $best"
+      [ "$best" = default ] && tiles=() || tiles=(--tiles "$best")
+      step moe_best 240 new python3 moe_decode.py gpu --no-baselines --levels 0,0.5,0.65 --profile-levels 0.5 \
+        --tokens 32 --repeats 3 "${tiles[@]}" --json "$OUT/moe_best.json" ;;
     moe_short)  # the same at 0 and 50% only, a profile at 50%
       step moe_short 200 new python3 moe_decode.py gpu --no-baselines --levels 0,0.5 --profile-levels 0.5 \
         --tokens 32 --repeats 3 --json "$OUT/moe_short.json" ;;

@@ -157,11 +157,16 @@ def _cpu_breakdown(model, prompt, levels, steps: int, repeats: int) -> dict:
 
 
 def gpu(args) -> dict:
+    if args.tiles:  # before the model is built and compiled: the kernels read TILES at each call
+        from winaconv_runtime import expert_kernels
+        expert_kernels.TILES = expert_kernels.ExpertTiles(*EXPERT_CANDIDATES[args.tiles])
+        print(f"expert tiles {args.tiles}: {expert_kernels.TILES}", flush=True)
     base = random_moe(QWEN3_30B_A3B, torch.bfloat16, "cuda")
     prompt = torch.randint(3, 1000, (1, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     bandwidth = copy_bandwidth()  # bytes moved per second; a read-only stream moves about as many
     results = {"versions": versions(), "device": torch.cuda.get_device_name(), "copy_bandwidth_bytes_per_s": bandwidth,
-               "new_tokens": args.tokens, "weights_gib": _gib(torch.cuda.memory_allocated())}
+               "new_tokens": args.tokens, "tiles": args.tiles or "default",
+               "weights_gib": _gib(torch.cuda.memory_allocated())}
     print(f"{results['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, weights {results['weights_gib']:.1f} GiB",
           flush=True)
     if not args.no_baselines:
@@ -433,6 +438,7 @@ def main() -> int:
     parser.add_argument("--levels", help="gpu, kernels: comma-separated levels (default: 0,0.25,0.4,0.5,0.65; "
                         "kernels: 0,0.25,0.4,0.5,0.65,0.8)")
     parser.add_argument("--candidates", help="kernels: only these tiles beside the default (comma-separated names)")
+    parser.add_argument("--tiles", choices=sorted(EXPERT_CANDIDATES), help="gpu: expert tiles other than the default")
     parser.add_argument("--profile-levels", default="", help="gpu: levels whose decode step is profiled by kernel")
     parser.add_argument("--no-baselines", action="store_true", help="gpu: skip transformers' static cache + compile")
     parser.add_argument("--breakdown", action="store_true", help="cpu: the step's time by kind of module")
