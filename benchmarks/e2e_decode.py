@@ -53,7 +53,8 @@ def convert(work: Path, transform: str, fast: bool) -> None:
     if fast:
         command += ["--calib-tokens", "4096", "--greedy-tokens", "1024"]
     if SETUP["device"] == "cpu":  # the smoke run: a budget of a few hundred tokens
-        command += ["--calib-tokens", "256", "--seq-len", "64", "--greedy-tokens", "64"]
+        command += ["--calib-tokens", "256", "--seq-len", "64", "--greedy-tokens", "64", "--greedy-step", "0.1",
+                    "--sparsity-levels", "0.5"]
     (work / "calib.txt").write_text("\n\n".join(builtin_texts()))
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)

@@ -38,7 +38,7 @@ def converted_smollm2(smollm2_folder, tmp_path_factory):
 
     made = {}
 
-    def make(method="wina", transform="global"):
+    def make(method="wina", transform="pca"):
         key = (method, transform)
         if key not in made:
             out = tmp_path_factory.mktemp("ckpt") / f"smollm2-{method}-{transform}"

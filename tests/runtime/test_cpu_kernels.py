@@ -113,7 +113,7 @@ def test_sparse_linear_takes_the_gather_for_decode_and_dense_for_prefill(dtype, 
 
 
 def test_smollm2_logits_through_the_gather_equal_the_masked_dense_path(converted_smollm2, monkeypatch):
-    folder = converted_smollm2("wina", "global")
+    folder = converted_smollm2("wina", "pca")
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float64,
                                                  sparsity=0.5).eval()
     # the checkpoint's own copy of the runtime, as loaded through trust_remote_code

@@ -338,7 +338,7 @@ def test_generate_and_bench_commands_on_smollm2(converted_smollm2):
 
     from winaconv.cli import main
 
-    folder = str(converted_smollm2("wina", "global"))
+    folder = str(converted_smollm2("wina", "pca"))
     runner = CliRunner()
     result = runner.invoke(main, ["generate", folder, "What is the capital of France?", "--chat", "--sparsity", "0",
                                   "--max-new-tokens", "12", "--device", "cpu"], catch_exceptions=False)

@@ -66,7 +66,7 @@ def masked_logits(model, ids, taus) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def wina_folder(converted_smollm2):
-    return converted_smollm2("wina", "global")
+    return converted_smollm2("wina", "pca")
 
 
 @pytest.fixture(scope="module")

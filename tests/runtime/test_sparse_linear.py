@@ -179,7 +179,7 @@ def test_greedy_decoder_gives_generates_tokens(family, level):
 def test_greedy_decoder_on_the_real_model(converted_smollm2, smollm2_folder):
     from transformers import AutoTokenizer
 
-    folder = converted_smollm2("wina", "global")
+    folder = converted_smollm2("wina", "pca")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32, sparsity=0.25)
     prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids

@@ -111,12 +111,12 @@ def test_the_default_scoring_beats_teal_under_the_same_rotation_at_65_percent(co
 def test_eval_json_output(converted_smollm2, tmp_path):
     text = tmp_path / "held-out.txt"
     text.write_text("The river rose through the night and by morning the low fields were under water. " * 40)
-    result = run(converted_smollm2("wina", "global"), "--text-file", text, "--sparsity", "0,0.5",
+    result = run(converted_smollm2("wina", "pca"), "--text-file", text, "--sparsity", "0,0.5",
                  "--window", 128, "--stride", 64, "--max-tokens", 256, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert (report["window"], report["stride"], report["text_tokens"]) == (128, 64, 256)
-    assert (report["method"], report["transform"], report["scoring"]) == ("wina", "global", "reference")
+    assert (report["method"], report["transform"], report["scoring"]) == ("wina", "pca", "reference")
     assert [r["sparsity"] for r in report["results"]] == [0.0, 0.5]
     for r in report["results"]:
         assert r["tokens"] == 255 and math.isclose(r["perplexity"], math.exp(r["nll"]))
@@ -124,7 +124,7 @@ def test_eval_json_output(converted_smollm2, tmp_path):
 
 @pytest.mark.slow
 def test_eval_bad_input_is_one_line(smollm2_folder, converted_smollm2, tmp_path):
-    checkpoint = converted_smollm2("wina", "global")
+    checkpoint = converted_smollm2("wina", "pca")
     short = tmp_path / "short.txt"
     short.write_text("Only a few words here.")
 
