@@ -223,7 +223,7 @@ def test_triton_configs(cfg, poisoned_empty):
             seed += 1
             x, w, tau, b = _make(in_f, ends, T, 0.5, dtype, True, seed)
             y = K.launch(x, w, tau, ends, b, cfg)
-            if T == 3:  # a repeat on one case of each shape (the interpreter is slow; the order is fixed by design)
+            if T == 1 and dtype == torch.bfloat16:  # a repeat on one case of each shape (the interpreter is slow)
                 assert torch.equal(y, K.launch(x, w, tau, ends, b, cfg)), "not deterministic"
             assert _rel(y, masked_product_float64(x, w, tau, ends, b)) < _tol(dtype)
 
