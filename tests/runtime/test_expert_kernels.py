@@ -81,6 +81,23 @@ def test_bfloat16_experts_are_within_rounding_and_repeat_bit_for_bit():
     assert (out.double() - reference).abs().max() <= 2 ** -6 * reference.abs().max()
 
 
+@needs_interp
+def test_calls_without_tiles_take_the_module_tiles_at_call_time(monkeypatch):
+    """A benchmark sets EK.TILES before building a model (moe_decode.py gpu --tiles): calls that pass no tiles
+    must use it. The tiles' chunking orders the float32 sums, so the default's result differs in its last bits."""
+    x, index, weights, gate_up, down, tau_gate_up, tau_down = _case(7, 64, 48, 2, 4, 0.5, seed=9)
+    gate_up_t, down_t = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+    small = EK.ExpertTiles(block_n=16, block_k=16, iters=1, num_warps=4, apart=1)
+
+    def run(*tiles):
+        return EK.grouped_experts_triton(x, index, weights, gate_up_t, down_t, tau_gate_up, tau_down, silu, *tiles)
+
+    default, chosen = run(EK.TILES), run(small)
+    assert not torch.equal(default, chosen)
+    monkeypatch.setattr(EK, "TILES", small)
+    assert torch.equal(run(), chosen)
+
+
 def test_other_activations_are_refused():
     assert EK.is_silu(silu) and EK.is_silu(torch.nn.SiLU()) and not EK.is_silu(torch.nn.GELU())
     x, index, weights, gate_up, down, tau_gate_up, tau_down = _case(3, 40, 24, 2, 5, 0.0, seed=2)
