@@ -98,11 +98,11 @@ SMOLLM2_SHARDED = dict(SMOLLM2_BUDGET, max_shard_size="100MB")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["pca", "exact"])
-def test_streamed_smollm2_folder_equals_the_whole_model_one(smollm2_folder, streamed_smollm2, kind):
-    streamed = streamed_smollm2(kind)
+def test_streamed_smollm2_folder_equals_the_whole_model_one(smollm2_folder, streamed_smollm2):
+    """The default transform on the real model (every transform is compared so on every family's tiny model)."""
+    streamed = streamed_smollm2("pca")
     whole = streamed.with_name("whole")  # beside it: the same calibration file, so the same settings recorded
-    _convert(smollm2_folder, whole, transform=kind, in_memory=True, **SMOLLM2_SHARDED)
+    _convert(smollm2_folder, whole, transform="pca", in_memory=True, **SMOLLM2_SHARDED)
     assert_same_checkpoint(streamed, whole)
 
 
