@@ -80,30 +80,23 @@ def test_streamed_divergence_allocation_and_sparse_upstream_equal_the_whole_mode
     assert_same_checkpoint(tmp_path / "streamed", tmp_path / "whole")
 
 
+SMOLLM2_SHARDED = dict(SMOLLM2_BUDGET, max_shard_size="100MB")
+
+
 @pytest.fixture(scope="module")
 def streamed_smollm2(smollm2_folder, tmp_path_factory):
-    """transform -> the real SmolLM2 folder converted layer by layer (sharded), once per module."""
-    made = {}
-
-    def make(transform):
-        if transform not in made:
-            made[transform] = tmp_path_factory.mktemp("streamed") / transform
-            _convert(smollm2_folder, made[transform], transform=transform, **SMOLLM2_SHARDED)
-        return made[transform]
-
-    return make
-
-
-SMOLLM2_SHARDED = dict(SMOLLM2_BUDGET, max_shard_size="100MB")
+    """The real SmolLM2 folder converted layer by layer (sharded, default transform pca), once per module."""
+    out = tmp_path_factory.mktemp("streamed") / "pca"
+    _convert(smollm2_folder, out, transform="pca", **SMOLLM2_SHARDED)
+    return out
 
 
 @pytest.mark.slow
 def test_streamed_smollm2_folder_equals_the_whole_model_one(smollm2_folder, streamed_smollm2):
     """The default transform on the real model (every transform is compared so on every family's tiny model)."""
-    streamed = streamed_smollm2("pca")
-    whole = streamed.with_name("whole")  # beside it: the same calibration file, so the same settings recorded
+    whole = streamed_smollm2.with_name("whole")  # beside it: the same calibration file, so the same settings
     _convert(smollm2_folder, whole, transform="pca", in_memory=True, **SMOLLM2_SHARDED)
-    assert_same_checkpoint(streamed, whole)
+    assert_same_checkpoint(streamed_smollm2, whole)
 
 
 @pytest.mark.slow
@@ -111,6 +104,6 @@ def test_streamed_smollm2_gguf_equals_its_transformers_export(smollm2_gguf_path,
     """GGUF tensors are dequantized one at a time, and q/k reordered by transformers' own processor: the
     streamed conversion of the GGUF equals, bit for bit, that of the folder transformers' whole-model GGUF
     loader exported (winaconv.testing.export_gguf_as_folder, the smollm2_folder fixture)."""
-    folder = streamed_smollm2("pca")
-    _convert(smollm2_gguf_path, folder.with_name("gguf"), transform="pca", **SMOLLM2_SHARDED)
-    assert_same_checkpoint(folder.with_name("gguf"), folder, other_source=True)
+    gguf = streamed_smollm2.with_name("gguf")
+    _convert(smollm2_gguf_path, gguf, transform="pca", **SMOLLM2_SHARDED)
+    assert_same_checkpoint(gguf, streamed_smollm2, other_source=True)
