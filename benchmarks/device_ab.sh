@@ -3,6 +3,7 @@
 # folder holding winaconv_runtime/, e.g. `git archive <commit> runtime`), plus the peers. Each step is cut at
 # its own time limit and writes <step>.log (and .json) under $OUT, so a call that runs out keeps what finished.
 #   OLD=.old_runtime bash benchmarks/device_ab.sh gen_short gen_old moe_kernels_ab moe_kernels moe teal_kernels peers
+#   (batch 4: gen_b4 gen_b4_old)
 # The older copy: mkdir .old_runtime && git archive REV runtime | tar -x -C .old_runtime &&
 #   mv .old_runtime/runtime .old_runtime/winaconv_runtime (carry .old_runtime and .peers to the device).
 set -u
@@ -35,6 +36,12 @@ for what in "$@"; do
     gen_old)  # gen_short with the older runtime
       step gen_old 130 old python3 e2e_decode.py generate --batches 1 --levels 0,0.5 --new-tokens 128 \
         --no-baselines --profile-levels "" --out "$OUT/gen_old.json" ;;
+    gen_b4)  # batch 4 at 0 and 50% (the few-token stacked masked products against gen_b4_old)
+      step gen_b4 200 new python3 e2e_decode.py generate --batches 4 --levels 0,0.5 --new-tokens 128 \
+        --no-baselines --profile-levels "" --out "$OUT/gen_b4.json" ;;
+    gen_b4_old)
+      step gen_b4_old 200 old python3 e2e_decode.py generate --batches 4 --levels 0,0.5 --new-tokens 128 \
+        --no-baselines --profile-levels "" --out "$OUT/gen_b4_old.json" ;;
     moe_kernels)  # the grouped expert launches, top-8 of 128 (2048 -> 2x768, 768 -> 2048)
       step moe_kernels_new 200 new python3 moe_decode.py kernels --json "$OUT/moe_kernels_new.json" ;;
     moe_kernels_ab)  # the default tiles alone at 0 and 50%, current runtime then the older copy (a short A/B)

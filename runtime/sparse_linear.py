@@ -68,6 +68,28 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, tau: torch.Tensor
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
+# Decode-sized batches on the GPU path (above batch 1, where the sparse kernel loses to cuBLAS): a product whose
+# segments keep different channels runs as one dense product over every segment's masked input, stacked.
+STACKED_MAX_TOKENS = 8
+
+
+def stacked_masked_products(x: torch.Tensor, weight: torch.Tensor, bias, tau: torch.Tensor, segment_sizes) -> list:
+    """masked_linear's products for a few tokens in one product, as one [T, size] view per segment: row block s of
+    the stacked input [segments * T, in] is x masked by segment s's thresholds, and segment s's columns are read
+    from that block. The weight is read once, as masked_linear reads it segment by segment, but in one launch
+    instead of one per segment (on a GPU at batch 2-8 the launches, not the bytes, were what a sparse level cost
+    over level 0); the extra products are free where the weight's bytes bound the time."""
+    segments, tokens = len(segment_sizes), x.shape[0]
+    stacked = (x.unsqueeze(0) * (x.abs().unsqueeze(0) > tau.unsqueeze(1))).reshape(segments * tokens, -1)
+    y = F.linear(stacked, weight, bias).view(segments, tokens, -1)
+    ends = itertools.accumulate(segment_sizes)
+    return [y[s, :, end - size:end] for s, (size, end) in enumerate(zip(segment_sizes, ends))]
+
+
+def _joined(pieces: list) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+
+
 class SparseLinear(nn.Linear):
     """A drop-in nn.Linear (same parameters, same state-dict keys) with WINA/TEAL input masking.
 
@@ -196,15 +218,22 @@ class SparseLinear(nn.Linear):
                 return group.output_for(self, x)
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
+        group = self.shared_input_group
         if flat.device.type == "cpu" and not _uses_kernels(flat):
             y = self._cpu_forward(flat)
-        elif not self._runs_kernel(flat):
-            y = masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
-        elif self.shared_input_group is not None:
-            y = self.shared_input_group.output_for(self, x)
-        else:
+        elif self._runs_kernel(flat) and group is not None:
+            y = group.output_for(self, x)
+        elif self._runs_kernel(flat):
             y = sparse_linear_triton(flat.contiguous(), self.weight.t(), self.tau, self.segment_ends, self.bias,
                                      self.kept_percent)
+        elif flat.shape[0] > STACKED_MAX_TOKENS:
+            y = masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
+        elif group is not None and group.is_fused:
+            y = group.output_for(self, x, sparse_kernel=False)
+        elif len(self.segment_sizes) > 1:
+            y = _joined(stacked_masked_products(flat, self.weight, self.bias, self.tau, self.segment_sizes))
+        else:
+            y = masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _cpu_forward(self, flat: torch.Tensor) -> torch.Tensor:
@@ -305,29 +334,38 @@ class SharedInputGroup:
                 set_local(m, "bias", fused[start:end])
         return fused
 
-    def output_for(self, member: SparseLinear, x: torch.Tensor) -> torch.Tensor:
+    def output_for(self, member: SparseLinear, x: torch.Tensor, sparse_kernel: bool = True) -> torch.Tensor:
         """member's output for input x: left by the product an earlier member ran on x, or run now for the group
-        (one dense F.linear at level 0, else one sparse kernel launch over the flattened tokens)."""
+        (one dense F.linear at level 0; at a sparse level one sparse kernel launch over the flattened tokens, or,
+        for a few tokens where the kernel does not run, one stacked masked product)."""
         pending = member._pending
         if pending is not None and pending[0] is x:
             member._pending = None
             return pending[1]
         if member.tau is None:
             y = F.linear(x, self.weight_t.t(), self.bias)
-        else:
+        elif sparse_kernel:
             kept_percent = max(m.kept_percent for m in self.members)
             y = sparse_linear_triton(x.reshape(-1, x.shape[-1]).contiguous(), self.weight_t, self.tau,
                                      self.segment_ends, self.bias, kept_percent)
-        return self._hand_out(member, x, y)
+        else:
+            pieces = stacked_masked_products(x.reshape(-1, x.shape[-1]), self.weight_t.t(), self.bias, self.tau,
+                                             self.segment_sizes)
+            outputs, first = [], 0
+            for m in self.members:  # each member's segments are the next ones
+                outputs.append(_joined(pieces[first:first + len(m.segment_sizes)]))
+                first += len(m.segment_sizes)
+            return self._hand_out(member, x, outputs)
+        return self._hand_out(member, x, [y[..., start:end] for start, end in self.column_ranges])
 
-    def _hand_out(self, member: SparseLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """member's columns of the group's output y; the other members' columns wait for their call on x."""
+    def _hand_out(self, member: SparseLinear, x: torch.Tensor, outputs: list) -> torch.Tensor:
+        """member's output of the group's outputs (one per member); the other members' wait for their call on x."""
         own = None
-        for m, (start, end) in zip(self.members, self.column_ranges):
+        for m, output in zip(self.members, outputs):
             if m is member:
-                own = y[..., start:end]
+                own = output
             else:
-                m._pending = (x, y[..., start:end])
+                m._pending = (x, output)
         return own
 
 

@@ -2,6 +2,7 @@
 GreedyDecoder's static-tensor step gives transformers' greedy tokens."""
 
 import copy
+import itertools
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from winaconv.convert.calibrate import uniform_levels
 from winaconv.convert.runtime_model import to_runtime_model, winaconv_section
 from winaconv_runtime import sparse_linear
 from winaconv_runtime.architectures import PROJECTIONS, projection_sizes
+from winaconv_runtime.kernels import sparse_linear_reference
 
 from models import FAMILY_MODELS, random_model
 
@@ -74,6 +76,48 @@ def test_shared_input_linears_take_one_launch_and_keep_the_rule(family, kernels_
     gate_up = (sizes["gate"], sizes["gate"] + sizes["up"])
     per_layer = [qkv, (sizes["o"],), gate_up, (sizes["down"],)]
     assert kernels_on_cpu == per_layer * model.config.num_hidden_layers, "one launch per input, not per projection"
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_stacked_masked_products_keep_the_rule(tokens):
+    """One product over every segment's masked input, each segment's columns from its own row block, equals the
+    rule segment by segment (float64 reference; odd sizes, a bias, a segment that keeps nothing)."""
+    generator = torch.Generator().manual_seed(tokens)
+    sizes, n_in = (5, 11, 3), 37
+    x = torch.randn(tokens, n_in, generator=generator)
+    weight = torch.randn(sum(sizes), n_in, generator=generator)
+    bias = torch.randn(sum(sizes), generator=generator)
+    tau = torch.rand(len(sizes), n_in, generator=generator)
+    tau[2] = float("inf")
+    pieces = sparse_linear.stacked_masked_products(x, weight, bias, tau, sizes)
+    assert [tuple(p.shape) for p in pieces] == [(tokens, size) for size in sizes]
+    expected = sparse_linear_reference(x, weight.t(), tau, list(itertools.accumulate(sizes)), bias, torch.float64)
+    torch.testing.assert_close(torch.cat(pieces, dim=-1).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pieces[2].double(), bias[-3:].double().expand(tokens, -1))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
+def test_few_token_products_read_each_input_in_one_product(family, kernels_on_cpu, monkeypatch):
+    """Batch 2 on the GPU path (the sparse kernel runs at batch 1 only): q/k/v and gate/up, joined or fused, are
+    one stacked masked product each, o and down one masked product: four products a layer, as at level 0, with
+    the rule's logits."""
+    model, ids = sparse_random_model(family)
+    model.set_sparsity(0.5)
+    kernels_on_cpu_tensors(False)
+    reference = decode_logits(model, ids[:, :12])
+    kernels_on_cpu_tensors(True)
+    model.set_sparsity(0.5)
+    products = []
+    for name in ("stacked_masked_products", "masked_linear"):
+        original = getattr(sparse_linear, name)
+        monkeypatch.setattr(sparse_linear, name, lambda *a, _f=original, _n=name: products.append(_n) or _f(*a))
+    with torch.no_grad():
+        past = model(ids[:, :11], use_cache=True).past_key_values
+        products.clear()
+        step = model(ids[:, 11:12], past_key_values=past).logits
+    torch.testing.assert_close(step, reference, rtol=1e-4, atol=1e-5)
+    per_layer = ["stacked_masked_products", "masked_linear"] * 2
+    assert products == per_layer * model.config.num_hidden_layers and not kernels_on_cpu
 
 
 def test_stored_sparsities_pick_the_kernel_kind(kernels_on_cpu):
@@ -151,15 +195,16 @@ def test_joined_weights_survive_a_dtype_change(kernels_on_cpu):
     torch.testing.assert_close(fused, decode_logits(model, ids[:1, :12]))
 
 
-def test_decode_step_compiles_without_graph_breaks(kernels_on_cpu):
+@pytest.mark.parametrize("batch", [1, 2])  # the sparse kernel, the stacked masked products
+def test_decode_step_compiles_without_graph_breaks(kernels_on_cpu, batch):
     model, ids = sparse_random_model("llama")
     model.set_sparsity(0.5)
     with torch.no_grad():
-        past = model(ids[:1, :11], use_cache=True).past_key_values
-        eager = model(ids[:1, 11:12], past_key_values=copy.deepcopy(past)).logits
+        past = model(ids[:batch, :11], use_cache=True).past_key_values
+        eager = model(ids[:batch, 11:12], past_key_values=copy.deepcopy(past)).logits
         step = torch.compile(lambda token, cache: model(token, past_key_values=cache).logits, backend="eager",
                              fullgraph=True)
-        compiled = step(ids[:1, 11:12], copy.deepcopy(past))
+        compiled = step(ids[:batch, 11:12], copy.deepcopy(past))
     torch.testing.assert_close(compiled, eager)
 
 
