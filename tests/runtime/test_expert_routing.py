@@ -47,6 +47,25 @@ def test_routing_equals_the_float64_reference(rows, experts, top_k, normalize, d
 
 
 @needs_interp
+@pytest.mark.parametrize("rows,experts,hidden,top_k", [(1, 128, 300, 8), (3, 60, 37, 4), (8, 7, 513, 2), (2, 1, 16, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_and_routing_in_one_launch_keep_the_rule(rows, experts, hidden, top_k, dtype):
+    """The router's product (float64 reference, rounded to the dtype as F.linear's output is) and the routing
+    from those logits, exactly as `route` gives it; twice, so the reset tickets serve the next launch."""
+    g = torch.Generator().manual_seed(rows * experts + hidden)
+    x = torch.randn(rows, hidden, generator=g).to(dtype)
+    weight = (torch.randn(experts, hidden, generator=g) / hidden ** 0.5).to(dtype)
+    for _ in range(2):
+        with checked_where_possible():
+            logits, scores, indices = ER.router_and_route(x, weight, top_k, normalize=True)
+        product = x.double() @ weight.double().t()
+        ulp = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7}[dtype]
+        assert logits.dtype == dtype and (logits.double() - product).abs().max() <= ulp * product.abs().max() + 1e-6
+        expected_scores, expected_indices = ER.route(logits, top_k, normalize=True)
+        assert torch.equal(indices, expected_indices) and torch.equal(scores, expected_scores)
+
+
+@needs_interp
 def test_equal_probabilities_go_to_the_lower_expert_and_scores_can_stay_float32():
     logits = torch.tensor([[0.5, 2.0, 2.0, -1.0, 2.0], [1.0, 1.0, 1.0, 1.0, 1.0]], dtype=torch.bfloat16)
     scores, indices = ER.route(logits, 2, normalize=True, scores_dtype=torch.float32)
@@ -67,19 +86,24 @@ def test_every_router_keeps_its_experts_and_generate_keeps_transformers_tokens(f
     model = random_moe(family, seed=3)
     prompt = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
     routers = [layer.mlp.gate for layer in model.model.layers]
-    hidden = torch.randn(9, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
-    expected = [router(hidden) for router in routers]
+    prefill = torch.randn(ER.FUSED_MAX_TOKENS + 1, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    step = prefill[:3]  # a decode-sized batch: the router's product in the routing launch
+    expected = [(router(prefill), router(step)) for router in routers]
     tokens = _greedy(model, prompt)
-    calls = []
-    kernel = ER.route
-    monkeypatch.setattr(ER, "route", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    calls = {"route": [], "router_and_route": []}
+    for name, kernel in ((name, getattr(ER, name)) for name in calls):
+        monkeypatch.setattr(ER, name, lambda *a, _k=kernel, _n=name, **k: calls[_n].append(1) or _k(*a, **k))
     assert ER.install(model) == len(routers) and ER.install(model) == len(routers)  # idempotent
-    for router, (logits, scores, indices) in zip(routers, expected):
-        got_logits, got_scores, got_indices = router(hidden)
+    for router, ((logits, scores, indices), (step_logits, step_scores, step_indices)) in zip(routers, expected):
+        got_logits, got_scores, got_indices = router(prefill)
         assert torch.equal(got_logits, logits) and torch.equal(got_indices, indices)
         assert got_scores.dtype == scores.dtype and (got_scores - scores).abs().max() <= 1e-6
+        got_logits, got_scores, got_indices = router(step)  # the product summed in another order
+        assert (got_logits - step_logits).abs().max() <= 1e-5 and torch.equal(got_indices, step_indices)
+        assert got_scores.dtype == step_scores.dtype and (got_scores - step_scores).abs().max() <= 1e-5
     assert torch.equal(_greedy(model, prompt), tokens)
-    assert len(calls) >= len(routers) * 7  # the kernel ran in the routers and in generate's steps
+    assert len(calls["route"]) == 2 * len(routers)  # the routers' and the prompt's (14 tokens) routing
+    assert len(calls["router_and_route"]) == len(routers) * 6  # the routers' step and generate's five steps
 
 
 def _greedy(model, prompt):
