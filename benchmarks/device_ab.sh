@@ -62,7 +62,7 @@ for what in "$@"; do
 print(min(row, key=row.get))" "$OUT/moe_kernels_new.json" 2>/dev/null || echo default)
       echo "   moe_kernels' best tiles at 50%: $best"
       [ "$best" = default ] && tiles=() || tiles=(--tiles "$best")
-      step moe_best 240 new python3 moe_decode.py gpu --no-baselines --levels 0,0.5,0.65 --profile-levels 0.5 \
+      step moe_best 240 new python3 moe_decode.py gpu --no-baselines --levels 0,0.5,0.65 --profile-levels 0,0.5 \
         --tokens 32 --repeats 3 "${tiles[@]}" --json "$OUT/moe_best.json" ;;
     moe_short)  # the same at 0 and 50% only, a profile at 50%
       step moe_short 200 new python3 moe_decode.py gpu --no-baselines --levels 0,0.5 --profile-levels 0.5 \
