@@ -221,11 +221,9 @@ class SparseLinear(nn.Linear):
         group = self.shared_input_group
         if flat.device.type == "cpu" and not _uses_kernels(flat):
             y = self._cpu_forward(flat)
-        elif self._runs_kernel(flat) and group is not None:
-            y = group.output_for(self, x)
         elif self._runs_kernel(flat):
-            y = sparse_linear_triton(flat.contiguous(), self.weight.t(), self.tau, self.segment_ends, self.bias,
-                                     self.kept_percent)
+            y = group.output_for(self, x) if group is not None else sparse_linear_triton(
+                flat.contiguous(), self.weight.t(), self.tau, self.segment_ends, self.bias, self.kept_percent)
         elif flat.shape[0] > STACKED_MAX_TOKENS:
             y = masked_linear(flat, self.weight, self.bias, self.tau, self.segment_sizes)
         elif group is not None and group.is_fused:
