@@ -65,7 +65,12 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, tau: torch.Tensor
     biases = bias.split(segment_sizes) if bias is not None else [None] * len(segment_sizes)
     for w, b, t in zip(weight.split(segment_sizes, dim=0), biases, tau):
         outputs.append(F.linear(x * (x.abs() > t).to(x.dtype), w, b))
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+    return _joined(outputs)
+
+
+def _joined(pieces: list) -> torch.Tensor:
+    """Per-segment outputs side by side (no copy for one)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
 
 # Decode-sized batches on the GPU path (above batch 1, where the sparse kernel loses to cuBLAS): a product whose
@@ -77,17 +82,13 @@ def stacked_masked_products(x: torch.Tensor, weight: torch.Tensor, bias, tau: to
     """masked_linear's products for a few tokens in one product, as one [T, size] view per segment: row block s of
     the stacked input [segments * T, in] is x masked by segment s's thresholds, and segment s's columns are read
     from that block. The weight is read once, as masked_linear reads it segment by segment, but in one launch
-    instead of one per segment (on a GPU at batch 2-8 the launches, not the bytes, were what a sparse level cost
-    over level 0); the extra products are free where the weight's bytes bound the time."""
+    instead of one per segment, as level 0 runs a joined group; the extra products cost little where the weight's
+    bytes bound the time."""
     segments, tokens = len(segment_sizes), x.shape[0]
     stacked = (x.unsqueeze(0) * (x.abs().unsqueeze(0) > tau.unsqueeze(1))).reshape(segments * tokens, -1)
     y = F.linear(stacked, weight, bias).view(segments, tokens, -1)
     ends = itertools.accumulate(segment_sizes)
     return [y[s, :, end - size:end] for s, (size, end) in enumerate(zip(segment_sizes, ends))]
-
-
-def _joined(pieces: list) -> torch.Tensor:
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
 
 class SparseLinear(nn.Linear):
