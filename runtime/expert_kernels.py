@@ -75,8 +75,8 @@ if HAS_TRITON:
         pair, block, segment, chunk, expert, cols, col_ok = _program(experts_ptr, width, BLOCK_N)
         tau = tau_ptr + expert * stride_te
         rows = w_ptr + expert * stride_we
-        acc_gate = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_gate = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         for it in tl.static_range(ITERS):  # unrolled: every chunk's loads can be in flight together
             ks = (chunk * ITERS + it) * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = ks < in_features
@@ -86,7 +86,7 @@ if HAS_TRITON:
                 keep = magnitude > tl.load(tau + segment * stride_ts + ks, mask=k_ok, other=float("inf"))
                 w = rows + ks[:, None] * stride_wk + segment * width + cols[None, :]
                 part = tl.load(w, mask=keep[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
-                acc_gate += tl.sum(part.to(tl.float32) * x[:, None], axis=0)
+                acc_gate += part.to(tl.float32) * x[:, None]
             else:
                 keep_gate = magnitude > tl.load(tau + ks, mask=k_ok, other=float("inf"))
                 keep_up = magnitude > tl.load(tau + stride_ts + ks, mask=k_ok, other=float("inf"))
@@ -94,14 +94,14 @@ if HAS_TRITON:
                 gate = tl.load(w, mask=keep_gate[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
                 up = tl.load(w + width, mask=keep_up[:, None] & col_ok[None, :], other=0.0,
                              eviction_policy="evict_first")
-                acc_gate += tl.sum(gate.to(tl.float32) * x[:, None], axis=0)
-                acc_up += tl.sum(up.to(tl.float32) * x[:, None], axis=0)
+                acc_gate += gate.to(tl.float32) * x[:, None]
+                acc_up += up.to(tl.float32) * x[:, None]
         partial = ws_ptr + pair * stride_wsp + cols
         if APART:
-            tl.store(partial + chunk * stride_wsc + segment * width, acc_gate, mask=col_ok)
+            tl.store(partial + chunk * stride_wsc + segment * width, tl.sum(acc_gate, axis=0), mask=col_ok)
         else:
-            tl.store(partial + chunk * stride_wsc, acc_gate, mask=col_ok)
-            tl.store(partial + chunk * stride_wsc + width, acc_up, mask=col_ok)
+            tl.store(partial + chunk * stride_wsc, tl.sum(acc_gate, axis=0), mask=col_ok)
+            tl.store(partial + chunk * stride_wsc + width, tl.sum(acc_up, axis=0), mask=col_ok)
         ticket = pair * tl.cdiv(width, BLOCK_N) + block
         if take_ticket(tickets_ptr, ticket, tl.num_programs(2) * (2 if APART else 1)):
             gate_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -121,7 +121,7 @@ if HAS_TRITON:
         """Program (pair, n, chunk): the pair's down partial for columns n*BLOCK_N.. over chunk `chunk`; the
         last program of the token's block (top_k pairs x chunks) stores y = sum_k weight_k * down_k."""
         pair, block, _, chunk, expert, cols, col_ok = _program(experts_ptr, out_features, BLOCK_N)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         for it in tl.static_range(ITERS):
             ks = (chunk * ITERS + it) * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = ks < in_features
@@ -129,8 +129,8 @@ if HAS_TRITON:
             keep = tl.abs(h) > tl.load(tau_ptr + expert * stride_te + ks, mask=k_ok, other=float("inf"))
             w = tl.load(w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :],
                         mask=keep[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
-            acc += tl.sum(w.to(tl.float32) * h[:, None], axis=0)
-        tl.store(ws_ptr + chunk * stride_wsc + pair * stride_wsp + cols, acc, mask=col_ok)
+            acc += w.to(tl.float32) * h[:, None]
+        tl.store(ws_ptr + chunk * stride_wsc + pair * stride_wsp + cols, tl.sum(acc, axis=0), mask=col_ok)
         token = pair // top_k
         ticket = token * tl.num_programs(1) + block
         chunks = tl.num_programs(2)

@@ -385,37 +385,13 @@ def _launch_groups(ends, block_n) -> list[LaunchGroup]:
     return groups
 
 
-def partial_splits(num_tokens: int, in_features: int, out_features: int, kept_percent: int = 100,
-                   dtype: torch.dtype = torch.bfloat16) -> int:
-    """How many fp32 K-split partials the product's launch leaves to a reduce launch (0: it stores y itself: one
-    K split, the kept-list kind, a ticket reduce, or more than 16 tokens). Inside a compiled graph the runtime takes
-    those partials and sums them in torch (sparse_linear_triton), so that inductor folds the sum and the bias into
-    the kernel that reads y next instead of a launch of their own."""
-    cfg = choose_config(num_tokens, in_features, out_features, kept_percent)
-    return _reduce_splits(num_tokens, in_features, cfg, dtype)
-
-
-def _reduce_splits(num_tokens: int, in_features: int, cfg: KernelConfig, dtype: torch.dtype) -> int:
-    """launch()'s own arithmetic: the K splits whose partials its reduce launch sums with this config (0: none)."""
-    use_dot = num_tokens > 1 or dtype == torch.float64
-    if num_tokens > 16 or (cfg.kind == "list" and not use_dot) or cfg.fused_reduce:
-        return 0
-    splits = -(-in_features // (cfg.block_k * cfg.iters))
-    return splits if splits > 1 else 0
-
-
-def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = None, kept_percent: int = 100,
-           partials: bool = False):
-    """The launches of one product with an explicit config (no torch.library wrapper: benchmarks and tests).
-    partials: where the tile leaves K-split partials to a reduce launch, return them instead ([splits, T, N]
-    float32, no bias); partial_splits says where."""
+def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = None, kept_percent: int = 100):
+    """The launches of one product with an explicit config (no torch.library wrapper: benchmarks and tests)."""
     T, K = x.shape
     N = weight_t.shape[1]
     ends = [int(e) for e in segment_ends]
     if cfg is None:
         cfg = choose_config(T, K, N, kept_percent)
-    if partials and not _reduce_splits(T, K, cfg, x.dtype):
-        raise ValueError("this launch leaves no partials (partial_splits)")
     if T > 16:  # decode-sized kernel: larger batches go 16 tokens per launch (callers use dense there)
         return torch.cat([launch(x[i:i + 16], weight_t, tau, segment_ends, bias, cfg)
                           for i in range(0, T, 16)], dim=0)
@@ -449,8 +425,6 @@ def launch(x, weight_t, tau, segment_ends, bias, cfg: Optional[KernelConfig] = N
             ITERS=cfg.iters,
             BLOCK_T=block_t, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
-    if partials:
-        return ws
     if split and not fused:
         _split_reduce_kernel[(triton.cdiv(N, _REDUCE_BLOCK_N), T)](
             ws, bias if has_bias else unused, y, N, nsplit, ws.stride(0), ws.stride(1), y.stride(0),
@@ -540,25 +514,12 @@ def _sparse_linear_fake(x, weight_t, tau, segment_ends, bias, kept_percent):
     return x.new_empty((x.shape[0], weight_t.shape[1]))
 
 
-def _partials_call(x: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor, segment_ends: List[int],
-                   kept_percent: int) -> torch.Tensor:
-    return launch(x, weight_t, tau, segment_ends, None, kept_percent=kept_percent, partials=True)
-
-
-def _partials_fake(x, weight_t, tau, segment_ends, kept_percent):
-    splits = partial_splits(x.shape[0], x.shape[1], weight_t.shape[1], kept_percent, x.dtype)
-    return x.new_empty((splits, x.shape[0], weight_t.shape[1]), dtype=torch.float32)
-
-
 _op = opaque_op(f"sparse_linear_v{_OP_VERSION}", _sparse_linear_call, _sparse_linear_fake) if HAS_TRITON else None
-_partials_op = (opaque_op(f"sparse_linear_partials_v{_OP_VERSION}", _partials_call, _partials_fake)
-                if HAS_TRITON else None)
 
 
 def sparse_linear_triton(x, weight_t, tau, segment_ends, bias=None, kept_percent: int = 100):
-    """Triton path (GPU, or CPU under TRITON_INTERPRET=1), registered as torch.ops.winaconv.sparse_linear_v3;
-    inside a compiled graph, a product that leaves K-split partials is torch.ops.winaconv.sparse_linear_partials_v3
-    and a sum (partial_splits). kept_percent: the share of input channels the stored level keeps (it picks the
+    """Triton path (GPU, or CPU under TRITON_INTERPRET=1), registered as torch.ops.winaconv.sparse_linear_v3.
+    kept_percent: the share of input channels the stored level keeps (it picks the
     kernel kind)."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use sparse_linear_reference")
@@ -570,10 +531,6 @@ def sparse_linear_triton(x, weight_t, tau, segment_ends, bias=None, kept_percent
     if tau.dtype != torch.float32 or tau.stride(1) != 1:
         tau = tau.float().contiguous()
     ends = [int(e) for e in segment_ends]
-    if torch.compiler.is_compiling() and partial_splits(x.shape[0], x.shape[1], weight_t.shape[1], kept_percent,
-                                                        x.dtype):
-        y = _partials_op(x, weight_t, tau, ends, int(kept_percent)).sum(0)  # inductor fuses it into y's reader
-        return (y if bias is None else y + bias.float()).to(x.dtype)
     return _op(x, weight_t, tau, ends, bias, int(kept_percent))
 
 

@@ -310,30 +310,6 @@ def test_compile_fullgraph_and_fake():
         assert out.shape == (3, 450) and out.dtype == torch.bfloat16
 
 
-@needs_interp
-def test_compiled_products_return_partials_that_torch_sums(monkeypatch):
-    """Inside a compiled graph a product with K-split partials is the partials op + a torch sum (inductor folds the
-    sum into y's reader): equal to the float64 reference, traced whole, with the partials' fake shape right."""
-    in_f, ends = 1100, (200, 450)  # the interpreter's config: 512-row K tiles, so 3 partials
-    assert K.partial_splits(1, in_f, 450, 100, torch.float32) == 3 and K.partial_splits(1, 300, 450) == 0
-    x, w, tau, b = _make(in_f, ends, 1, 0.5, torch.float32, True, 17)
-    reference = masked_product_float64(x, w, tau, ends, b)
-    partials = K.launch(x, w, tau, ends, None, partials=True)
-    assert partials.shape == (3, 1, 450) and partials.dtype == torch.float32
-    assert _rel(partials.double().sum(0) + b.double(), reference) < 1e-5
-    torch._dynamo.reset()
-    calls = []
-    monkeypatch.setattr(K, "_op", lambda *args: calls.append(args))  # the one-launch op must not be traced
-    compiled = torch.compile(lambda v: K.sparse_linear_triton(v, w, tau, ends, b) * 2.0, fullgraph=True,
-                             backend="aot_eager")
-    assert _rel(compiled(x) / 2, reference) < 1e-5 and not calls
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    with FakeTensorMode():
-        fake = torch.ops.winaconv.sparse_linear_partials_v3(torch.empty(1, in_f), torch.empty(in_f, 450),
-                                                            torch.empty(2, in_f), list(ends), 100)
-        assert fake.shape == (3, 1, 450) and fake.dtype == torch.float32
-
-
 @pytest.mark.skipif(_INTERPRETED or _IN_SUBPROCESS or not K.HAS_TRITON,
                     reason="kernels already run in this process under the interpreter")
 def test_kernels_in_fresh_subprocess():
