@@ -519,8 +519,7 @@ _op = opaque_op(f"sparse_linear_v{_OP_VERSION}", _sparse_linear_call, _sparse_li
 
 def sparse_linear_triton(x, weight_t, tau, segment_ends, bias=None, kept_percent: int = 100):
     """Triton path (GPU, or CPU under TRITON_INTERPRET=1), registered as torch.ops.winaconv.sparse_linear_v3.
-    kept_percent: the share of input channels the stored level keeps (it picks the
-    kernel kind)."""
+    kept_percent: the share of input channels the stored level keeps (it picks the kernel kind)."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use sparse_linear_reference")
     _check_args(x, weight_t, tau, segment_ends, bias)
