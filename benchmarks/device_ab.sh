@@ -42,7 +42,8 @@ for what in "$@"; do
       step gen_b4_old 200 old python3 e2e_decode.py generate --batches 4 --levels 0,0.5 --new-tokens 128 \
         --no-baselines --profile-levels "" --out "$OUT/gen_b4_old.json" ;;
     moe_kernels)  # the grouped expert launches, top-8 of 128 (2048 -> 2x768, 768 -> 2048)
-      step moe_kernels_new 200 new python3 moe_decode.py kernels --json "$OUT/moe_kernels_new.json" ;;
+      step moe_kernels_new 200 new python3 moe_decode.py kernels --levels 0.5,0,0.65,0.25,0.8 \
+        --json "$OUT/moe_kernels_new.json" ;;
     moe_kernels_ab)  # the default tiles alone at 0 and 50%, current runtime then the older copy (a short A/B)
       step moe_kernels_ab_new 100 new python3 moe_decode.py kernels --candidates default --levels 0,0.5 \
         --json "$OUT/moe_kernels_ab_new.json"

@@ -296,6 +296,7 @@ def kernels(args) -> dict:
         results[f"grouped_ms_{sparsity:g}"] = row
         print(f"| {sparsity:g} | {floor * 1e3:.1f} | " + " | ".join(f"{v * 1e3:.1f}" for v in row.values())
               + f" | {results['dense_ms'] / row['default']:.2f} |", flush=True)
+        save_json(args.json, results)  # a sweep cut short keeps the levels it finished
     return results
 
 
