@@ -38,9 +38,9 @@ class ExpertTiles(NamedTuple):
     """One program's share: BLOCK_N output columns x ITERS*BLOCK_K input rows of one pair. In the gate/up launch
     a program reads those columns of gate and of up, or (apart=1) of one of them, half the registers per
     program and twice the programs (the dense linears' kernel treats its segments so)."""
-    block_n: int = 128
-    block_k: int = 32
-    iters: int = 8
+    block_n: int = 32
+    block_k: int = 512
+    iters: int = 1
     num_warps: int = 4
     apart: int = 0
 
