@@ -3,6 +3,7 @@
 # folder holding winaconv_runtime/, e.g. `git archive <commit> runtime`), plus the peers. Each step is cut at
 # its own time limit and writes <step>.log (and .json) under $OUT, so a call that runs out keeps what finished.
 #   OLD=.old_runtime bash benchmarks/device_ab.sh gen_short gen_old moe_kernels_ab moe_kernels moe teal_kernels peers
+#   (MoE decode step at 50%, current against older: moe_step_ab)
 #   (batch 4: gen_b4 gen_b4_old)
 # The older copy: mkdir .old_runtime && git archive REV runtime | tar -x -C .old_runtime &&
 #   mv .old_runtime/runtime .old_runtime/winaconv_runtime (carry .old_runtime and .peers to the device).
@@ -67,6 +68,11 @@ print(min(row, key=row.get))" "$OUT/moe_kernels_new.json" 2>/dev/null || echo de
     moe_short)  # the same at 0 and 50% only, a profile at 50%
       step moe_short 200 new python3 moe_decode.py gpu --no-baselines --levels 0,0.5 --profile-levels 0.5 \
         --tokens 32 --repeats 3 --json "$OUT/moe_short.json" ;;
+    moe_step_ab)  # 50% alone, the current runtime then the older copy (a short A/B of the decode step)
+      step moe_step_ab_new 140 new python3 moe_decode.py gpu --no-baselines --levels 0.5 --tokens 32 --repeats 3 \
+        --json "$OUT/moe_step_ab_new.json"
+      step moe_step_ab_old 140 old python3 moe_decode.py gpu --no-baselines --levels 0.5 --tokens 32 --repeats 3 \
+        --json "$OUT/moe_step_ab_old.json" ;;
     moe_old)
       step moe_old 150 old python3 moe_decode.py gpu --no-baselines --levels 0,0.5 --tokens 32 --repeats 3 \
         --json "$OUT/moe_old.json" ;;

@@ -46,6 +46,9 @@ EXPERT_CANDIDATES = {
     # the dense linears' tile geometry (one wide masked load of many rows per program)
     "n64k512i1": (64, 512, 1, 4), "n64k256i1": (64, 256, 1, 4), "n128k256i1": (128, 256, 1, 4),
     "n32k512i1": (32, 512, 1, 4), "n64k128i2": (64, 128, 2, 4),
+    # around n32k512i1: narrower, shorter, more warps a program (fewer accumulator registers a thread), apart
+    "n16k512i1": (16, 512, 1, 4), "n32k256i1": (32, 256, 1, 4), "n32k512i1w8": (32, 512, 1, 8),
+    "n16k1024i1w8": (16, 1024, 1, 8), "n32k512i1a": (32, 512, 1, 4, 1),
     # gate and up read by different programs ("a": apart)
     "n128k32i8a": (128, 32, 8, 4, 1), "n64k256i1a": (64, 256, 1, 4, 1), "n128k128i2a": (128, 128, 2, 4, 1),
     "n64k512i1a": (64, 512, 1, 4, 1), "n256k32i4w8a": (256, 32, 4, 8, 1)}
