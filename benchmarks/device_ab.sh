@@ -43,7 +43,7 @@ for what in "$@"; do
       step gen_b4_old 200 old python3 e2e_decode.py generate --batches 4 --levels 0,0.5 --new-tokens 128 \
         --no-baselines --profile-levels "" --out "$OUT/gen_b4_old.json" ;;
     moe_kernels)  # the grouped expert launches, top-8 of 128 (2048 -> 2x768, 768 -> 2048)
-      step moe_kernels_new 200 new python3 moe_decode.py kernels --levels 0.5,0,0.65,0.25,0.8 \
+      step moe_kernels_new 280 new python3 moe_decode.py kernels --levels 0.5,0,0.65,0.25,0.8 \
         --json "$OUT/moe_kernels_new.json" ;;
     moe_kernels_ab)  # the default tiles alone at 0 and 50%, current runtime then the older copy (a short A/B)
       step moe_kernels_ab_new 100 new python3 moe_decode.py kernels --candidates default --levels 0,0.5 \
@@ -58,13 +58,19 @@ for what in "$@"; do
     moe)  # Qwen3-30B-A3B config, generate() and the decode step alone at 0, 50 and 65%
       step moe_new 240 new python3 moe_decode.py gpu --no-baselines --levels 0,0.5,0.65 --profile-levels 0,0.5 \
         --tokens 32 --repeats 3 --json "$OUT/moe_new.json" ;;
-    moe_best)  # `moe` with the tiles that won moe_kernels at 50% (run moe_kernels first in the same call)
-      best=$(python3 -c "import json, sys; row = json.load(open(sys.argv[1]))['grouped_ms_0.5']
-print(min(row, key=row.get))" "$OUT/moe_kernels_new.json" 2>/dev/null || echo default)
-      echo "   moe_kernels' best tiles at 50%: $best"
-      [ "$best" = default ] && tiles=() || tiles=(--tiles "$best")
-      step moe_best 240 new python3 moe_decode.py gpu --no-baselines --levels 0,0.5,0.65 --profile-levels 0,0.5 \
-        --tokens 32 --repeats 3 "${tiles[@]}" --json "$OUT/moe_best.json" ;;
+    moe_best)  # `moe` with the tiles that won moe_kernels at 50%, each launch's own (run moe_kernels first in the same call)
+      tiles=($(python3 -c "import json, sys; found = json.load(open(sys.argv[1]))
+best = lambda key: min(found[key], key=found[key].get)
+if 'down_ms_0.5' in found:
+    print(best('gate_up_ms_0.5'), best('down_ms_0.5'))
+else:
+    print(best('grouped_ms_0.5'))" "$OUT/moe_kernels_new.json" 2>/dev/null))
+      echo "   moe_kernels' best tiles at 50% (gate/up, down): ${tiles[*]:-none found}"
+      args=()
+      [ -n "${tiles[0]:-}" ] && args+=(--tiles "${tiles[0]}")
+      [ -n "${tiles[1]:-}" ] && args+=(--down-tiles "${tiles[1]}")
+      step moe_best 240 new python3 moe_decode.py gpu --no-baselines --levels 0.5,0,0.65 --profile-levels 0.5 \
+        --tokens 32 --repeats 3 "${args[@]}" --json "$OUT/moe_best.json" ;;
     moe_short)  # the same at 0 and 50% only, a profile at 50%
       step moe_short 200 new python3 moe_decode.py gpu --no-baselines --levels 0,0.5 --profile-levels 0.5 \
         --tokens 32 --repeats 3 --json "$OUT/moe_short.json" ;;

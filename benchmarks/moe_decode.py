@@ -52,6 +52,7 @@ EXPERT_CANDIDATES = {
     # gate and up read by different programs ("a": apart)
     "n128k32i8a": (128, 32, 8, 4, 1), "n64k256i1a": (64, 256, 1, 4, 1), "n128k128i2a": (128, 128, 2, 4, 1),
     "n64k512i1a": (64, 512, 1, 4, 1), "n256k32i4w8a": (256, 32, 4, 8, 1)}
+TILE_CHOICES = {"default": (), **EXPERT_CANDIDATES}  # --tiles / --down-tiles ("default": the runtime's own)
 
 
 def random_moe(shape: dict, dtype, device: str):
@@ -161,15 +162,19 @@ def _cpu_breakdown(model, prompt, levels, steps: int, repeats: int) -> dict:
 
 
 def gpu(args) -> dict:
-    if args.tiles:  # before the model is built and compiled: the kernels read TILES at each call
+    if args.tiles or args.down_tiles:  # before the model is built and compiled: the kernels read them at each call
         from winaconv_runtime import expert_kernels
-        expert_kernels.TILES = expert_kernels.ExpertTiles(*EXPERT_CANDIDATES[args.tiles])
-        print(f"expert tiles {args.tiles}: {expert_kernels.TILES}", flush=True)
+        if args.tiles:
+            expert_kernels.TILES = expert_kernels.ExpertTiles(*TILE_CHOICES[args.tiles])
+        if args.down_tiles:
+            expert_kernels.DOWN_TILES = expert_kernels.ExpertTiles(*TILE_CHOICES[args.down_tiles])
+        print(f"expert tiles {args.tiles or 'default'}: {expert_kernels.TILES}; down "
+              f"{args.down_tiles or 'the same'}", flush=True)
     base = random_moe(QWEN3_30B_A3B, torch.bfloat16, "cuda")
     prompt = torch.randint(3, 1000, (1, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     bandwidth = copy_bandwidth()  # bytes moved per second; a read-only stream moves about as many
     results = {"versions": versions(), "device": torch.cuda.get_device_name(), "copy_bandwidth_bytes_per_s": bandwidth,
-               "new_tokens": args.tokens, "tiles": args.tiles or "default",
+               "new_tokens": args.tokens, "tiles": args.tiles or "default", "down_tiles": args.down_tiles or "same",
                "weights_gib": _gib(torch.cuda.memory_allocated())}
     print(f"{results['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, weights {results['weights_gib']:.1f} GiB",
           flush=True)
@@ -248,7 +253,7 @@ def kernels(args) -> dict:
     (gather + batched matmul), each timed in a CUDA graph of 16 calls over 16 different routings (the expert
     tables are 1.2 GB: a call's experts are not in L2 from the last call). The floor: the routed experts' kept
     bytes at the copy bandwidth."""
-    from winaconv_runtime.expert_kernels import TILES, ExpertTiles, grouped_experts_triton
+    from winaconv_runtime.expert_kernels import TILES, ExpertTiles, grouped_experts_triton, launch_down, launch_gate_up
 
     experts, hidden, width, top_k, calls = 128, 2048, 768, 8, 16
     g = torch.Generator("cuda").manual_seed(0)
@@ -291,15 +296,26 @@ def kernels(args) -> dict:
         level_down = torch.quantile(h[:1 << 20], sparsity).item() if sparsity else -1.0
         tau_gate_up = torch.full((experts, 2, hidden), level, device="cuda")
         tau_down = torch.full((experts, width), level_down, device="cuda")
-        row = {}
+        hidden = [launch_gate_up(x, index[0], gate_up_t, tau_gate_up, top_k) for index in routings]  # down's input
+        row, gate_up_row, down_row = {}, {}, {}
         for name, tiles in candidates.items():
             row[name] = timed(lambda index, tiles=tiles: grouped_experts_triton(
                 x, index, weights, gate_up_t, down_t, tau_gate_up, tau_down, silu, tiles))
+            # each launch alone, so that the two may take different tiles (DOWN_TILES)
+            gate_up_row[name] = timed(lambda index, tiles=tiles: launch_gate_up(
+                x, index[0], gate_up_t, tau_gate_up, top_k, tiles))
+            down_row[name] = graph_time(lambda i, tiles=tiles: launch_down(
+                hidden[i], routings[i][0], weights[0], down_t, tau_down, top_k, tiles), calls, loop=calls) / 1e3
         floor = expert_bytes * (1 - sparsity) / bandwidth * 1e3
         results[f"floor_ms_{sparsity:g}"] = floor
         results[f"grouped_ms_{sparsity:g}"] = row
+        results[f"gate_up_ms_{sparsity:g}"], results[f"down_ms_{sparsity:g}"] = gate_up_row, down_row
         print(f"| {sparsity:g} | {floor * 1e3:.1f} | " + " | ".join(f"{v * 1e3:.1f}" for v in row.values())
               + f" | {results['dense_ms'] / row['default']:.2f} |", flush=True)
+        best_gate_up, best_down = min(gate_up_row, key=gate_up_row.get), min(down_row, key=down_row.get)
+        print(f"  alone: gate/up {best_gate_up} {gate_up_row[best_gate_up] * 1e3:.1f} us (default "
+              f"{gate_up_row['default'] * 1e3:.1f}), down {best_down} {down_row[best_down] * 1e3:.1f} us (default "
+              f"{down_row['default'] * 1e3:.1f})", flush=True)
         save_json(args.json, results)  # a sweep cut short keeps the levels it finished
     return results
 
@@ -443,7 +459,9 @@ def main() -> int:
     parser.add_argument("--levels", help="gpu, kernels: comma-separated levels (default: 0,0.25,0.4,0.5,0.65; "
                         "kernels: 0,0.25,0.4,0.5,0.65,0.8)")
     parser.add_argument("--candidates", help="kernels: only these tiles beside the default (comma-separated names)")
-    parser.add_argument("--tiles", choices=sorted(EXPERT_CANDIDATES), help="gpu: expert tiles other than the default")
+    parser.add_argument("--tiles", choices=sorted(TILE_CHOICES), help="gpu: expert tiles other than the default")
+    parser.add_argument("--down-tiles", choices=sorted(TILE_CHOICES),
+                        help="gpu: the down launch's own tiles (default: the same as gate/up's)")
     parser.add_argument("--profile-levels", default="", help="gpu: levels whose decode step is profiled by kernel")
     parser.add_argument("--no-baselines", action="store_true", help="gpu: skip transformers' static cache + compile")
     parser.add_argument("--breakdown", action="store_true", help="cpu: the step's time by kind of module")

@@ -49,6 +49,7 @@ class ExpertTiles(NamedTuple):
 
 
 TILES = ExpertTiles()
+DOWN_TILES: ExpertTiles | None = None  # the down launch's, where they differ from TILES (a benchmark may set them)
 
 
 if HAS_TRITON:
@@ -223,20 +224,23 @@ def is_silu(activation) -> bool:
 
 def grouped_experts_triton(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                            gate_up_t: torch.Tensor, down_t: torch.Tensor, tau_gate_up: torch.Tensor,
-                           tau_down: torch.Tensor, activation, tiles: ExpertTiles | None = None) -> torch.Tensor:
+                           tau_down: torch.Tensor, activation, tiles: ExpertTiles | None = None,
+                           down_tiles: ExpertTiles | None = None) -> torch.Tensor:
     """The routed experts' output [tokens, hidden] for decode: gate/up in one launch, down in one launch.
     gate_up_t [E, H, 2I] and down_t [E, I, H] are W^T views; tau_gate_up [E, 2, H], tau_down [E, I];
-    activation must be SiLU (is_silu). tiles defaults to the module's TILES as it is at the call (a benchmark
-    may set it before building a model)."""
+    activation must be SiLU (is_silu). Without tiles, the module's TILES and DOWN_TILES as they are at the call
+    (a benchmark may set them before building a model); tiles alone serve both launches."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
     if not is_silu(activation):
         raise ValueError(f"the grouped expert kernels apply SiLU; got {activation!r}")
-    tiles = TILES if tiles is None else tiles
+    if tiles is None:
+        tiles, down_tiles = TILES, down_tiles or DOWN_TILES
+    down_tiles = down_tiles or tiles
     top_k = top_k_index.shape[1]
     experts = top_k_index.reshape(-1).contiguous()
     hidden = _gate_up_op(x.contiguous(), experts, gate_up_t, tau_gate_up, top_k, *tiles)
-    return _down_op(hidden, experts, top_k_weights.reshape(-1).contiguous(), down_t, tau_down, top_k, *tiles)
+    return _down_op(hidden, experts, top_k_weights.reshape(-1).contiguous(), down_t, tau_down, top_k, *down_tiles)
 
 
 def use_expert_kernel(tensor: torch.Tensor, pairs: int, activation) -> bool:

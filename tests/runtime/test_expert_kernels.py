@@ -83,8 +83,8 @@ def test_bfloat16_experts_are_within_rounding_and_repeat_bit_for_bit():
 
 @needs_interp
 def test_calls_without_tiles_take_the_module_tiles_at_call_time(monkeypatch):
-    """A benchmark sets EK.TILES before building a model (moe_decode.py gpu --tiles): calls that pass no tiles
-    must use it. The tiles' chunking orders the float32 sums, so the default's result differs in its last bits."""
+    """A benchmark sets EK.TILES (and EK.DOWN_TILES) before building a model (moe_decode.py gpu --tiles,
+    --down-tiles): calls that pass no tiles must use them. The tiles' chunking orders the float32 sums, so the default's result differs in its last bits."""
     x, index, weights, gate_up, down, tau_gate_up, tau_down = _case(7, 64, 48, 2, 4, 0.5, seed=9)
     gate_up_t, down_t = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
     small = EK.ExpertTiles(block_n=16, block_k=16, iters=1, num_warps=4, apart=1)
@@ -96,6 +96,14 @@ def test_calls_without_tiles_take_the_module_tiles_at_call_time(monkeypatch):
     assert not torch.equal(default, chosen)
     monkeypatch.setattr(EK, "TILES", small)
     assert torch.equal(run(), chosen)
+    # the down launch's own tiles (DOWN_TILES), where a benchmark sets them apart from gate/up's
+    split = EK.grouped_experts_triton(x, index, weights, gate_up_t, down_t, tau_gate_up, tau_down, silu,
+                                      small, EK.ExpertTiles())
+    assert not torch.equal(split, chosen)
+    monkeypatch.setattr(EK, "DOWN_TILES", EK.ExpertTiles())
+    assert torch.equal(run(), split)
+    reference = reference_experts(x, index, weights, gate_up, down, tau_gate_up, tau_down, silu, torch.float32)
+    assert (split.double() - reference).abs().max() <= 1e-5 * max(reference.abs().max().item(), 1.0)
 
 
 def test_other_activations_are_refused():
