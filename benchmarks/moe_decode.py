@@ -296,7 +296,7 @@ def kernels(args) -> dict:
         level_down = torch.quantile(h[:1 << 20], sparsity).item() if sparsity else -1.0
         tau_gate_up = torch.full((experts, 2, hidden), level, device="cuda")
         tau_down = torch.full((experts, width), level_down, device="cuda")
-        hidden = [launch_gate_up(x, index[0], gate_up_t, tau_gate_up, top_k) for index in routings]  # down's input
+        down_inputs = [launch_gate_up(x, index[0], gate_up_t, tau_gate_up, top_k) for index in routings]
         row, gate_up_row, down_row = {}, {}, {}
         for name, tiles in candidates.items():
             row[name] = timed(lambda index, tiles=tiles: grouped_experts_triton(
@@ -305,7 +305,7 @@ def kernels(args) -> dict:
             gate_up_row[name] = timed(lambda index, tiles=tiles: launch_gate_up(
                 x, index[0], gate_up_t, tau_gate_up, top_k, tiles))
             down_row[name] = graph_time(lambda i, tiles=tiles: launch_down(
-                hidden[i], routings[i][0], weights[0], down_t, tau_down, top_k, tiles), calls, loop=calls) / 1e3
+                down_inputs[i], routings[i][0], weights[0], down_t, tau_down, top_k, tiles), calls, loop=calls) / 1e3
         floor = expert_bytes * (1 - sparsity) / bandwidth * 1e3
         results[f"floor_ms_{sparsity:g}"] = floor
         results[f"grouped_ms_{sparsity:g}"] = row

@@ -84,7 +84,8 @@ def test_bfloat16_experts_are_within_rounding_and_repeat_bit_for_bit():
 @needs_interp
 def test_calls_without_tiles_take_the_module_tiles_at_call_time(monkeypatch):
     """A benchmark sets EK.TILES (and EK.DOWN_TILES) before building a model (moe_decode.py gpu --tiles,
-    --down-tiles): calls that pass no tiles must use them. The tiles' chunking orders the float32 sums, so the default's result differs in its last bits."""
+    --down-tiles): calls that pass no tiles must use them. The tiles' chunking orders the float32 sums, so the
+    default's result differs in its last bits."""
     x, index, weights, gate_up, down, tau_gate_up, tau_down = _case(7, 64, 48, 2, 4, 0.5, seed=9)
     gate_up_t, down_t = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
     small = EK.ExpertTiles(block_n=16, block_k=16, iters=1, num_warps=4, apart=1)
