@@ -283,6 +283,7 @@ def kernels(args) -> dict:
                "dense_ms": timed(dense), "candidates": {k: list(v) for k, v in candidates.items()},
                "checks": _gpu_checks(x, routings, weights, gate_up, down, gate_up_t, down_t, silu)}
     print("checks on this GPU:", json.dumps(results["checks"]), flush=True)
+    results["routing_us"] = _routing_table(x, experts, hidden, top_k)
     expert_bytes = top_k * 3 * hidden * width * 2
     print(f"{results['device']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s; dense gather + bmm "
           f"{results['dense_ms'] * 1e3:.1f} us per call")
@@ -325,6 +326,35 @@ def _routed_hidden(gate_up, x, silu) -> torch.Tensor:
     both = torch.einsum("kih,h->ki", gate_up.float(), x.float())
     width = both.shape[1] // 2
     return silu(both[:, :width]) * both[:, width:]
+
+
+# (experts, hidden channels) per program of the router's product inside the routing launch
+ROUTER_BLOCKS = ((16, 256), (8, 256), (32, 128), (64, 64), (16, 512), (32, 256), (128, 32), (16, 2048))
+
+
+@torch.no_grad()
+def _routing_table(x, experts: int, hidden: int, top_k: int) -> dict:
+    """One token's routing (router product, softmax, top-k) in µs: the routing launch with each ROUTER_BLOCKS
+    geometry, and the router's F.linear followed by the routing-only launch; a CUDA graph cycling over 128 router
+    weights (64 MB: not in L2 from the last call)."""
+    from winaconv_runtime import expert_routing
+
+    routers = [torch.randn(experts, hidden, device="cuda", dtype=x.dtype) * 0.02 for _ in range(128)]
+    table = {"linear + route": graph_time(lambda i: expert_routing.route(
+        torch.nn.functional.linear(x, routers[i]), top_k, True), len(routers), loop=len(routers))}
+    default = (expert_routing.ROUTER_BLOCK_E, expert_routing.ROUTER_BLOCK_H)
+    expected = expert_routing.route(torch.nn.functional.linear(x, routers[0]), top_k, True)[1]
+    for block_e, block_h in ROUTER_BLOCKS:
+        expert_routing.ROUTER_BLOCK_E, expert_routing.ROUTER_BLOCK_H = block_e, block_h
+        name = f"fused e{block_e}h{block_h}" + (" (default)" if (block_e, block_h) == default else "")
+        _, _, indices = expert_routing.router_and_route(x, routers[0], top_k, True)
+        if not torch.equal(indices, expected):  # another summation order may only break exact ties
+            print(f"  {name}: experts differ from F.linear + route on one router", flush=True)
+        table[name] = graph_time(lambda i: expert_routing.router_and_route(x, routers[i], top_k, True),
+                                 len(routers), loop=len(routers))
+    expert_routing.ROUTER_BLOCK_E, expert_routing.ROUTER_BLOCK_H = default
+    print("routing one token, us: " + ", ".join(f"{k} {v:.1f}" for k, v in table.items()), flush=True)
+    return table
 
 
 @torch.no_grad()
