@@ -221,6 +221,8 @@ def test_triton_configs(cfg, poisoned_empty):
     for in_f, ends in [(333, (64, 200, 451)), (300, (100, 200, 300, 400, 500, 650))]:
         for T, dtype in ((1, torch.float32), (3, torch.bfloat16), (1, torch.bfloat16), (8, torch.float32)):
             seed += 1
+            if cfg.kind == "list" and T > 1:  # more tokens take the tile kernel with these block sizes: untested
+                continue                      # sizes nothing chooses, and the slowest cases under the interpreter
             x, w, tau, b = _make(in_f, ends, T, 0.5, dtype, True, seed)
             y = K.launch(x, w, tau, ends, b, cfg)
             if T == 1 and dtype == torch.bfloat16:  # a repeat on one case of each shape (the interpreter is slow)
