@@ -8,6 +8,7 @@
 """
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 
@@ -72,6 +73,21 @@ class FolderWeights:
         return sorted([path.name, (stat := os.stat(path)).st_size, stat.st_mtime_ns] for path in set(self.files.values()))
 
 
+@contextlib.contextmanager
+def _name_table_built_once():
+    """transformers' get_gguf_hf_weights_map rebuilds gguf's tensor-name table for every submodule of the model
+    (about 400 for a 30-layer one) though the table depends only on (architecture, layers): remembered for the
+    call, it is built once."""
+    import gguf
+
+    build = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(build)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = build
+
+
 class GGUFWeights:
     def __init__(self, path: Path, skeleton):
         from transformers.modeling_gguf_pytorch_utils import (
@@ -85,7 +101,8 @@ class GGUFWeights:
             architecture = read_field(self.reader, "general.architecture")[0]
         # the processors read head counts under transformers' config names: the model's own config has them
         self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=skeleton.config.to_dict())
-        self.gguf_to_hf = get_gguf_hf_weights_map(skeleton, self.processor)
+        with _name_table_built_once():
+            self.gguf_to_hf = get_gguf_hf_weights_map(skeleton, self.processor)
         self.present = {self.gguf_to_hf[t.name] for t in self.reader.tensors if t.name in self.gguf_to_hf}
 
     def names(self) -> set[str]:
