@@ -2,6 +2,7 @@
 
   python3 benchmarks/cpu_decode.py ops      # one linear: dense F.linear vs the row gather, per shape/dtype/sparsity
   python3 benchmarks/cpu_decode.py ops --shapes 1024x2048 --dtypes float32 --threads 1   # chosen shapes
+  python3 benchmarks/cpu_decode.py gathers --shapes 1024x2048 --threads 1   # ways to gather kept rows, one token
   python3 benchmarks/cpu_decode.py decode   # ms/token, batch 1: plain transformers vs winaconv levels
   python3 benchmarks/cpu_decode.py all --quick
   python3 benchmarks/cpu_decode.py all --smoke  # one small shape and SMOKE_LLAMA, seconds (tests/test_benchmarks.py)
@@ -94,6 +95,56 @@ def ops_table(quick, shapes=SHAPES, dtypes=DTYPES):
     return "\n".join(lines)
 
 
+def gather_variant_table(shapes, chunks=(64, 128, 256)):
+    """One token, float32, cold weights: dense F.linear against three ways to read only the kept rows of W^T:
+    embedding_bag (the runtime's), index_select of all kept rows then one product, and index_select of a chunk
+    of rows at a time into a buffer that stays in L2 + addmv (the copy should cost little where it stays in
+    cache)."""
+    rounds, fractions = (1, (0.5,)) if SMOKE else (7, (0.5, 0.35, 0.25))
+    head = "| in x out | kept | dense ms | embedding_bag | index_select + mv | " + " | ".join(
+        f"{c}-row chunks" for c in chunks) + " |"
+    lines = [head, "|" + "---|" * (5 + len(chunks))]
+    for in_f, out_f in shapes:
+        copies = 2 if SMOKE else max(2, COLD_BYTES // (in_f * out_f * 4))
+        g = torch.Generator().manual_seed(0)
+        weights_t = [torch.randn(in_f, out_f, generator=g) for _ in range(copies)]
+        weights = [w_t.t().contiguous() for w_t in weights_t]
+        x = torch.randn(in_f, generator=g)
+        for kept in fractions:
+            rows = torch.randperm(in_f, generator=g)[:int(in_f * kept)].sort().values
+            values, offsets = x.index_select(0, rows), torch.zeros(1, dtype=torch.long)
+
+            def chunked(w_t, chunk):
+                y, buffer = torch.zeros(out_f), torch.empty(chunk, out_f)
+                for start in range(0, rows.numel(), chunk):
+                    part = rows[start:start + chunk]
+                    y.addmv_(torch.index_select(w_t, 0, part, out=buffer[:part.numel()]).t(),
+                             values[start:start + chunk])
+                return y
+
+            variants = {"dense": lambda: [F.linear(x[None], w) for w in weights],
+                        "bag": lambda: [F.embedding_bag(rows, w_t, offsets, mode="sum", per_sample_weights=values)
+                                        for w_t in weights_t],
+                        "whole": lambda: [values @ w_t.index_select(0, rows) for w_t in weights_t]}
+            for chunk in chunks:
+                variants[chunk] = lambda chunk=chunk: [chunked(w_t, chunk) for w_t in weights_t]
+            masked = torch.zeros_like(x).index_copy_(0, rows, values)
+            reference = F.linear(masked[None].double(), weights[0].double()).flatten()
+            for name, run in variants.items():  # the same product (dense: of the masked input), and a warm-up call
+                y = F.linear(masked[None], weights[0]) if name == "dense" else run()[0]
+                error = ((y.double().flatten() - reference).abs().max() / reference.abs().max()).item()
+                assert error < 1e-5, f"{name} is off by {error:.2e}"
+            times = {name: [] for name in variants}
+            for _ in range(rounds):  # interleaved
+                for name, run in variants.items():
+                    times[name].append(median_ms(run, 1) / copies)
+            ms = {name: statistics.median(t) for name, t in times.items()}
+            lines.append(f"| {in_f}x{out_f} | {kept:g} | {ms['dense']:.3f} | " + " | ".join(
+                f"{ms['dense'] / ms[name]:.2f}x" for name in variants if name != "dense") + " |")
+            print("  " + lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- whole decode
 
 
@@ -157,7 +208,7 @@ def decode_table(quick):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("ops", "decode", "all"))
+    parser.add_argument("part", choices=("ops", "gathers", "decode", "all"))
     parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
     parser.add_argument("--smoke", action="store_true", help="one small shape and SMOKE_LLAMA: checks the script runs")
     parser.add_argument("--shapes", help="ops: comma-separated INxOUT shapes (default: SmolLM2's and the 1B's)")
@@ -175,6 +226,9 @@ def main():
     if args.part in ("ops", "all"):
         print("\n## One linear, ms and speed-up of the row gather over dense F.linear\n")
         print(ops_table(args.quick, shapes, dtypes), flush=True)
+    if args.part == "gathers":
+        print("\n## One token, float32: speed-up over dense F.linear of three ways to read the kept rows\n")
+        print(gather_variant_table(shapes if args.shapes else ((1024, 2048),)), flush=True)
     if args.part in ("decode", "all"):
         print("\n## Decode, ms per token (batch 1, GreedyDecoder, eager, static cache)\n")
         print(decode_table(args.quick), flush=True)

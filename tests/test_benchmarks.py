@@ -98,6 +98,8 @@ def test_cpu_decode_smoke():
     output = run_script("cpu_decode.py", "all", "--smoke")
     assert "| float32 | 64x96 | 1 |" in output and "| bfloat16 | 64x96 | 4 |" in output
     assert "| smoke | float32 |" in output and "| smoke | bfloat16 |" in output
+    # the gather variants: each checked against the float64 product inside the script before it is timed
+    assert "| 1024x2048 | 0.5 |" in run_script("cpu_decode.py", "gathers", "--smoke")
 
 
 def test_accuracy_study_smoke(tmp_path):
