@@ -114,18 +114,22 @@ def gather_variant_table(shapes, chunks=(64, 128, 256)):
             rows = torch.randperm(in_f, generator=g)[:int(in_f * kept)].sort().values
             values, offsets = x.index_select(0, rows), torch.zeros(1, dtype=torch.long)
 
+            # the copies' buffers are allocated once, as a runtime would keep them: a fresh one per call would
+            # charge these variants the page faults of first touching it
+            buffer, y = torch.empty(rows.numel(), out_f), torch.empty(out_f)
+
             def chunked(w_t, chunk):
-                y, buffer = torch.zeros(out_f), torch.empty(chunk, out_f)
+                y.zero_()
                 for start in range(0, rows.numel(), chunk):
                     part = rows[start:start + chunk]
                     y.addmv_(torch.index_select(w_t, 0, part, out=buffer[:part.numel()]).t(),
                              values[start:start + chunk])
-                return y
+                return y.clone()
 
             variants = {"dense": lambda: [F.linear(x[None], w) for w in weights],
                         "bag": lambda: [F.embedding_bag(rows, w_t, offsets, mode="sum", per_sample_weights=values)
                                         for w_t in weights_t],
-                        "whole": lambda: [values @ w_t.index_select(0, rows) for w_t in weights_t]}
+                        "whole": lambda: [values @ torch.index_select(w_t, 0, rows, out=buffer) for w_t in weights_t]}
             for chunk in chunks:
                 variants[chunk] = lambda chunk=chunk: [chunked(w_t, chunk) for w_t in weights_t]
             masked = torch.zeros_like(x).index_copy_(0, rows, values)
