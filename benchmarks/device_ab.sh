@@ -37,8 +37,8 @@ for what in "$@"; do
       step gen_old 130 old python3 e2e_decode.py generate --batches 1 --levels 0,0.5 --new-tokens 128 \
         --no-baselines --profile-levels "" --out "$OUT/gen_old.json" ;;
     gen_b4)  # batch 4 at 0 and 50% (the few-token stacked masked products against gen_b4_old)
-      step gen_b4 200 new python3 e2e_decode.py generate --batches 4 --levels 0,0.5 --new-tokens 128 \
-        --no-baselines --profile-levels "" --out "$OUT/gen_b4.json" ;;
+      step gen_b4 220 new python3 e2e_decode.py generate --batches 4 --levels 0,0.5 --new-tokens 128 \
+        --no-baselines --profile-levels 0,0.5 --out "$OUT/gen_b4.json" ;;
     gen_b4_old)
       step gen_b4_old 200 old python3 e2e_decode.py generate --batches 4 --levels 0,0.5 --new-tokens 128 \
         --no-baselines --profile-levels "" --out "$OUT/gen_b4_old.json" ;;

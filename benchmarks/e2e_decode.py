@@ -253,7 +253,7 @@ def generate_speeds(out: Path, new_tokens: int, levels, batches=(1, 4), baseline
                 results[f"graph_decoder_sdpa_ms_{key}"] = stage(
                     f"{key} graph decoder, sdpa attention", lambda: _time_graph_decoder(sdpa_decoder, prompts[b], new_tokens)[0])
                 model.set_attn_implementation(chosen)
-            if b == 1 and level in profile_levels:
+            if level in profile_levels:
                 try:  # a diagnostic: its failure must not cost the timings
                     results[f"profile_{key}"] = profile_step(decoder, prompts[b])
                     print(key, "profile", json.dumps(results[f"profile_{key}"]["ms_per_step"]), flush=True)

@@ -80,6 +80,7 @@ class DecodeEngine:
         return (settings.plan, tuple(settings.eos_token_ids), settings.pad_token_id is not None,
                 float(getattr(self.model, "sparsity", 0.0)))
 
+    @torch.no_grad()  # inference only: a step traced or run with grad on would record a backward
     def start(self, input_ids, attention_mask, settings: DecodeSettings) -> None:
         """Prefill the prompt and choose the first new token."""
         prompt_length = input_ids.shape[1]
@@ -141,6 +142,7 @@ class DecodeEngine:
         """One token: all on the device, no host sync."""
         self._append(self._forward_fn())
 
+    @torch.no_grad()
     def step(self) -> None:
         if not self.use_graph:
             self._step()

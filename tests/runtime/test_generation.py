@@ -71,6 +71,24 @@ def test_greedy_equals_transformers_for_every_family(family):
     assert torch.equal(model.generate(ids, **kwargs), transformers_generate(model, ids, **kwargs))
 
 
+def test_engine_steps_record_no_autograd_even_with_grad_on(llama):
+    """Benchmarks and users drive the engine's steps directly; with grad on, an eager step would record a backward
+    (and a compiled one trace one): the engine turns it off itself."""
+    prompt = torch.tensor(random_prompts([6])[0])[None]
+    llama.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    engine = next(iter(llama.__dict__["_winaconv_engines"].values()))
+    seen = []
+    hook = llama.lm_head.register_forward_hook(lambda module, args, out: seen.append((torch.is_grad_enabled(),
+                                                                                      out.requires_grad)))
+    try:
+        with torch.enable_grad():
+            engine.step()
+            engine.start(prompt, torch.ones_like(prompt), engine.settings)
+    finally:
+        hook.remove()
+    assert seen == [(False, False), (False, False)]
+
+
 def test_length_limits_match_transformers(llama):
     ids, mask = left_padded_batch(random_prompts([8, 5, 3]))
     free = transformers_generate(llama, ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
