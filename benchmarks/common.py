@@ -219,7 +219,6 @@ KERNEL_KINDS = (("collectives", ("nccl", "allreduce", "all_reduce", "allgather",
                 ("moe routing", ("_route_kernel", "topk", "sort", "softmax")))
 
 
-@torch.no_grad()
 def decode_step_ms(decoder, prompt, steps: int, repeats: int = 3) -> float:
     """Wall ms per decode step of the decoder's engine (its CUDA graph where it uses one), the prefill left out:
     a prompt whose prefill is slow and uneven makes generate(N + 1) - generate(1) noisy. Median of `repeats`."""
@@ -237,7 +236,6 @@ def decode_step_ms(decoder, prompt, steps: int, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-@torch.no_grad()  # a compiled step traced with grad on saves tensors for a backward (and fails on custom ops)
 def profile_step(decoder, prompt, steps: int = 4) -> dict:
     """Device time per decode step by kind of kernel: the decoder's step replayed without its CUDA graph (the
     compiled step where it is compiled), so every kernel stays visible. On the CPU: aten ops' own CPU time."""

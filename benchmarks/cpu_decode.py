@@ -135,8 +135,8 @@ def gather_variant_table(shapes, chunks=(64, 128, 256)):
             masked = torch.zeros_like(x).index_copy_(0, rows, values)
             reference = F.linear(masked[None].double(), weights[0].double()).flatten()
             for name, run in variants.items():  # the same product (dense: of the masked input), and a warm-up call
-                y = F.linear(masked[None], weights[0]) if name == "dense" else run()[0]
-                error = ((y.double().flatten() - reference).abs().max() / reference.abs().max()).item()
+                result = F.linear(masked[None], weights[0]) if name == "dense" else run()[0]
+                error = ((result.double().flatten() - reference).abs().max() / reference.abs().max()).item()
                 assert error < 1e-5, f"{name} is off by {error:.2e}"
             times = {name: [] for name in variants}
             for _ in range(rounds):  # interleaved
