@@ -39,6 +39,8 @@ for what in "$@"; do
     gen_b4)  # batch 4 at 0 and 50% (the few-token stacked masked products against gen_b4_old)
       step gen_b4 220 new python3 e2e_decode.py generate --batches 4 --levels 0,0.5 --new-tokens 128 \
         --no-baselines --profile-levels 0,0.5 --out "$OUT/gen_b4.json" ;;
+    few_tokens)  # batch 1-8: the masked dense products of a sparse level against level 0's (few_token_products.py)
+      step few_tokens 120 new python3 few_token_products.py --json "$OUT/few_tokens.json" ;;
     gen_b4_old)
       step gen_b4_old 200 old python3 e2e_decode.py generate --batches 4 --levels 0,0.5 --new-tokens 128 \
         --no-baselines --profile-levels "" --out "$OUT/gen_b4_old.json" ;;

@@ -103,6 +103,14 @@ def test_cpu_decode_smoke():
     assert "| 1024x2048 | 0.5 |" in run_script("cpu_decode.py", "gathers", "--smoke")
 
 
+def test_few_token_products_smoke():
+    """The variants agree with the float64 per-segment product before their times are printed."""
+    rows = [line.split("|") for line in run_script("few_token_products.py", "--smoke").splitlines()
+            if line.startswith("| tiny")]
+    assert [int(row[2]) for row in rows] == [1, 2, 4, 8]
+    assert all(float(row[8]) < 1e-5 for row in rows)
+
+
 def test_accuracy_study_smoke(tmp_path):
     out, md = tmp_path / "accuracy.json", tmp_path / "accuracy.md"
     run_script("accuracy_study.py", "--smoke", "--work", tmp_path / "work", "--out", out, "--md", md, "--check-dense")
