@@ -19,7 +19,13 @@ applied (masked_experts, also the reference the tests hold the other paths to).
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernels import GATHER_MAX_TOKENS, gather_may_win, separate_transpose_needed
+import math
+import time
+from types import SimpleNamespace
+
+from . import cpu_kernels
+from .cpu_kernels import (COLD_BYTES, GATHER_MAX_TOKENS, MEASURED_FRACTIONS, crossover, gather_supported,
+                          separate_transpose_needed)
 from .expert_kernels import grouped_experts_triton, use_expert_kernel
 
 IMPLEMENTATION = "winaconv_sparse"
@@ -140,16 +146,78 @@ def sparse_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
 
 
 def gather_pays(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
-    """cpu_kernels' measured policy for one expert's gate/up shape: a decode-sized batch on a machine where the
-    row gather beats the dense product at the level's kept fraction (hosts of one kind differ: on some the
-    gather reads fewer bytes but streams them slower)."""
-    width = experts.down_proj.shape[-1]
-    plan = gather_may_win(top_k_index.numel(), hidden_states.shape[-1], 2 * width, hidden_states.dtype)
-    if plan is None or hidden_states.shape[0] > GATHER_MAX_TOKENS:
+    """The measured policy: a decode-sized batch, at a kept fraction under the crossover this machine measured for
+    these experts' shape (hosts of one kind differ: on some the gather reads fewer bytes but streams them slower)."""
+    if hidden_states.shape[0] > GATHER_MAX_TOKENS or not gather_supported(hidden_states.dtype):
+        return False
+    max_fraction = gather_crossover(experts, top_k_index.shape[1], hidden_states.dtype)
+    if max_fraction <= 0:
         return False
     # the first routed expert's kept share stands for the pairs' (one comparison, no per-pair count)
     kept = (hidden_states.abs().unsqueeze(1) > experts.winaconv_tau_gate_up[top_k_index.reshape(-1)[0]]).float()
-    return plan.max_row_fraction >= 1 or float(kept.mean()) <= plan.max_row_fraction
+    return max_fraction >= 1 or float(kept.mean()) <= max_fraction
+
+
+_crossovers: dict = {}
+
+
+def gather_crossover(experts, top_k: int, dtype: torch.dtype) -> float:
+    """The largest kept fraction at which the experts' row gather beats the path that runs otherwise, measured once
+    per (shape, top_k, dtype, threads) on this machine (cpu_kernels.GATHER_MODE=always skips it). The experts' own
+    paths are timed, not one plain linear: the gather's index building per call is part of its cost."""
+    if cpu_kernels.GATHER_MODE == "always":
+        return math.inf
+    hidden, width = experts.gate_up_proj.shape[-1], experts.down_proj.shape[-1]
+    key = (hidden, width, top_k, dtype, max(1, torch.get_num_threads()))
+    if key not in _crossovers:
+        _crossovers[key] = measure_gather_crossover(hidden, width, top_k, dtype, experts.act_fn)
+    return _crossovers[key]
+
+
+@torch.no_grad()
+def measure_gather_crossover(hidden: int, width: int, top_k: int, dtype: torch.dtype, act_fn) -> float:
+    """One token routed to top_k experts of constant weights, cycled through enough experts that their bytes leave
+    the cache: gathered_experts at kept fractions 1/8 .. 1 (the same fraction in gate/up and down) against the
+    masked path it falls back to."""
+    expert_bytes = 3 * hidden * width * (torch.finfo(dtype).bits // 8)
+    routings = min(16, max(2, math.ceil(COLD_BYTES / (top_k * expert_bytes))))
+    count = routings * top_k
+    experts = SimpleNamespace(gate_up_proj=torch.full((count, 2 * width, hidden), 0.01, dtype=dtype),
+                              down_proj=torch.full((count, hidden, width), 0.01, dtype=dtype), act_fn=act_fn)
+    _lay_out_rows(experts)
+    x = torch.linspace(-1, 1, hidden, dtype=dtype)[None]
+    weights = torch.full((1, top_k), 1 / top_k)
+    indexes = [torch.arange(r * top_k, (r + 1) * top_k)[None] for r in range(routings)]
+
+    def ms(path):
+        path(experts, x, indexes[0], weights)  # warm the code path (and build W^T for the gather)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for index in indexes:
+                path(experts, x, index, weights)
+            times.append((time.perf_counter() - start) / routings)
+        return sorted(times)[1] * 1e3
+
+    experts.winaconv_tau_gate_up = torch.full((count, 2, hidden), 0.5)
+    experts.winaconv_tau_down = torch.full((count, width), 0.5)
+    fallback = grouped_masked_experts if grouped_products_supported(experts, x) else masked_experts
+    fallback_ms = ms(fallback)
+    gather_ms = []
+    for fraction in MEASURED_FRACTIONS:  # tau -1 keeps a channel, inf drops it
+        experts.winaconv_tau_gate_up = _keeping(fraction, (count, 2, hidden))
+        experts.winaconv_tau_down = _keeping(fraction, (count, width))
+        gather_ms.append(ms(gathered_experts))
+    return crossover(MEASURED_FRACTIONS, gather_ms, fallback_ms)
+
+
+def _keeping(fraction: float, shape) -> torch.Tensor:
+    """Thresholds that keep `fraction` of the last dimension's channels (the same random ones in every row)."""
+    channels = shape[-1]
+    order = torch.randperm(channels, generator=torch.Generator().manual_seed(0))
+    tau = torch.full((channels,), math.inf)
+    tau[order[:max(1, round(fraction * channels))]] = -1.0
+    return tau.expand(shape).contiguous()
 
 
 def dense_forward(experts):

@@ -95,6 +95,42 @@ def test_grouped_prefill_in_chunks_equals_the_reference(monkeypatch, dtype):
     assert torch.equal(type(experts).forward(experts, x, index, weights), chunked) and not calls
 
 
+def test_gather_crossover_is_measured_once_per_shape_and_routes_decode(monkeypatch):
+    """The experts' own paths are timed once per (shape, top_k, dtype, threads); a crossover of 0 sends decode to
+    the grouped masked path, one of 1 to the row gather, and both give the reference's output."""
+    from winaconv_runtime import cpu_kernels, sparse_experts
+
+    monkeypatch.setattr(cpu_kernels, "GATHER_MODE", "auto")
+    monkeypatch.setattr(sparse_experts, "_crossovers", {})
+    measured = []
+    real_measure = sparse_experts.measure_gather_crossover
+    monkeypatch.setattr(sparse_experts, "measure_gather_crossover", lambda *a: measured.append(a) or real_measure(*a))
+    _, model = sparse_model("qwen3_moe")
+    experts = model.model.layers[0].mlp.experts
+    crossover = sparse_experts.gather_crossover(experts, 2, torch.float32)
+    assert 0.0 <= crossover <= 1.0
+    assert sparse_experts.gather_crossover(experts, 2, torch.float32) == crossover and len(measured) == 1
+    sparse_experts.gather_crossover(experts, 2, torch.bfloat16)
+    assert len(measured) == 2
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, model.config.hidden_size, generator=g)
+    weights, index = torch.rand(1, experts.num_experts, generator=g).topk(2, dim=-1)
+    reference = reference_experts(x, index, weights, experts.gate_up_proj.detach(), experts.down_proj.detach(),
+                                  experts.winaconv_tau_gate_up, experts.winaconv_tau_down, experts.act_fn)
+    calls = []
+    for name in ("gathered_experts", "grouped_masked_experts"):
+        real = getattr(sparse_experts, name)
+        monkeypatch.setattr(sparse_experts, name, lambda *a, _name=name, _real=real: calls.append(_name) or _real(*a))
+    key = (model.config.hidden_size, experts.down_proj.shape[-1], 2, torch.float32, torch.get_num_threads())
+    for crossover, path in ((0.0, "grouped_masked_experts"), (1.0, "gathered_experts")):
+        sparse_experts._crossovers[key] = crossover
+        calls.clear()
+        out = type(experts).forward(experts, x, index, weights)
+        assert calls == [path]
+        assert (out.double() - reference).abs().max() < 1e-5 * reference.abs().max()
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_sparse_model_equals_its_float64_copy(family):
     """The whole model at 50%: float32 (row gather at decode sizes, masked loop above) against the same thresholds
