@@ -41,6 +41,11 @@ for what in "$@"; do
         --no-baselines --profile-levels 0,0.5 --out "$OUT/gen_b4.json" ;;
     few_tokens)  # batch 1-8: the masked dense products of a sparse level against level 0's (few_token_products.py)
       step few_tokens 120 new python3 few_token_products.py --json "$OUT/few_tokens.json" ;;
+    gen_b4_ab)  # a short A/B at batch 4: 64 new tokens, the current runtime (profile at 50%) then the older copy
+      step gen_b4_ab_new 130 new python3 e2e_decode.py generate --batches 4 --levels 0,0.5 --new-tokens 64 \
+        --no-baselines --profile-levels 0.5 --out "$OUT/gen_b4_ab_new.json"
+      step gen_b4_ab_old 120 old python3 e2e_decode.py generate --batches 4 --levels 0,0.5 --new-tokens 64 \
+        --no-baselines --profile-levels "" --out "$OUT/gen_b4_ab_old.json" ;;
     gen_b4_old)
       step gen_b4_old 200 old python3 e2e_decode.py generate --batches 4 --levels 0,0.5 --new-tokens 128 \
         --no-baselines --profile-levels "" --out "$OUT/gen_b4_old.json" ;;
