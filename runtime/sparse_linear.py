@@ -83,9 +83,10 @@ def stacked_masked_products(x: torch.Tensor, weight: torch.Tensor, bias, tau: to
     the stacked input [segments * T, in] is x masked by segment s's thresholds, and segment s's columns are read
     from that block. The weight is read once, as masked_linear reads it segment by segment, but in one launch
     instead of one per segment, as level 0 runs a joined group; the extra products cost little where the weight's
-    bytes bound the time."""
+    bytes bound the time. The blocks are joined with cat, each one x's shape, so that a compiled step can compute
+    them in the kernel that makes x (the norm before q/k/v and gate/up) instead of a kernel of their own."""
     segments, tokens = len(segment_sizes), x.shape[0]
-    stacked = (x.unsqueeze(0) * (x.abs().unsqueeze(0) > tau.unsqueeze(1))).reshape(segments * tokens, -1)
+    stacked = torch.cat([x * (x.abs() > tau[s]) for s in range(segments)])
     y = F.linear(stacked, weight, bias).view(segments, tokens, -1)
     ends = itertools.accumulate(segment_sizes)
     return [y[s, :, end - size:end] for s, (size, end) in enumerate(zip(segment_sizes, ends))]

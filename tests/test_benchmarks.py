@@ -111,6 +111,15 @@ def test_few_token_products_smoke():
     assert all(float(row[8]) < 1e-5 for row in rows)
 
 
+def test_fusion_probe_puts_the_stacked_masks_in_the_norms_kernel():
+    """Inductor's Triton scheduler computes the few-token masked inputs in the norm's own kernel (the broadcast form
+    before took a kernel of its own: the batch-4 profile's extra kernels)."""
+    lines = run_script("fusion_probe.py").splitlines()
+    runtime = next(line for line in lines if line.startswith("runtime"))
+    broadcast = next(line for line in lines if line.startswith("broadcast"))
+    assert ": 1 generated kernel(s)" in runtime and ": 2 generated kernel(s)" in broadcast
+
+
 def test_accuracy_study_smoke(tmp_path):
     out, md = tmp_path / "accuracy.json", tmp_path / "accuracy.md"
     run_script("accuracy_study.py", "--smoke", "--work", tmp_path / "work", "--out", out, "--md", md, "--check-dense")
