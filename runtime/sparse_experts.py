@@ -16,12 +16,12 @@ product per projection (torch's grouped_mm, where it takes the dtype), else a lo
 applied (masked_experts, also the reference the tests hold the other paths to).
 """
 
-import torch
-import torch.nn.functional as F
-
 import math
 import time
 from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
 
 from . import cpu_kernels
 from .cpu_kernels import (COLD_BYTES, GATHER_MAX_TOKENS, MEASURED_FRACTIONS, crossover, gather_supported,
