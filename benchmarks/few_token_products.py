@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
 
 import torch
 import torch.nn.functional as F
 
-from common import graph_time, save_json, versions
+from common import graph_time, median_ms, save_json, versions
 from winaconv_runtime.sparse_linear import stacked_masked_products
 
 SHAPES = {  # name: (in, segment sizes)
@@ -36,14 +35,10 @@ COPY_BYTES = 512 << 20  # rotating weight copies per shape: more than L2 holds m
 
 
 def timer(device: str):
+    """graph_time on the GPU; on the CPU (smoke run) one call's wall time, in us either way."""
     if device == "cuda":
         return graph_time
-
-    def one_call(make_call, n_copies):
-        start = time.perf_counter()
-        make_call(0)
-        return (time.perf_counter() - start) * 1e6
-    return one_call
+    return lambda make_call, n_copies: median_ms(lambda: make_call(0), 1) * 1e3
 
 
 def shape_row(name, in_features, sizes, tokens, device, dtype, sparsity=0.5):

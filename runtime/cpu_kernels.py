@@ -104,30 +104,40 @@ def measure_gather_plan(in_features: int, out_features: int, dtype: torch.dtype,
     weights_t = [torch.full((in_features, out_features), 0.01, dtype=dtype) for _ in range(count)]
     weights = [w.t().contiguous() for w in weights_t] if separate_transpose_needed(dtype) else [w.t() for w in weights_t]
     x = torch.linspace(-1, 1, in_features, dtype=dtype)[None]
-    order = torch.randperm(in_features, generator=torch.Generator().manual_seed(0))
-
-    def ms(fn):
-        fn(weights_t[0], weights[0])  # warm the code path
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            for w_t, w in zip(weights_t, weights):
-                fn(w_t, w)
-            times.append((time.perf_counter() - start) / count)
-        return sorted(times)[1] * 1e3
-
+    matrices = list(zip(weights_t, weights))
     tau = torch.full_like(x, 0.5)
-    dense = ms(lambda w_t, w: F.linear(x * (x.abs() > tau), w))
+    dense = cycled_ms(lambda w_t, w: F.linear(x * (x.abs() > tau), w), matrices)
     curves = {}
     for bags in sorted({1, threads}):
         plan, curve = GatherPlan(1.0, bags), []
         for fraction in MEASURED_FRACTIONS:  # the decode path itself, mask included, `fraction` of the rows kept
-            kept_tau = torch.full_like(x, math.inf, dtype=torch.float32)
-            kept_tau[0, order[:max(1, round(fraction * in_features))]] = -1.0
-            curve.append(ms(lambda w_t, w: _one_token_products(x[0], kept_tau, [w_t], plan)))
+            kept_tau = keeping_thresholds(fraction, in_features)[None]
+            curve.append(cycled_ms(lambda w_t, w: _one_token_products(x[0], kept_tau, [w_t], plan), matrices))
         curves[bags] = curve
     bags = min(curves, key=lambda b: curves[b][len(MEASURED_FRACTIONS) // 2 - 1])  # the faster at 1/2 kept
     return GatherPlan(crossover(MEASURED_FRACTIONS, curves[bags], dense), bags)
+
+
+def cycled_ms(call, arguments: list) -> float:
+    """Wall ms per call(*args) over the list of argument tuples (cycled through more memory than a cache holds), the
+    middle of three passes after one warm-up call: the crossover measurements' timer."""
+    call(*arguments[0])  # warm the code path
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for args in arguments:
+            call(*args)
+        times.append((time.perf_counter() - start) / len(arguments))
+    return sorted(times)[1] * 1e3
+
+
+def keeping_thresholds(fraction: float, channels: int) -> torch.Tensor:
+    """float32 [channels] thresholds that keep `fraction` of the channels (-1 keeps any value, inf drops it), the
+    same random channels on every call."""
+    order = torch.randperm(channels, generator=torch.Generator().manual_seed(0))
+    tau = torch.full((channels,), math.inf)
+    tau[order[:max(1, round(fraction * channels))]] = -1.0
+    return tau
 
 
 def kept_channels(flat: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:

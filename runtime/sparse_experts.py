@@ -17,15 +17,14 @@ applied (masked_experts, also the reference the tests hold the other paths to).
 """
 
 import math
-import time
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from . import cpu_kernels
-from .cpu_kernels import (COLD_BYTES, GATHER_MAX_TOKENS, MEASURED_FRACTIONS, crossover, gather_supported,
-                          separate_transpose_needed)
+from .cpu_kernels import (COLD_BYTES, GATHER_MAX_TOKENS, MEASURED_FRACTIONS, crossover, cycled_ms, gather_supported,
+                          keeping_thresholds, separate_transpose_needed)
 from .expert_kernels import grouped_experts_triton, use_expert_kernel
 
 IMPLEMENTATION = "winaconv_sparse"
@@ -148,7 +147,7 @@ def sparse_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
 def gather_pays(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
     """The measured policy: a decode-sized batch, at a kept fraction under the crossover this machine measured for
     these experts' shape (hosts of one kind differ: on some the gather reads fewer bytes but streams them slower)."""
-    if hidden_states.shape[0] > GATHER_MAX_TOKENS or not gather_supported(hidden_states.dtype):
+    if top_k_index.numel() > GATHER_MAX_TOKENS or not gather_supported(hidden_states.dtype):  # (token, expert) pairs
         return False
     max_fraction = gather_crossover(experts, top_k_index.shape[1], hidden_states.dtype)
     if max_fraction <= 0:
@@ -187,37 +186,17 @@ def measure_gather_crossover(hidden: int, width: int, top_k: int, dtype: torch.d
     _lay_out_rows(experts)
     x = torch.linspace(-1, 1, hidden, dtype=dtype)[None]
     weights = torch.full((1, top_k), 1 / top_k)
-    indexes = [torch.arange(r * top_k, (r + 1) * top_k)[None] for r in range(routings)]
-
-    def ms(path):
-        path(experts, x, indexes[0], weights)  # warm the code path (and build W^T for the gather)
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            for index in indexes:
-                path(experts, x, index, weights)
-            times.append((time.perf_counter() - start) / routings)
-        return sorted(times)[1] * 1e3
-
+    routed = [(experts, x, torch.arange(r * top_k, (r + 1) * top_k)[None], weights) for r in range(routings)]
     experts.winaconv_tau_gate_up = torch.full((count, 2, hidden), 0.5)
     experts.winaconv_tau_down = torch.full((count, width), 0.5)
     fallback = grouped_masked_experts if grouped_products_supported(experts, x) else masked_experts
-    fallback_ms = ms(fallback)
+    fallback_ms = cycled_ms(fallback, routed)
     gather_ms = []
-    for fraction in MEASURED_FRACTIONS:  # tau -1 keeps a channel, inf drops it
-        experts.winaconv_tau_gate_up = _keeping(fraction, (count, 2, hidden))
-        experts.winaconv_tau_down = _keeping(fraction, (count, width))
-        gather_ms.append(ms(gathered_experts))
+    for fraction in MEASURED_FRACTIONS:  # the same channels kept by every expert (cycled_ms's warm-up builds W^T)
+        experts.winaconv_tau_gate_up = keeping_thresholds(fraction, hidden).expand(count, 2, hidden).contiguous()
+        experts.winaconv_tau_down = keeping_thresholds(fraction, width).expand(count, width).contiguous()
+        gather_ms.append(cycled_ms(gathered_experts, routed))
     return crossover(MEASURED_FRACTIONS, gather_ms, fallback_ms)
-
-
-def _keeping(fraction: float, shape) -> torch.Tensor:
-    """Thresholds that keep `fraction` of the last dimension's channels (the same random ones in every row)."""
-    channels = shape[-1]
-    order = torch.randperm(channels, generator=torch.Generator().manual_seed(0))
-    tau = torch.full((channels,), math.inf)
-    tau[order[:max(1, round(fraction * channels))]] = -1.0
-    return tau.expand(shape).contiguous()
 
 
 def dense_forward(experts):
